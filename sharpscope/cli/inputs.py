@@ -1,0 +1,61 @@
+"""Loading what an analysis command works on: a checkpoint's model and a fixed evaluation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sharpscope.errors import SharpscopeError
+
+
+def analysis_inputs(
+    ckpt_path: str | Path,
+    *,
+    dataset: str | None = None,
+    split: str = "train",
+    num_samples: int | None = 1000,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    data_dir: str | None = None,
+    model_spec: str | None = None,
+):
+    """Load ``ckpt_path`` and the evaluation batches an analysis of it uses.
+
+    Returns ``(checkpoint, eval_batches)``: the model on ``device`` in eval mode, and the first ``num_samples``
+    samples of ``split`` of ``dataset`` (default: the dataset it was trained on) in a fixed order, normalised
+    as in training, without augmentation.
+    """
+    from sharpscope.data import eval_batches, load_dataset
+    from sharpscope.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(ckpt_path, device=device, model_spec=model_spec, dataset=dataset)
+    name = dataset or checkpoint.dataset
+    if name is None:
+        raise SharpscopeError(f"{ckpt_path}: the checkpoint does not say which data it was trained on; pass --dataset")
+    data = load_dataset(name, data_dir=data_dir)
+    expected = checkpoint.model_kwargs
+    for key, found in (("in_channels", data.in_channels), ("num_classes", data.num_classes),
+                       ("image_size", data.image_size)):
+        if key in expected and expected[key] != found:
+            raise SharpscopeError(
+                f"{ckpt_path}: the model expects {key}={expected[key]} but dataset {name!r} has {found}; "
+                "pass the --dataset it was trained on"
+            )
+    batches = eval_batches(data, split=split, num_samples=num_samples, batch_size=batch_size, device=device)
+    return checkpoint, batches
+
+
+def expand_checkpoints(paths: list[str]) -> list[Path]:
+    """Run folders become their checkpoints (``ckpt-epoch*.pt`` then ``final.pt``); files stay as given."""
+    expanded: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("ckpt-epoch*.pt")) + ([path / "final.pt"] if (path / "final.pt").exists() else [])
+            if not found:
+                raise SharpscopeError(f"{path}/ holds no checkpoints (ckpt-epoch*.pt, final.pt); is it a run folder?")
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded

@@ -1,0 +1,152 @@
+"""Options and parameter types shared by the commands (one definition each, so they read the same everywhere)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+#: Defaults of the fixed evaluation set that the analyses use (documented in every command's --help).
+DEFAULT_EVAL_SPLIT = "train"
+DEFAULT_NUM_SAMPLES = 1000
+DEFAULT_EVAL_BATCH_SIZE = 500
+
+
+class FloatList(click.ParamType):
+    """A comma-separated list of floats: ``0.01,0.05,0.1``."""
+
+    name = "FLOAT,..."
+
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value: Any, param, ctx) -> list[float]:
+        if isinstance(value, list):
+            return value
+        try:
+            values = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated numbers like 0.01,0.05, got {value!r}", param, ctx)
+        if not values:
+            self.fail(f"expected at least one number, got {value!r}", param, ctx)
+        if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+            self.fail(f"expected finite numbers, got {value!r}", param, ctx)
+        if self.positive and any(v <= 0 for v in values):
+            self.fail(f"expected numbers > 0, got {value!r}", param, ctx)
+        return values
+
+
+class IntList(click.ParamType):
+    """A comma-separated list of positive integers: ``1,8,32,128``."""
+
+    name = "INT,..."
+
+    def convert(self, value: Any, param, ctx) -> list[int]:
+        if isinstance(value, list):
+            return value
+        parts = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
+            self.fail(f"expected comma-separated positive integers like 1,8,32, got {value!r}", param, ctx)
+        values = [int(p) for p in parts]
+        if any(v <= 0 for v in values):
+            self.fail(f"expected integers > 0, got {value!r}", param, ctx)
+        return values
+
+
+class GridRange(click.ParamType):
+    """A grid ``START:STOP:NUM`` (like ``numpy.linspace``): ``-1:1:51`` is 51 points from -1 to 1."""
+
+    name = "START:STOP:NUM"
+
+    def convert(self, value: Any, param, ctx) -> tuple[float, float, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+        except ValueError:
+            self.fail(f"expected START:STOP:NUM like -1:1:51, got {value!r}", param, ctx)
+        if not all(abs(v) < float("inf") for v in (start, stop)):
+            self.fail(f"expected finite START and STOP, got {value!r}", param, ctx)
+        if num < 2 or num > 10001:
+            self.fail(f"expected NUM between 2 and 10001, got {num}", param, ctx)
+        if not start < stop:
+            self.fail(f"expected START < STOP, got {value!r}", param, ctx)
+        return (start, stop, num)
+
+
+def _compose(*decorators: Callable) -> Callable:
+    def apply(f: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+def eval_set_options(f: Callable) -> Callable:
+    """``--dataset --split --num-samples --batch-size --data-dir``: the fixed evaluation set of an analysis."""
+    return _compose(
+        click.option("--dataset", default=None, metavar="NAME",
+                     help="Dataset to evaluate on [default: the one the checkpoint was trained on]."),
+        click.option("--split", type=click.Choice(["train", "test"]), default=DEFAULT_EVAL_SPLIT, show_default=True,
+                     help="Which split the evaluation samples come from."),
+        click.option("--num-samples", type=click.IntRange(min=1), default=DEFAULT_NUM_SAMPLES, show_default=True,
+                     help="First N samples of the split (fixed order); 'all' is any N >= the split size."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_EVAL_BATCH_SIZE, show_default=True,
+                     help="Evaluation batch size (memory only: results do not depend on it beyond float rounding)."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder holding the dataset files [default: $SHARPSCOPE_DATA, the user cache, system paths]."),
+    )(f)
+
+
+def device_option(f: Callable) -> Callable:
+    """``--device``: cpu, cuda, cuda:1, ... [default: cuda when available]."""
+    return click.option("--device", default=None, metavar="DEVICE",
+                        help="Where to compute: cpu, cuda, cuda:1 [default: cuda when available, else cpu].")(f)
+
+
+def out_options(f: Callable) -> Callable:
+    """``--out DIR`` (required) and ``--overwrite``."""
+    return _compose(
+        click.option("--out", "out", required=True, type=click.Path(), help="Folder to write results into."),
+        click.option("--overwrite", is_flag=True, help="Replace results already in --out."),
+    )(f)
+
+
+def seed_option(f: Callable) -> Callable:
+    """``--seed``: every random choice (directions, probe vectors, shuffling) derives from it."""
+    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Random seed.")(f)
+
+
+def resolve_device(device: str | None) -> "torch.device":  # noqa: F821
+    """Turn ``--device`` into a torch.device, with a clear error for unusable ones."""
+    import torch
+
+    from sharpscope.errors import SharpscopeError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SharpscopeError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SharpscopeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SharpscopeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SharpscopeError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+    return dev
+
+
+def show_progress(ctx: click.Context | None = None) -> bool:
+    """Progress bars unless ``-q`` was given."""
+    ctx = ctx or click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx else None
+    return not (root and root.obj and root.obj.get("quiet"))

@@ -1,0 +1,113 @@
+"""``sharpscope train``: a thin shell over :func:`sharpscope.train.train`."""
+
+from __future__ import annotations
+
+import click
+
+from sharpscope.cli.options import device_option, resolve_device, show_progress
+
+
+def _parse_model(value: str) -> tuple[str, dict]:
+    """``convnet`` or ``mlp:hidden=256`` -> (name, kwargs)."""
+    from sharpscope.train.checkpoint import _parse_value
+
+    name, _, arg_text = value.partition(":")
+    kwargs = {}
+    for item in filter(None, arg_text.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected NAME[:key=value,...] like mlp:hidden=256, got {value!r}",
+                                     param_hint="--model")
+        kwargs[key.strip()] = _parse_value(raw.strip())
+    return name, kwargs
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--dataset", default="digits", metavar="NAME",
+              help="digits (bundled), synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn.")
+@click.option("--model", default="convnet", metavar="NAME[:k=v,...]",
+              help="mlp, convnet, resnet20/32/56(-noshort), wrn16-8, wrn28-10; factory arguments after ':'.")
+@click.option("--optimizer", type=click.Choice(["sgd", "sam", "asam"]), default="sgd",
+              help="sgd, SAM (Foret et al. 2021) or adaptive SAM (Kwon et al. 2021).")
+@click.option("--base-optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
+              help="The optimizer that SAM/ASAM wraps (or that runs alone with --optimizer sgd... use sgd).")
+@click.option("--lr", type=float, default=0.1, help="Peak learning rate (cosine schedule).")
+@click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=1e-4, help="Weight decay of the base optimizer.")
+@click.option("--rho", type=float, default=0.05, help="SAM/ASAM radius (ASAM usually 0.5-2).")
+@click.option("--p", "p", type=float, default=2.0, help="SAM norm p >= 1 (2 = the paper; inf = sign).")
+@click.option("--m", "m", type=click.IntRange(min=1), default=None,
+              help="m-sharpness: micro-batch size with its own perturbation [default: the whole batch].")
+@click.option("--sam-every", type=click.IntRange(min=1), default=1, help="SAM step every k steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Training batch size.")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear LR warm-up.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--no-augment", is_flag=True, help="Turn off the dataset's standard augmentation.")
+@click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Clip the (SAM) gradient's global norm.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed for init, shuffling, augmentation.")
+@click.option("--save-every", type=click.IntRange(min=0), default=1,
+              help="Write a trajectory checkpoint every k epochs (0: final.pt only).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the dataset files.")
+@click.option("--download", is_flag=True, help="Fetch cifar10/cifar100/svhn/mnist/fashion-mnist if missing.")
+@device_option
+@click.option("--out", required=True, type=click.Path(), help="Run folder (resumed if it holds an unfinished run).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
+@click.pass_context
+def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, m, sam_every,
+            epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm, seed, save_every,
+            precision, compile_, data_dir, download, device, out, overwrite):
+    """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
+
+    \b
+    Examples:
+      sharpscope train --optimizer sgd --out runs/sgd
+      sharpscope train --optimizer sam --rho 0.05 --out runs/sam
+      sharpscope train --dataset fashion-mnist --model convnet --optimizer sam --epochs 10 --out runs/fm-sam
+      sharpscope train --optimizer sam --m 16 --base-optimizer adamw --lr 1e-3 --out runs/msam
+
+    Writes config.json, metrics.jsonl, ckpt-epochNNN.pt (every --save-every epochs, from the initialisation)
+    and final.pt into --out. Rerunning the same command after an interruption resumes the run.
+    """
+    from sharpscope.data import load_dataset
+    from sharpscope.data import list_datasets
+    from sharpscope.errors import unknown_name_error
+    from sharpscope.models import list_models
+    from sharpscope.train import TrainConfig, train
+
+    model_name, model_kwargs = _parse_model(model)
+    if dataset not in list_datasets():
+        raise unknown_name_error("dataset", dataset, list_datasets())
+    if model_name not in list_models():
+        raise unknown_name_error("model", model_name, list_models())
+    if p != p or p < 1:
+        raise click.BadParameter(f"p must be >= 1 (2 or inf), got {p}", param_hint="--p")
+    for name, value in (("--lr", lr), ("--rho", rho)):
+        if not value > 0 or value == float("inf"):
+            raise click.BadParameter(f"must be a positive number, got {value}", param_hint=name)
+    for name, value in (("--momentum", momentum), ("--weight-decay", weight_decay)):
+        if not value >= 0 or value == float("inf"):
+            raise click.BadParameter(f"must be a number >= 0, got {value}", param_hint=name)
+    if m is not None and m > batch_size:
+        raise click.BadParameter(f"the micro-batch size must be <= --batch-size {batch_size}, got {m}",
+                                 param_hint="--m")
+    config = TrainConfig(
+        dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
+        base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, m=m,
+        sam_every=sam_every, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
+        save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
+    )
+    if download:
+        load_dataset(dataset, data_dir=data_dir, download=True)
+    result = train(config, out_dir=out, device=resolve_device(device), overwrite=overwrite,
+                   progress=show_progress(ctx))
+    last = result.metrics[-1]
+    click.echo(f"{optimizer} {model_name} on {dataset}: test accuracy {last['test_acc']:.2%} "
+               f"(train {last['train_acc']:.2%}) after {last['epoch']} epochs")
+    click.echo(f"wrote {out}/final.pt, {len(result.checkpoints) - 1} trajectory checkpoints, "
+               f"{out}/metrics.jsonl, {out}/config.json")

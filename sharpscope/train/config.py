@@ -1,0 +1,76 @@
+"""The trainer's configuration: one frozen dataclass, saved next to every run as ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sharpscope.errors import SharpscopeError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run. Defaults follow the SAM paper's Fashion-MNIST setting
+    (Foret et al. 2021, appendix C.1 as reproduced in DESIGN.md section 9) scaled to the digits default."""
+
+    dataset: str = "digits"  # registry name (sharpscope.data.list_datasets())
+    model: str = "convnet"  # registry name (sharpscope.models.list_models())
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra factory arguments (width, hidden, ...)
+    optimizer: str = "sgd"  # sgd | sam | asam
+    base_optimizer: str = "sgd"  # the optimizer SAM wraps: sgd | adam | adamw
+    lr: float = 0.1  # peak learning rate (after warm-up)
+    momentum: float = 0.9  # SGD momentum (ignored by adam/adamw)
+    weight_decay: float = 1e-4  # L2 / decoupled weight decay of the base optimizer
+    rho: float = 0.05  # SAM radius (Foret et al. 2021: 0.05 for CIFAR/Fashion-MNIST); ASAM typically 0.5-2
+    p: float = 2.0  # SAM norm p >= 1 (2 = the paper, inf = sign perturbation)
+    eta: float = 0.01  # ASAM offset in T = |w| + eta (Kwon et al. 2021)
+    m: int | None = None  # m-sharpness micro-batch size (None = whole batch, plain SAM)
+    sam_every: int = 1  # take the SAM step every k steps, a plain base step otherwise
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # training batch size
+    warmup_epochs: float = 0.0  # linear warm-up length, then cosine decay to 0 (per step)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    augment: bool = True  # the dataset's standard augmentation (pad-crop/flip) when it has one
+    max_grad_norm: float | None = None  # clip the (SAM) gradient to this global norm
+    seed: int = 0  # seeds initialisation, shuffling and augmentation
+    save_every: int = 1  # write ckpt-epochNNN.pt every k epochs (0: only final.pt)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: bool | None = None  # None = on for CUDA conv nets
+    compile: bool = False  # torch.compile the model
+    data_dir: str | None = None  # where the dataset files are (None: search the default places)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.rho > 0, f"rho must be > 0, got {self.rho}; use --optimizer sgd for no perturbation"),
+            (self.p >= 1, f"p must be >= 1 (2 or inf are usual), got {self.p}"),
+            (self.eta >= 0, f"eta must be >= 0, got {self.eta}"),
+            (self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.m is None or 1 <= self.m <= self.batch_size,
+             f"m (micro-batch size) must be between 1 and the batch size {self.batch_size}, got {self.m}"),
+            (self.sam_every >= 1, f"sam_every must be >= 1, got {self.sam_every}"),
+            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max grad norm must be > 0, got {self.max_grad_norm}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.optimizer in ("sgd", "sam", "asam"),
+             f"optimizer must be sgd, sam or asam, got {self.optimizer!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SharpscopeError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Rebuild from ``to_dict()`` output, ignoring keys a newer/older version added."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})

@@ -1,0 +1,285 @@
+"""The SGD / SAM trainer: cosine schedule with warm-up, on-device data, checkpoints along the trajectory.
+
+``train(config, out_dir=...)`` writes into ``out_dir``::
+
+    config.json            the resolved TrainConfig plus the environment it ran in
+    metrics.jsonl          one JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, seconds
+    ckpt-epoch000.pt ...   the trajectory: the initialisation and every ``save_every`` epochs (model weights)
+    last.pt                the resume point (model, optimizer, scheduler, RNG), rewritten atomically each epoch
+    final.pt               the trained model (with optimizer state), written last
+
+On the CPU the same config and seed give bit-identical metrics and weights; a killed run started again with
+the same command resumes from ``last.pt`` and ends exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sharpscope import __version__
+from sharpscope.errors import SharpscopeError
+from sharpscope.io import append_jsonl, prepare_out_dir, write_json
+from sharpscope.train.checkpoint import read_checkpoint_file, save_checkpoint
+from sharpscope.train.config import TrainConfig
+
+
+class TrainingDiverged(SharpscopeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run left on disk."""
+
+    out_dir: Path  # the run folder
+    final_checkpoint: Path  # out_dir / "final.pt"
+    checkpoints: list[Path]  # the trajectory, in epoch order (final.pt last)
+    metrics: list[dict[str, Any]]  # one record per epoch, as in metrics.jsonl
+    resumed_from_epoch: int | None  # the epoch a resumed run continued after (None for a fresh run)
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor at step s: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"ckpt-epoch{epoch:03d}.pt"
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "sharpscope": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "num_threads": torch.get_num_threads(),
+    }
+
+
+def evaluate(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``batches`` (eval mode, no grad), sample-weighted."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = torch.zeros((), dtype=torch.long)
+    count = 0
+    device = next(model.parameters()).device
+    loss_sum, correct = loss_sum.to(device), correct.to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                                enabled=autocast_dtype is not None):
+        for x, y in batches:
+            logits = model(x)
+            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == y).sum()
+            count += len(y)
+    model.train(was_training)
+    return float(loss_sum) / count, float(correct) / count
+
+
+def train(
+    config: TrainConfig,
+    *,
+    out_dir: str | Path,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``config.model`` on ``config.dataset`` with SGD, SAM or ASAM and write the run into ``out_dir``.
+
+    Resumes automatically when ``out_dir`` holds an unfinished run with the same config; refuses to touch a
+    finished or different run unless ``overwrite``.
+    """
+    from sharpscope.data import DeviceLoader, eval_batches, load_dataset
+    from sharpscope.models import create_model
+    from sharpscope.optim import create_optimizer, training_step
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    resume_payload = _check_out_dir(out, config, overwrite=overwrite)
+
+    dataset = load_dataset(config.dataset, data_dir=config.data_dir)
+    torch.manual_seed(config.seed)
+    model_kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
+                    "image_size": dataset.image_size, **config.model_kwargs}
+    model = create_model(config.model, **model_kwargs).to(device)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" and has_conv)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}.get(
+        config.precision, torch.bfloat16 if device.type == "cuda" else None)
+
+    optimizer = create_optimizer(
+        model.parameters(), name=config.optimizer, base=config.base_optimizer, lr=config.lr,
+        momentum=config.momentum, weight_decay=config.weight_decay, rho=config.rho, p=config.p, eta=config.eta,
+        sam_every=config.sam_every,
+    )
+    loader = DeviceLoader(
+        dataset.train_images, dataset.train_labels, batch_size=config.batch_size, mean=dataset.mean,
+        std=dataset.std, shuffle=True, augment=dataset.augment if config.augment else "none",
+        device=device, seed=config.seed, channels_last=channels_last,
+    )
+    test_batches = eval_batches(dataset, split="test", batch_size=1000, device=device)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch)))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    train_model = torch.compile(model) if config.compile else model
+
+    meta = {"model_name": config.model, "model_kwargs": model_kwargs, "dataset": config.dataset,
+            "config": config.to_dict()}
+    start_epoch, step, resumed_from = 1, 0, None
+    if resume_payload is not None:
+        model.load_state_dict(resume_payload["model_state"])
+        optimizer.load_state_dict(resume_payload["optimizer_state"])
+        scheduler.load_state_dict(resume_payload["scheduler_state"])
+        torch.set_rng_state(resume_payload["rng_state"]["torch"])
+        resumed_from = int(resume_payload["epoch"])
+        start_epoch, step = resumed_from + 1, int(resume_payload["step"])
+        _truncate_metrics(out / "metrics.jsonl", resumed_from)
+        log(f"resuming {out} after epoch {resumed_from}")
+    else:
+        for stale in ("metrics.jsonl", "final.pt", "last.pt", *[p.name for p in out.glob("ckpt-epoch*.pt")]):
+            (out / stale).unlink(missing_ok=True)
+        write_json(out / "config.json", {**config.to_dict(), "environment": _environment(device)})
+        if config.save_every:
+            save_checkpoint(out / checkpoint_name(0), model=model, epoch=0, step=0, **meta)
+
+    from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for batch_index, (images, labels) in enumerate(bar):
+            result = training_step(train_model, optimizer, loss_fn, images, labels, micro_batch_size=config.m,
+                                   autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm)
+            scheduler.step()
+            step += 1
+            loss_sum += result.loss.double() * len(labels)
+            correct += result.correct
+            seen += len(labels)
+            if batch_index % 20 == 19 or batch_index == steps_per_epoch - 1:  # one host sync per 20 steps
+                mean_loss = float(loss_sum) / seen
+                if not math.isfinite(mean_loss):
+                    _diverged(out, config, epoch, step, optimizer)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / seen:.3f}", refresh=False)
+        bar.close()
+        train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen
+        if not math.isfinite(train_loss):
+            _diverged(out, config, epoch, step, optimizer)
+        test_loss, test_acc = evaluate(model, test_batches, autocast_dtype=autocast_dtype)
+        record = {
+            "epoch": epoch, "step": step, "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - started,
+        }
+        append_jsonl(out / "metrics.jsonl", record)
+        if config.save_every and epoch % config.save_every == 0 and epoch != config.epochs:
+            save_checkpoint(out / checkpoint_name(epoch), model=model, epoch=epoch, step=step, metrics=record, **meta)
+        log(f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
+            f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({record['seconds']:.1f}s)")
+        if epoch == config.epochs:
+            save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record,
+                            optimizer=optimizer, scheduler=scheduler, **meta)
+            (out / "last.pt").unlink(missing_ok=True)
+        else:
+            save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record,
+                            optimizer=optimizer, scheduler=scheduler, **meta)
+
+    return TrainResult(
+        out_dir=out,
+        final_checkpoint=out / "final.pt",
+        checkpoints=sorted(out.glob("ckpt-epoch*.pt")) + [out / "final.pt"],
+        metrics=_read_metrics(out / "metrics.jsonl"),
+        resumed_from_epoch=resumed_from,
+    )
+
+
+def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[str, Any] | None:
+    """Decide between a fresh run, a resume (returns the last.pt payload) and a refusal."""
+    if overwrite:
+        prepare_out_dir(out, outputs=[], overwrite=True)
+        return None
+    prepare_out_dir(out, outputs=["final.pt"], overwrite=False)
+    config_path = out / "config.json"
+    if not config_path.exists():
+        leftovers = [p.name for p in out.iterdir() if p.suffix in (".pt", ".jsonl")]
+        if leftovers:
+            raise SharpscopeError(f"{out}/ holds {', '.join(sorted(leftovers))} but no config.json; "
+                                  "pass --overwrite or choose another --out")
+        return None
+    import json
+
+    try:
+        saved = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SharpscopeError(f"{config_path} is not valid JSON; pass --overwrite to start afresh") from None
+    saved.pop("environment", None)
+    differing = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+    if differing:
+        raise SharpscopeError(
+            f"{out}/ holds an unfinished run with a different config ({', '.join(differing)}); "
+            "rerun with the same options to resume it, or pass --overwrite / choose another --out"
+        )
+    if not (out / "last.pt").exists():
+        return None
+    payload, _ = read_checkpoint_file(out / "last.pt")
+    return payload
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop metric lines past the resume point (an epoch finished after last.pt was written, then killed)."""
+    import json
+
+    from sharpscope.io import write_text
+
+    records = [r for r in _read_metrics(path) if r["epoch"] <= last_epoch]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _diverged(out: Path, config: TrainConfig, epoch: int, step: int, optimizer) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    cause = f"lr {lr:.3g}" + (f", rho {config.rho:g}" if config.optimizer != "sgd" else "")
+    good = out / "last.pt" if (out / "last.pt").exists() else None
+    kept = f"the last good checkpoint is {good}" if good else "no epoch had finished, so no checkpoint was kept"
+    raise TrainingDiverged(
+        f"training diverged: the loss became NaN/inf in epoch {epoch} by step {step} ({cause}); "
+        f"lower --lr{' or --rho' if config.optimizer != 'sgd' else ''} or add --max-grad-norm; {kept}"
+    )
