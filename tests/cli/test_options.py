@@ -1,0 +1,58 @@
+"""The shared CLI parameter types accept the documented formats and reject everything else with exit code 2."""
+
+import click
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharpscope.cli.options import FloatList, GridRange, IntList
+
+
+@click.command()
+@click.option("--grid", type=GridRange())
+@click.option("--m", type=IntList())
+@click.option("--rho", type=FloatList(positive=True))
+def probe(grid, m, rho):
+    click.echo(repr((grid, m, rho)))
+
+
+def run(*args):
+    return CliRunner().invoke(probe, list(args))
+
+
+def test_valid_values_parse():
+    result = run("--grid", "-1:1:51", "--m", "1,8,32", "--rho", "0.01,0.05")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "((-1.0, 1.0, 51), [1, 8, 32], [0.01, 0.05])"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "1:-1:5"], "START < STOP"),
+        (["--grid", "-1:1"], "START:STOP:NUM"),
+        (["--grid", "-1:1:1"], "NUM between 2"),
+        (["--grid", "a:b:c"], "START:STOP:NUM"),
+        (["--grid", "-inf:1:5"], "finite"),
+        (["--m", "0,8"], "> 0"),
+        (["--m", "1.5"], "positive integers"),
+        (["--rho", "-0.1"], "> 0"),
+        (["--rho", "nan"], "finite"),
+        (["--rho", "x"], "comma-separated numbers"),
+    ],
+)
+def test_invalid_values_exit_2_with_one_line(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_random_text_never_tracebacks(text):
+    for option in ("--grid", "--m", "--rho"):
+        result = run(option, text)
+        assert result.exit_code in (0, 2), (option, text, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)

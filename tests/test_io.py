@@ -1,0 +1,49 @@
+"""Atomic writes: the destination holds either the old or the new content, never a partial file."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sharpscope import io
+from sharpscope.errors import SharpscopeError, unknown_name_error
+
+
+def test_write_json_roundtrip_with_numpy_and_nan(tmp_path):
+    path = io.write_json(tmp_path / "a" / "r.json", {"x": np.float32(1.5), "v": np.arange(3), "bad": float("nan")})
+    assert json.loads(path.read_text()) == {"x": 1.5, "v": [0, 1, 2], "bad": None}
+
+
+def test_failed_write_keeps_old_content_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "result.json"
+    io.write_json(target, {"old": 1})
+    with pytest.raises(RuntimeError, match="boom"):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_npz_and_jsonl(tmp_path):
+    io.write_npz(tmp_path / "a.npz", loss=np.ones((2, 3)))
+    assert np.load(tmp_path / "a.npz")["loss"].shape == (2, 3)
+    io.append_jsonl(tmp_path / "m.jsonl", {"epoch": 1})
+    io.append_jsonl(tmp_path / "m.jsonl", {"epoch": 2})
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_prepare_out_dir_refuses_to_overwrite(tmp_path):
+    (tmp_path / "surface.npz").write_bytes(b"x")
+    with pytest.raises(SharpscopeError, match="already holds surface.npz; pass --overwrite"):
+        io.prepare_out_dir(tmp_path, outputs=["surface.npz"], overwrite=False)
+    assert io.prepare_out_dir(tmp_path, outputs=["surface.npz"], overwrite=True) == tmp_path
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SharpscopeError, match="is a file"):
+        io.prepare_out_dir(tmp_path / "file", outputs=[], overwrite=False)
+
+
+def test_unknown_name_suggests_close_matches():
+    message = str(unknown_name_error("model", "resnet2O", ["resnet20", "resnet32", "mlp"]))
+    assert "did you mean" in message and "'resnet20'" in message and "choices: mlp, resnet20, resnet32" in message
+    assert "did you mean" not in str(unknown_name_error("model", "zzz", ["mlp"]))
