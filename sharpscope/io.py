@@ -139,3 +139,14 @@ def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bo
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete temporary files that a killed writer left in ``folder`` (``.NAME.XXXX.tmp.SUFFIX``); return their names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]

@@ -42,6 +42,9 @@ def analysis_inputs(
                 f"{ckpt_path}: the model expects {key}={expected[key]} but dataset {name!r} has {found}; "
                 "pass the --dataset it was trained on"
             )
+    available = len(data.split(split)[1])
+    # --num-samples larger than the split means "the whole split" (documented in the option's help)
+    num_samples = available if num_samples is None else min(num_samples, available)
     batches = eval_batches(data, split=split, num_samples=num_samples, batch_size=batch_size, device=device)
     return checkpoint, batches
 

@@ -238,7 +238,7 @@ def _parse_value(text: str) -> Any:
 def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, Any]]:
     """``resnet20``, ``mlp:hidden=256``, ``mypkg.nets:make_net`` or ``mypkg.nets:make_net:width=2``."""
     parts = spec.split(":")
-    if "." in parts[0] and len(parts) >= 2:  # package.module:factory[:args]
+    if len(parts) >= 2 and parts[1].isidentifier():  # module:factory[:args] (registry args hold '=')
         name, arg_text = ":".join(parts[:2]), ":".join(parts[2:])
     else:
         name, arg_text = parts[0], ":".join(parts[1:])
@@ -249,9 +249,9 @@ def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, An
         key, value = item.split("=", 1)
         kwargs[key.strip()] = _parse_value(value.strip())
     if ":" not in name and dataset is not None:
-        from sharpscope.data import load_dataset
+        from sharpscope.data import dataset_info
 
-        info = load_dataset(dataset)
+        info = dataset_info(dataset)
         kwargs = {"in_channels": info.in_channels, "num_classes": info.num_classes,
                   "image_size": info.image_size, **kwargs}
     return name, kwargs

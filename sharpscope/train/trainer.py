@@ -28,7 +28,7 @@ from torch import nn
 
 from sharpscope import __version__
 from sharpscope.errors import SharpscopeError
-from sharpscope.io import append_jsonl, prepare_out_dir, write_json
+from sharpscope.io import append_jsonl, prepare_out_dir, remove_stale_temporaries, write_json
 from sharpscope.train.checkpoint import read_checkpoint_file, save_checkpoint
 from sharpscope.train.config import TrainConfig
 
@@ -226,6 +226,7 @@ def train(
 
 def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[str, Any] | None:
     """Decide between a fresh run, a resume (returns the last.pt payload) and a refusal."""
+    remove_stale_temporaries(out)
     if overwrite:
         prepare_out_dir(out, outputs=[], overwrite=True)
         return None

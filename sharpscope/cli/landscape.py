@@ -1,0 +1,366 @@
+"""``sharpscope landscape``: a thin shell over :mod:`sharpscope.landscape` and :mod:`sharpscope.plots.surface`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sharpscope.cli.options import (
+    GridRange,
+    device_option,
+    eval_set_options,
+    out_options,
+    resolve_device,
+    seed_option,
+    show_progress,
+)
+
+DIRECTION_KINDS = ("random", "interpolate", "pca", "hessian")
+DEFAULT_GRID = (-1.0, 1.0, 51)  # the paper code's --x=-1:1:51 (Li et al. 2018)
+DEFAULT_INTERPOLATION_GRID = (-0.5, 1.5, 41)
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--compare", "compare", multiple=True, type=click.Path(dir_okay=False), metavar="CKPT",
+              help="Another checkpoint, cut the same way and drawn side by side (repeatable). With --directions "
+                   "interpolate: the other end of the line (one) or the two other corners of a plane (two).")
+@click.option("--directions", "direction_kind", type=click.Choice(DIRECTION_KINDS), default="random",
+              help="random: filter-normalised Gaussian directions (Li et al. 2018); interpolate: towards --compare "
+                   "(BN statistics too); pca: PCA plane of the run's trajectory (ckpt-epoch*.pt next to CHECKPOINT, "
+                   "CHECKPOINT last); hessian: the top Hessian eigenvectors.")
+@click.option("--dim", type=click.IntRange(1, 2), default=None,
+              help="1 = a curve, 2 = a surface [default: 2; 1 for interpolation between two checkpoints].")
+@click.option("--x", "x_range", type=GridRange(), default=None,
+              help="Grid along direction 1 [default: -1:1:51; interpolate: -0.5:1.5:41; pca: covers the path].")
+@click.option("--y", "y_range", type=GridRange(), default=None, help="Grid along direction 2 [default: as --x].")
+@click.option("--norm", type=click.Choice(["filter", "layer", "none"]), default="filter",
+              help="Normalisation of random directions: per filter (the paper), per layer, or raw.")
+@click.option("--include-bias-bn", is_flag=True,
+              help="Also perturb biases and BatchNorm gamma/beta (each normalised as a whole) [default: zero].")
+@eval_set_options
+@seed_option
+@device_option
+@click.option("--log-scale", is_flag=True, help="Draw log10(loss) (surfaces) or a log loss axis (curves).")
+@out_options
+@click.pass_context
+def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, norm, include_bias_bn, dataset, split,
+            num_samples, batch_size, data_dir, seed, device, log_scale, out, overwrite):
+    """Loss along lines and over planes around checkpoints (Li et al. 2018), side by side.
+
+    \b
+    Examples:
+      sharpscope landscape runs/sam/final.pt --compare runs/sgd/final.pt --out results/landscape
+      sharpscope landscape runs/sgd/final.pt --dim 1 --x -1:1:101 --out results/sgd-1d
+      sharpscope landscape runs/sgd/final.pt --compare runs/sam/final.pt --directions interpolate --out results/interp
+      sharpscope landscape runs/sgd/final.pt --directions pca --out results/sgd-pca
+      sharpscope landscape runs/sgd/final.pt --directions hessian --x -0.5:0.5:21 --out results/sgd-hessian
+
+    Every point (a, b) is the model at w + a d1 + b d2, evaluated in eval mode on a fixed set: the first
+    --num-samples samples of --split (default: 1000 training samples, the loss the optimizer saw). The grid
+    centre is the checkpoint itself. Random directions are drawn from --seed, the same draw for every model,
+    each normalised to its own weights. Writes into --out: surface.npz + surface.json (one surface-LABEL.* per
+    model with --compare), the figures (curve or contour, filled contour, heatmap, 3-D PNGs and a comparison
+    panel) and an interactive surface.html. An interrupted run resumes where it stopped when rerun.
+    """
+    import torch
+
+    from sharpscope.errors import SharpscopeError
+
+    if direction_kind == "interpolate" and len(compare) not in (1, 2):
+        raise SharpscopeError(
+            f"--directions interpolate needs one --compare (a line to it) or two (a plane through three), "
+            f"got {len(compare)}"
+        )
+    if direction_kind == "pca" and compare:
+        raise SharpscopeError("--directions pca draws one run's trajectory; drop --compare and run it per run")
+    if direction_kind == "interpolate":
+        needed = len(compare)
+        if dim is not None and dim != needed:
+            raise SharpscopeError(
+                f"--directions interpolate with {needed} --compare is {needed}-D (a "
+                f"{'line' if needed == 1 else 'plane'}); drop --dim {dim} or give {dim} --compare"
+            )
+        dim = needed
+    elif direction_kind == "pca":
+        if dim not in (None, 2):
+            raise SharpscopeError("--directions pca is a plane (--dim 2); drop --dim 1")
+        dim = 2
+    dim = dim or 2
+    if dim == 1 and y_range is not None:
+        raise SharpscopeError("--y is for 2-D surfaces; drop it or pass --dim 2")
+
+    dev = resolve_device(device)
+    progress = show_progress(ctx)
+    eval_kwargs = dict(dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size, device=dev,
+                       data_dir=data_dir)
+    config = {
+        "checkpoint": str(checkpoint), "compare": list(compare), "directions": direction_kind, "dim": dim,
+        "norm": norm, "ignore_bias_bn": not include_bias_bn, "seed": seed, "dataset": dataset, "split": split,
+        "num_samples": num_samples, "batch_size": batch_size, "device": str(dev), "log_scale": log_scale,
+    }
+    loss_fn = torch.nn.CrossEntropyLoss()
+    out = Path(out)
+
+    if direction_kind in ("random", "hessian"):
+        jobs = _independent_jobs(checkpoint, compare, direction_kind, dim, x_range, y_range, norm,
+                                 include_bias_bn, seed, loss_fn, eval_kwargs, progress)
+    elif direction_kind == "interpolate":
+        jobs = _interpolation_job(checkpoint, compare, x_range, y_range, loss_fn, eval_kwargs)
+    else:
+        jobs = _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs)
+
+    multi = len(jobs) > 1
+    stems = [f"surface-{job['label']}" if multi else "surface" for job in jobs]
+    outputs = _output_names(jobs, stems, dim, multi, direction_kind)
+    from sharpscope.io import prepare_out_dir
+
+    prepare_out_dir(out, outputs=outputs, overwrite=overwrite, resume=False)
+    partials = [out / f".{stem}.partial.npz" for stem in stems]
+    if overwrite:
+        for p in partials:
+            p.unlink(missing_ok=True)
+
+    surfaces = []
+    for job, partial in zip(jobs, partials):
+        surfaces.append(_compute(job, partial, loss_fn, progress))
+    written = _write_results(out, jobs, surfaces, stems, config, dim, multi, log_scale, direction_kind)
+    for p in partials:
+        p.unlink(missing_ok=True)
+    _print_summary(jobs, surfaces, written)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jobs: what to compute for each model
+
+
+def _labels_for(paths: list[str], checkpoints: list[Any]) -> list[str]:
+    """Run folder names (``runs/sam/final.pt`` -> ``sam``), made unique and file-name safe."""
+    labels = [ck.run_name for ck in checkpoints]
+    if len(set(labels)) < len(labels):
+        labels = [f"{ck.run_name}-{Path(p).stem}" for p, ck in zip(paths, checkpoints)]
+    labels = [re.sub(r"[^A-Za-z0-9_.-]+", "_", label) or "model" for label in labels]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return unique
+
+
+def _grid(rng, default):
+    from sharpscope.landscape import grid
+
+    start, stop, num = rng if rng is not None else default
+    return grid(start, stop, num)
+
+
+def _load_all(paths: list[str], eval_kwargs: dict) -> list[tuple[Any, Any]]:
+    from sharpscope.cli.inputs import analysis_inputs
+
+    return [analysis_inputs(p, **eval_kwargs) for p in paths]
+
+
+def _independent_jobs(checkpoint, compare, kind, dim, x_range, y_range, norm, include_bias_bn, seed, loss_fn,
+                      eval_kwargs, progress) -> list[dict]:
+    from sharpscope.landscape import hessian_directions, random_directions
+
+    paths = [checkpoint, *compare]
+    loaded = _load_all(paths, eval_kwargs)
+    labels = _labels_for(paths, [ck for ck, _ in loaded])
+    xs = _grid(x_range, DEFAULT_GRID)
+    ys = _grid(y_range if y_range is not None else x_range, DEFAULT_GRID) if dim == 2 else None
+    jobs = []
+    for path, (ck, batches), label in zip(paths, loaded, labels):
+        if kind == "random":
+            directions = random_directions(ck.model, dim=dim, seed=seed, norm=norm,
+                                           ignore_bias_bn=not include_bias_bn)
+        else:
+            if progress:
+                click.echo(f"{label}: top-{dim} Hessian eigenvectors (Lanczos)...", err=True)
+            directions = hessian_directions(ck.model, loss_fn, batches, k=dim, seed=seed)
+        jobs.append({"label": label, "paths": [path], "checkpoint": ck, "batches": batches,
+                     "directions": directions, "coords": xs if ys is None else (xs, ys)})
+    return jobs
+
+
+def _interpolation_job(checkpoint, compare, x_range, y_range, loss_fn, eval_kwargs) -> list[dict]:
+    from sharpscope.landscape import difference_direction, grid, plane_through
+
+    paths = [checkpoint, *compare]
+    loaded = _load_all(paths, eval_kwargs)
+    checkpoints = [ck for ck, _ in loaded]
+    labels = _labels_for(paths, checkpoints)
+    ck, batches = loaded[0]
+    if len(compare) == 1:
+        direction = difference_direction(ck.model, checkpoints[1].model, include_buffers=True)
+        coords = _grid(x_range, DEFAULT_INTERPOLATION_GRID)
+        return [{"label": f"{labels[0]}-to-{labels[1]}", "paths": paths, "checkpoint": ck, "batches": batches,
+                 "directions": (direction,), "coords": coords, "endpoints": labels}]
+    basis = plane_through(ck.model, checkpoints[1].model, checkpoints[2].model, include_buffers=True)
+
+    def cover(values, rng):
+        if rng is not None:
+            return grid(*rng)
+        lo, hi = float(min(values)), float(max(values))
+        margin = 0.25 * max(hi - lo, 1e-12)
+        return grid(lo - margin, hi + margin, 41)
+
+    xs, ys = cover(basis.coords[:, 0], x_range), cover(basis.coords[:, 1], y_range)
+    return [{"label": "plane", "paths": paths, "checkpoint": ck, "batches": batches,
+             "directions": (basis.d1, basis.d2), "coords": (xs, ys), "points": basis.coords, "endpoints": labels}]
+
+
+def _trajectory_paths(checkpoint: str) -> list[Path]:
+    """``ckpt-epoch*.pt`` of CHECKPOINT's folder, then CHECKPOINT itself (the trajectory up to it)."""
+    from sharpscope.train.checkpoint import read_checkpoint_file
+
+    final = Path(checkpoint)
+    found = sorted(p for p in final.parent.glob("ckpt-epoch*.pt") if p.resolve() != final.resolve())
+    final_epoch = read_checkpoint_file(final)[0].get("epoch") if final.exists() else None
+    keep = []
+    for p in found:
+        epoch = read_checkpoint_file(p)[0].get("epoch")
+        if final_epoch is None or epoch is None or epoch < final_epoch:
+            keep.append((epoch if epoch is not None else -1, p))
+    return [p for _, p in sorted(keep)] + [final]
+
+
+def _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs) -> list[dict]:
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.landscape import grid, trajectory_pca
+    from sharpscope.train.checkpoint import load_checkpoint
+
+    ck, batches = _load_all([checkpoint], eval_kwargs)[0]
+    paths = _trajectory_paths(checkpoint)
+    if len(paths) < 3:
+        raise SharpscopeError(
+            f"--directions pca needs at least 3 checkpoints of one run; found {len(paths)} in "
+            f"{Path(checkpoint).parent}/ (ckpt-epoch*.pt and {Path(checkpoint).name}); train with --save-every 1"
+        )
+    models = [load_checkpoint(p, device=dev).model for p in paths[:-1]] + [ck.model]
+    pca = trajectory_pca(models)
+
+    def cover(values, rng):
+        if rng is not None:
+            return grid(*rng)
+        lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+        margin = 0.25 * max(hi - lo, 1e-12)
+        return grid(lo - margin, hi + margin, DEFAULT_GRID[2])
+
+    xs = cover(pca.path[:, 0], x_range)
+    ys = cover(pca.path[:, 1], y_range if y_range is not None else None)
+    label = _labels_for([checkpoint], [ck])[0]
+    return [{"label": label, "paths": [str(p) for p in paths], "checkpoint": ck, "batches": batches,
+             "directions": (pca.d1, pca.d2), "coords": (xs, ys), "pca": pca}]
+
+
+def _output_names(jobs, stems, dim, multi, kind) -> list[str]:
+    names = []
+    for job, stem in zip(jobs, stems):
+        names += [f"{stem}.npz", f"{stem}.json"]
+        suffix = f"-{job['label']}" if multi else ""
+        names += [f"curve{suffix}.png"] if dim == 1 else [
+            f"{k}{suffix}.png" for k in ("contour", "contourf", "heatmap", "surface3d")]
+    if multi:
+        names.append("comparison.png")
+    if kind == "pca":
+        names += ["trajectory.png", "trajectory.npz"]
+    names.append("surface.html")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compute, write, report
+
+
+def _compute(job: dict, partial: Path, loss_fn, progress: bool):
+    from sharpscope.landscape import loss_surface
+
+    return loss_surface(job["checkpoint"].model, loss_fn, job["batches"], directions=job["directions"],
+                        coords=job["coords"], checkpoint_path=partial, progress=progress, label=job["label"])
+
+
+def _write_results(out: Path, jobs, surfaces, stems, config, dim, multi, log_scale, kind) -> list[Path]:
+    from sharpscope.io import save_figure, write_json, write_npz, write_text
+    from sharpscope.plots.surface import (
+        plot_comparison,
+        plot_contour,
+        plot_curves,
+        plot_surface_3d,
+        plot_trajectory,
+        plotly_html,
+    )
+    from sharpscope.results import provenance
+
+    written: list[Path] = []
+    for job, surface, stem in zip(jobs, surfaces, stems):
+        written.append(surface.save(out / f"{stem}.npz"))
+        record = {
+            "command": "landscape",
+            "label": job["label"],
+            "checkpoints": [str(p) for p in job["paths"]],
+            "config": config,
+            **surface.to_json_dict(),
+            "provenance": provenance([str(p) for p in job["paths"]]),
+        }
+        if "points" in job:
+            record["plane_points"] = {"labels": job["endpoints"], "coords": job["points"].tolist()}
+        if "pca" in job:
+            pca = job["pca"]
+            record["pca"] = {"explained_variance_ratio": pca.explained_variance_ratio.tolist(),
+                             "path": pca.path.tolist(), "residual_norms": pca.residual_norms.tolist(),
+                             "singular_values": pca.singular_values.tolist()}
+        written.append(write_json(out / f"{stem}.json", record))
+        suffix = f"-{job['label']}" if multi else ""
+        if dim == 1:
+            title = f"interpolation {job['endpoints'][0]} -> {job['endpoints'][1]}" if "endpoints" in job else None
+            written.append(save_figure(plot_curves(surface, accuracy=True, log_scale=log_scale, title=title),
+                                       out / f"curve{suffix}.png"))
+        else:
+            for k in ("contour", "contourf", "heatmap"):
+                fig = plot_contour(surface, kind=k, log_scale=log_scale)
+                if "points" in job:
+                    _mark_points(fig.axes[0], job["points"], job["endpoints"])
+                written.append(save_figure(fig, out / f"{k}{suffix}.png"))
+            written.append(save_figure(plot_surface_3d(surface, log_scale=log_scale), out / f"surface3d{suffix}.png"))
+    if multi:
+        written.append(save_figure(plot_comparison(surfaces, kind="contourf", log_scale=log_scale, accuracy=True),
+                                   out / "comparison.png"))
+    if kind == "pca":
+        pca = jobs[0]["pca"]
+        written.append(save_figure(plot_trajectory(surfaces[0], pca.path,
+                                                   explained_variance_ratio=pca.explained_variance_ratio,
+                                                   residual_norms=pca.residual_norms, log_scale=log_scale),
+                                   out / "trajectory.png"))
+        written.append(write_npz(out / "trajectory.npz", path=pca.path,
+                                 explained_variance_ratio=pca.explained_variance_ratio,
+                                 residual_norms=pca.residual_norms, singular_values=pca.singular_values,
+                                 checkpoints=[str(p) for p in jobs[0]["paths"]]))
+    written.append(write_text(out / "surface.html", plotly_html(surfaces, log_scale=log_scale)))
+    return written
+
+
+def _mark_points(ax, points, labels) -> None:
+    for (x, y), label in zip(points, labels):
+        ax.plot([x], [y], "o", color="crimson", mec="white", ms=6)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="crimson")
+
+
+def _print_summary(jobs, surfaces, written) -> None:
+    for job, s in zip(jobs, surfaces):
+        facts = s.summary()
+        acc = f" (accuracy {s.center_accuracy:.2%})" if s.center_accuracy == s.center_accuracy else ""
+        grid_shape = "x".join(str(n) for n in reversed(s.shape))
+        seconds = s.metadata.get("seconds_this_run", 0.0)
+        computed = s.metadata.get("points_computed_this_run", 0)
+        resumed = facts["points_total"] - computed
+        resumed_text = f", {resumed} resumed" if resumed else ""
+        click.echo(f"{job['label']}: centre loss {s.center_loss:.4f}{acc}; grid {grid_shape} loss "
+                   f"{facts['loss_min']:.4g}..{facts['loss_max']:.4g}; {computed} points in {seconds:.1f} s"
+                   f"{resumed_text} on {s.num_samples} samples")
+    for path in written:
+        click.echo(f"wrote {path}")

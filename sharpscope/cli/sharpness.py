@@ -1,0 +1,345 @@
+"""``sharpscope sharpness``: sharpness measures of checkpoints, and how well they rank generalization.
+
+A thin shell over :func:`sharpscope.sharpness.run_measure`: load each checkpoint and its fixed evaluation set,
+run every ``--measure``, write after each (checkpoint, measure) so an interrupted run resumes, then write the
+arrays, the figures and (for several checkpoints) Kendall's tau with the generalization gap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sharpscope.cli.options import (
+    FloatList,
+    IntList,
+    device_option,
+    eval_set_options,
+    out_options,
+    resolve_device,
+    seed_option,
+    show_progress,
+)
+
+OUTPUTS = ["sharpness.json", "sharpness.npz", "sharpness_vs_rho.png", "kendall_tau.json", "kendall_tau.png"]
+#: At most this many checkpoints side by side in sharpness_vs_rho.png; with more, the last one of each run folder.
+MAX_PANELS = 6
+
+
+class MeasureList(click.ParamType):
+    """Measure names, comma-separated and/or repeated: ``worst,average`` or ``--measure worst --measure keskar``."""
+
+    name = "MEASURE,..."
+
+    def convert(self, value: Any, param, ctx) -> list[str]:
+        from sharpscope.errors import unknown_name_error
+        from sharpscope.sharpness.suite import MEASURES
+
+        if isinstance(value, list):
+            return value
+        names = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not names:
+            self.fail(f"expected measure names like worst,average, got {value!r}", param, ctx)
+        for name in names:
+            if name not in MEASURES:
+                self.fail(str(unknown_name_error("measure", name, MEASURES)), param, ctx)
+        return names
+
+
+def _measure_help() -> str:
+    from sharpscope.sharpness.suite import MEASURES
+
+    return "; ".join(f"{k}: {v}" for k, v in MEASURES.items())
+
+
+def _label(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--measure", "measures", multiple=True, type=MeasureList(), default=["worst"],
+              help="Measures to compute, comma-separated or repeated.  " + (
+                  "worst: worst-case (ascent) on --m x --rho; average: average-case (noise) on --m x --rho; "
+                  "adaptive: worst-case with c = |w|+eta on --m x --adaptive-rho; keskar: Keskar et al. 2017 "
+                  "eps-sharpness for each --keskar-eps; pacbayes / pacbayes-mag: Jiang et al. 2020 PAC-Bayes "
+                  "flatness 1/sigma'^2 (plain / magnitude-aware)."))
+@click.option("--m", "m_values", type=IntList(), default="1,8,32,128",
+              help="Samples per chunk B (m-sharpness, Foret et al. 2021 sec. 4.1); each must be <= --num-samples.")
+@click.option("--rho", "rho_values", type=FloatList(positive=True), default="0.01,0.05,0.1",
+              help="Radii of worst/average. For --p inf use far smaller ones (~1e-3).")
+@click.option("--adaptive-rho", "adaptive_rho_values", type=FloatList(positive=True), default="0.5,1,2",
+              help="Radii of adaptive (relative to |w|+eta, so larger, as for ASAM).")
+@click.option("--p", "p", type=click.Choice(["2", "inf"]), default="2",
+              help="Norm of the ball (worst, adaptive); Gaussian (2) or uniform (inf) noise (average).")
+@click.option("--steps", type=click.IntRange(min=1), default=20,
+              help="Ascent steps of worst/adaptive/keskar (1 = SAM's one-step estimate; 20 as Andriushchenko "
+                   "et al. 2023).")
+@click.option("--num-draws", type=click.IntRange(min=1), default=20, help="Noise draws per chunk of average.")
+@click.option("--eta", type=click.FloatRange(min=0, min_open=True), default=0.01, help="c = |w| + eta of adaptive.")
+@click.option("--max-chunks", type=click.IntRange(min=1), default=None,
+              help="Use at most this many chunks per m (bounds the cost of small m) [default: all].")
+@click.option("--keskar-eps", type=FloatList(positive=True), default="0.001,0.0005",
+              help="Box sizes of keskar (Keskar et al. 2017 use 1e-3 and 5e-4).")
+@click.option("--pacbayes-draws", type=click.IntRange(min=1), default=10, help="Noise draws per sigma of pacbayes.")
+@eval_set_options
+@seed_option
+@device_option
+@out_options
+@click.pass_context
+def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_values, p, steps, num_draws, eta,
+            max_chunks, keskar_eps, pacbayes_draws, dataset, split, num_samples, batch_size, data_dir, seed,
+            device, out, overwrite):
+    """Sharpness of checkpoints: m-sharpness grids, Keskar and PAC-Bayes measures, and their Kendall tau with
+    the generalization gap.
+
+    \b
+    Examples:
+      sharpscope sharpness runs/*/final.pt --m 1,8,32,128 --rho 0.01,0.05,0.1 --out results/sharpness
+      sharpscope sharpness runs/sgd runs/sam --measure worst,keskar,pacbayes --steps 5 --out results/traj
+      sharpscope sharpness runs/sam/final.pt --measure adaptive --p inf --adaptive-rho 0.001,0.002 --out r/ada
+
+    CHECKPOINTS are checkpoint files or run folders (all their checkpoints). Every measure uses the same fixed
+    evaluation set (--split, first --num-samples samples, no augmentation), the model in eval mode and plain
+    cross-entropy (no label smoothing). Chunks of m samples are cut from a --seed shuffled copy of it; the last
+    num-samples mod m samples are left out.
+
+    Writes into --out: sharpness.json (config, provenance, per checkpoint/measure/m/rho: value, stderr, steps,
+    and each checkpoint's generalization gap = test error - train error from its metrics), sharpness.npz,
+    sharpness_vs_rho.png and, with two or more checkpoints that have metrics, kendall_tau.json/.png.
+    sharpness.json is rewritten after each (checkpoint, measure): rerunning the same command resumes.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from sharpscope.cli.inputs import analysis_inputs, expand_checkpoints
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.io import prepare_out_dir, write_json
+    from sharpscope.results import file_sha256, provenance
+    from sharpscope.sharpness.suite import SuiteConfig, progress_total, run_measure
+
+    names = list(dict.fromkeys(name for group in measures for name in group))
+    config = SuiteConfig(
+        measures=tuple(names), m_values=tuple(m_values), rho_values=tuple(rho_values),
+        adaptive_rho_values=tuple(adaptive_rho_values), p=math.inf if p == "inf" else 2.0, steps=steps,
+        num_draws=num_draws, eta=eta, max_chunks=max_chunks, keskar_eps=tuple(keskar_eps),
+        pacbayes_draws=pacbayes_draws, seed=seed, batch_size=batch_size,
+    )
+    full_config = {"suite": config.to_dict(),
+                   "eval": {"dataset": dataset, "split": split, "num_samples": num_samples, "data_dir": data_dir}}
+    paths = list(dict.fromkeys(expand_checkpoints(list(checkpoints))))
+    out = Path(out)
+    json_path = out / "sharpness.json"
+    previous = None
+    if json_path.exists() and not overwrite:
+        try:
+            previous = json.loads(json_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous is None or previous.get("config") != full_config:
+            diff = _config_differences((previous or {}).get("config") or {}, full_config)
+            raise SharpscopeError(
+                f"{json_path} holds results of a different configuration ({'; '.join(diff[:4]) or 'unreadable'}); "
+                "pass --overwrite to replace them or choose another --out"
+            )
+    prepare_out_dir(out, outputs=OUTPUTS, overwrite=overwrite, resume=previous is not None)
+    for derived in OUTPUTS[1:]:  # rebuilt from sharpness.json at the end; stale ones must not outlive it
+        (out / derived).unlink(missing_ok=True)
+    done = {(e["sha256"], e["measure"]): e for e in (previous or {}).get("entries", [])}
+    known = {c["sha256"]: c for c in (previous or {}).get("checkpoints", [])}
+    dev = resolve_device(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    progress = show_progress(ctx)
+    records: list[dict] = []
+    entries: list[dict] = []
+    reused = 0
+
+    sources = provenance(paths)
+
+    def save() -> None:
+        write_json(json_path, {"config": full_config, "provenance": sources, "checkpoints": records,
+                               "entries": entries, "rows": _rows(records, entries)})
+
+    for path in paths:
+        sha = file_sha256(path)
+        todo = [name for name in names if (sha, name) not in done]
+        record = known.get(sha)
+        checkpoint = data = None
+        if todo or record is None:
+            checkpoint, data = analysis_inputs(path, dataset=dataset, split=split, num_samples=num_samples,
+                                               batch_size=batch_size, device=dev, data_dir=data_dir)
+            record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics,
+                      "generalization_gap": checkpoint.generalization_gap, "num_eval_samples": data.num_samples}
+        record = {**record, "path": str(path), "label": _label(path), "sha256": sha}
+        records.append(record)
+        for name in names:
+            if (sha, name) in done:
+                entries.append({**done[(sha, name)], "checkpoint": str(path)})
+                reused += 1
+                continue
+            total = progress_total(name, config, record["num_eval_samples"])
+            started = time.perf_counter()
+            with tqdm(total=total, desc=f"{_label(path)} {name}", unit="chunk" if total else "it", leave=False,
+                      disable=not progress, file=sys.stderr) as bar:
+                result = run_measure(name, checkpoint.model, loss_fn, data, config, progress=bar.update)
+            entries.append({"checkpoint": str(path), "sha256": sha, "measure": name,
+                            "seconds": round(time.perf_counter() - started, 3), "result": result})
+            save()
+        del checkpoint, data
+    save()
+    written = [json_path]
+    written.append(_write_arrays(out, config, records, entries, np))
+    figure = _write_sharpness_figure(out, records, entries)
+    if figure:
+        written.append(figure)
+    written += _write_kendall(out, records, entries)
+    _print_summary(records, entries, reused)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def _rows(records: list[dict], entries: list[dict]) -> list[dict]:
+    """The flat table of sharpness.json: one row per checkpoint, measure, m and rho."""
+    by_path = {r["path"]: r for r in records}
+    rows = []
+    for entry in entries:
+        ckpt = by_path[entry["checkpoint"]]
+        base = {"checkpoint": ckpt["path"], "label": ckpt["label"], "measure": entry["measure"],
+                "generalization_gap": ckpt["generalization_gap"]}
+        result = entry["result"]
+        if result["kind"] == "grid":
+            for m, values, errors in zip(result["m_values"], result["values"], result["stderr"]):
+                for rho, value, error in zip(result["rho_values"], values, errors):
+                    rows.append({**base, "m": m, "rho": rho, "value": value, "stderr": error,
+                                 "steps": result["steps"]})
+        elif result["kind"] == "keskar":
+            for eps, value in zip(result["eps_values"], result["values"]):
+                rows.append({**base, "m": result["num_samples"], "rho": eps, "value": value, "stderr": None,
+                             "steps": result["steps"]})
+        else:
+            rows.append({**base, "m": None, "rho": None, "value": result["measure"], "stderr": None,
+                         "steps": result["evaluations"], "sigma": result["sigma"]})
+    return rows
+
+
+def _write_arrays(out: Path, config, records: list[dict], entries: list[dict], np) -> Path:
+    """sharpness.npz: per measure arrays stacked over checkpoints (NaN where not computed)."""
+    from sharpscope.io import write_npz
+
+    index = {r["path"]: i for i, r in enumerate(records)}
+    n = len(records)
+    arrays: dict[str, Any] = {
+        "checkpoints": np.array([r["path"] for r in records]),
+        "generalization_gap": np.array([np.nan if r["generalization_gap"] is None else r["generalization_gap"]
+                                        for r in records], dtype=np.float64),
+        "m_values": np.array(config.m_values), "rho_values": np.array(config.rho_values),
+        "adaptive_rho_values": np.array(config.adaptive_rho_values), "keskar_eps": np.array(config.keskar_eps),
+    }
+    for name in config.measures:
+        for entry in (e for e in entries if e["measure"] == name):
+            i, result = index[entry["checkpoint"]], entry["result"]
+            key = name.replace("-", "_")
+            if result["kind"] == "grid":
+                for field in ("values", "stderr"):
+                    grid = np.array(result[field], dtype=np.float64)
+                    arrays.setdefault(f"{key}_{field}", np.full((n, *grid.shape), np.nan))[i] = grid
+            elif result["kind"] == "keskar":
+                arrays.setdefault(f"{key}_values", np.full((n, len(result["values"])), np.nan))[i] = result["values"]
+            else:
+                arrays.setdefault(f"{key}_sigma", np.full(n, np.nan))[i] = result["sigma"]
+                arrays.setdefault(f"{key}_values", np.full(n, np.nan))[i] = result["measure"]
+    return write_npz(out / "sharpness.npz", **arrays)
+
+
+def _figure_checkpoints(records: list[dict]) -> list[dict]:
+    if len(records) <= MAX_PANELS:
+        return records
+    last_per_run: dict[str, dict] = {}
+    for record in records:
+        last_per_run[str(Path(record["path"]).parent)] = record
+    return list(last_per_run.values())[-MAX_PANELS:]
+
+
+def _write_sharpness_figure(out: Path, records: list[dict], entries: list[dict]) -> Path | None:
+    from sharpscope.io import save_figure
+    from sharpscope.plots.sharpness import sharpness_vs_rho
+    from sharpscope.sharpness.result import SharpnessResult
+
+    panels: dict[str, dict[str, SharpnessResult]] = {}
+    for record in _figure_checkpoints(records):
+        grids = {e["measure"]: SharpnessResult.from_dict(e["result"]) for e in entries
+                 if e["checkpoint"] == record["path"] and e["result"]["kind"] == "grid"}
+        if grids:
+            panels[record["label"]] = grids
+    if not panels:
+        return None
+    return save_figure(sharpness_vs_rho(panels), out / "sharpness_vs_rho.png")
+
+
+def _write_kendall(out: Path, records: list[dict], entries: list[dict]) -> list[Path]:
+    """Kendall tau of every scalar measure with the gap, over checkpoints whose metrics give one (>= 2 needed)."""
+    from sharpscope.io import save_figure, write_json
+    from sharpscope.plots.sharpness import kendall_tau_bars
+    from sharpscope.sharpness.correlation import kendall_tau
+    from sharpscope.sharpness.suite import ranking_values
+
+    with_gap = [r for r in records if r["generalization_gap"] is not None]
+    if len(with_gap) < 2:
+        return []
+    columns: dict[str, dict[str, float]] = {}
+    for entry in entries:
+        for label, value in ranking_values(entry["measure"], entry["result"]).items():
+            columns.setdefault(label, {})[entry["checkpoint"]] = value
+    gaps = [r["generalization_gap"] for r in with_gap]
+    table = {}
+    for label, values in columns.items():
+        column = [values.get(r["path"], math.nan) for r in with_gap]
+        table[label] = kendall_tau(column, gaps) if all(math.isfinite(v) for v in column) else math.nan
+    document = {"num_checkpoints": len(with_gap), "checkpoints": [r["path"] for r in with_gap],
+                "generalization_gap": gaps, "tau": table,
+                "definition": "Kendall tau-b between each measure and test error - train error across checkpoints"}
+    paths = [write_json(out / "kendall_tau.json", document)]
+    paths.append(save_figure(kendall_tau_bars(table, num_models=len(with_gap)), out / "kendall_tau.png"))
+    return paths
+
+
+def _print_summary(records: list[dict], entries: list[dict], reused: int) -> None:
+    for record in records:
+        gap = record["generalization_gap"]
+        click.echo(f"{record['label']}" + (f"  (generalization gap {gap:+.4f})" if gap is not None else ""))
+        for entry in (e for e in entries if e["checkpoint"] == record["path"]):
+            result, name = entry["result"], entry["measure"]
+            if result["kind"] == "grid":
+                header = "  ".join(f"rho={rho:<8g}" for rho in result["rho_values"])
+                click.echo(f"  {name:<9} {header}")
+                for m, values in zip(result["m_values"], result["values"]):
+                    cells = "  ".join(f"{'nan' if v is None else format(v, '.4g'):<12}" for v in values)
+                    click.echo(f"    m={m:<5} {cells}")
+            elif result["kind"] == "keskar":
+                cells = ", ".join(f"eps={e:g}: {v:.4g}" for e, v in zip(result["eps_values"], result["values"]))
+                click.echo(f"  {name:<9} {cells}")
+            else:
+                flag = "" if result["bracketed"] else " (at the end of the search range)"
+                click.echo(f"  {name:<9} sigma'={result['sigma']:.4g}  1/sigma'^2={result['measure']:.4g}{flag}")
+    if reused:
+        click.echo(f"reused {reused} result(s) from a previous run with the same configuration")

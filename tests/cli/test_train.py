@@ -1,0 +1,94 @@
+"""``sharpscope train`` as a user runs it: real subprocesses, bad input, and a kill -9 in the middle."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sharpscope.cli.main import cli
+
+FAST = ["train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--lr", "0.05"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_is_instant_and_shows_examples():
+    result = subprocess.run([sys.executable, "-m", "sharpscope", "train", "--help"], capture_output=True, text=True,
+                            check=True)
+    assert "sharpscope train --optimizer sam --rho 0.05 --out runs/sam" in result.stdout
+    top = subprocess.run([sys.executable, "-c", "import sys, sharpscope.cli.main; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert top.stdout.strip() == "False"
+
+
+def test_train_sgd_then_sam_prints_where_outputs_went(tmp_path):
+    for optimizer in ("sgd", "sam"):
+        out = tmp_path / optimizer
+        result = invoke("-q", *FAST, "--epochs", "1", "--optimizer", optimizer, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        assert f"wrote {out}/final.pt" in result.output and "test accuracy" in result.output
+        assert (out / "final.pt").exists() and (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--dataset", "digts"], "unknown dataset 'digts'; did you mean 'digits'", 1),
+        (["--model", "resnet2"], "unknown model 'resnet2'; did you mean", 1),
+        (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'sam', 'asam'", 2),
+        (["--rho", "0"], "Invalid value for", 2),
+        (["--rho", "-0.05"], "Invalid value for", 2),
+        (["--lr", "nan"], "--lr", 2),
+        (["--m", "1000"], "micro-batch size must be <= --batch-size", 2),
+        (["--epochs", "0"], "Invalid value for '--epochs'", 2),
+        (["--model", "mlp:hidden"], "expected NAME[:key=value", 2),
+        (["--device", "cuda:7"], "--device cuda:7", 1),
+        (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar", 1),
+    ],
+)
+def test_bad_input_one_line_no_traceback(tmp_path, args, message, code):
+    result = CliRunner().invoke(cli, [*FAST, "--epochs", "1", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def _train_cmd(out, epochs):
+    return [sys.executable, "-m", "sharpscope", "-q", *FAST, "--optimizer", "sam", "--epochs", str(epochs),
+            "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_resumes_bit_identically(tmp_path):
+    """The same command after SIGKILL finishes with the weights of an uninterrupted run (CPU)."""
+    epochs = 6
+    subprocess.run(_train_cmd(tmp_path / "straight", epochs), check=True, capture_output=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed", epochs), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "ckpt-epoch002.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final.pt").exists(), "killed too late to test resume"
+    rerun = subprocess.run(_train_cmd(tmp_path / "killed", epochs), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" in rerun.stderr
+    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "final.pt", weights_only=True)
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "straight" / "metrics.jsonl") == strip(tmp_path / "killed" / "metrics.jsonl")
+    leftovers = [p.name for p in (tmp_path / "killed").iterdir() if ".tmp" in p.name]
+    assert leftovers == []
