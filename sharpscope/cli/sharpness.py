@@ -52,12 +52,6 @@ class MeasureList(click.ParamType):
         return names
 
 
-def _measure_help() -> str:
-    from sharpscope.sharpness.suite import MEASURES
-
-    return "; ".join(f"{k}: {v}" for k, v in MEASURES.items())
-
-
 def _label(path: Path) -> str:
     return f"{path.parent.name}/{path.name}"
 

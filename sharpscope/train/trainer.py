@@ -114,10 +114,15 @@ def train(
     from sharpscope.models import create_model
     from sharpscope.optim import create_optimizer, training_step
 
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from sharpscope import distributed
+
+    dist_info, device = distributed.setup(torch.device(device) if device is not None else None)
+    is_main = dist_info.is_main
+    log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
+    progress = progress and is_main
     out = Path(out_dir)
-    resume_payload = _check_out_dir(out, config, overwrite=overwrite)
+    resume_payload = _check_out_dir(out, config, overwrite=overwrite, clean=is_main)
+    distributed.barrier()
 
     dataset = load_dataset(config.dataset, data_dir=config.data_dir)
     torch.manual_seed(config.seed)
@@ -140,6 +145,7 @@ def train(
         dataset.train_images, dataset.train_labels, batch_size=config.batch_size, mean=dataset.mean,
         std=dataset.std, shuffle=True, augment=dataset.augment if config.augment else "none",
         device=device, seed=config.seed, channels_last=channels_last,
+        num_replicas=dist_info.world_size, rank=dist_info.rank,  # --batch-size is per rank under torchrun
     )
     test_batches = eval_batches(dataset, split="test", batch_size=1000, device=device)
     steps_per_epoch = len(loader)
@@ -147,7 +153,14 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    train_model = torch.compile(model) if config.compile else model
+    train_model = model
+    if dist_info.enabled:
+        # Each rank's clean pass runs under no_sync (training_step), so each rank perturbs with its own gradient:
+        # m = per-rank batch, the SAM paper's data-parallel setting. The SAM gradient is averaged by DDP.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        train_model = torch.compile(train_model)
 
     meta = {"model_name": config.model, "model_kwargs": model_kwargs, "dataset": config.dataset,
             "config": config.to_dict()}
@@ -161,10 +174,11 @@ def train(
         start_epoch, step = resumed_from + 1, int(resume_payload["step"])
         _truncate_metrics(out / "metrics.jsonl", resumed_from)
         log(f"resuming {out} after epoch {resumed_from}")
-    else:
+    elif is_main:
         for stale in ("metrics.jsonl", "final.pt", "last.pt", *[p.name for p in out.glob("ckpt-epoch*.pt")]):
             (out / stale).unlink(missing_ok=True)
-        write_json(out / "config.json", {**config.to_dict(), "environment": _environment(device)})
+        write_json(out / "config.json", {**config.to_dict(), "environment": {
+            **_environment(device), "world_size": dist_info.world_size}})
         if config.save_every:
             save_checkpoint(out / checkpoint_name(0), model=model, epoch=0, step=0, **meta)
 
@@ -189,10 +203,15 @@ def train(
             seen += len(labels)
             if batch_index % 20 == 19 or batch_index == steps_per_epoch - 1:  # one host sync per 20 steps
                 mean_loss = float(loss_sum) / seen
-                if not math.isfinite(mean_loss):
+                if not _finite_everywhere(mean_loss, dist_info.enabled, device):
                     _diverged(out, config, epoch, step, optimizer)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / seen:.3f}", refresh=False)
         bar.close()
+        if dist_info.enabled:
+            totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
+                                                                            device=device)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen
         if not math.isfinite(train_loss):
             _diverged(out, config, epoch, step, optimizer)
@@ -202,6 +221,8 @@ def train(
             "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
+        if not is_main:
+            continue
         append_jsonl(out / "metrics.jsonl", record)
         if config.save_every and epoch % config.save_every == 0 and epoch != config.epochs:
             save_checkpoint(out / checkpoint_name(epoch), model=model, epoch=epoch, step=step, metrics=record, **meta)
@@ -215,6 +236,7 @@ def train(
             save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record,
                             optimizer=optimizer, scheduler=scheduler, **meta)
 
+    distributed.barrier()
     return TrainResult(
         out_dir=out,
         final_checkpoint=out / "final.pt",
@@ -224,9 +246,10 @@ def train(
     )
 
 
-def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[str, Any] | None:
+def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool, clean: bool = True) -> dict[str, Any] | None:
     """Decide between a fresh run, a resume (returns the last.pt payload) and a refusal."""
-    remove_stale_temporaries(out)
+    if clean:
+        remove_stale_temporaries(out)
     if overwrite:
         prepare_out_dir(out, outputs=[], overwrite=True)
         return None
@@ -273,6 +296,16 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finite_everywhere(value: float, distributed_run: bool, device: torch.device) -> bool:
+    """Whether ``value`` is finite on every rank (all ranks must agree before one of them stops)."""
+    finite = math.isfinite(value)
+    if distributed_run:
+        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+        torch.distributed.all_reduce(flag)
+        finite = float(flag) == 0.0
+    return finite
 
 
 def _diverged(out: Path, config: TrainConfig, epoch: int, step: int, optimizer) -> None:

@@ -1,0 +1,143 @@
+"""Figures of sharpness measures: :class:`~sharpscope.sharpness.SharpnessResult` grids and Kendall tau tables in,
+matplotlib figures out (no computation; save with :func:`sharpscope.io.save_figure`).
+
+* :func:`sharpness_vs_rho`: sharpness against rho, one line per m with a standard-error band (Foret et al. 2021,
+  Fig. 3 left, with sharpness in place of test error). One column per model (SGD vs SAM side by side), one row
+  per measure; panels of a row share their y axis, so a flatter model reads as lower lines.
+* :func:`kendall_tau_bars`: Kendall's tau between each measure and the generalization gap, as horizontal bars on
+  a fixed [-1, 1] axis (Foret et al. 2021, Fig. 3 right; Jiang et al. 2020, Table 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from sharpscope.errors import SharpscopeError
+
+__all__ = ["sharpness_vs_rho", "kendall_tau_bars"]
+
+_CMAP = "viridis"
+
+
+def _measure_label(result: Any) -> str:
+    p = "inf" if result.p == math.inf else f"{result.p:g}"
+    kind = {"worst": "worst-case", "average": "average-case"}.get(result.measure, result.measure)
+    adaptive = "adaptive " if result.adaptive else ""
+    unit = "steps" if result.measure == "worst" else "draws"
+    return f"{adaptive}{kind} (p={p}, {result.steps} {unit})"
+
+
+def sharpness_vs_rho(results: Mapping[str, Any], *, log_x: bool = True, log_y: bool = False,
+                     title: str | None = None) -> Figure:
+    """Sharpness against rho, one line per m, one panel per (measure, model).
+
+    Args:
+        results: model label (column, e.g. ``"sgd"``, ``"sam"``) -> either one ``SharpnessResult`` or a mapping
+            measure label (row, e.g. ``"worst"``, ``"adaptive"``) -> ``SharpnessResult``. Rows are the measure
+            labels in order of first appearance; a missing (model, measure) panel is left empty.
+        log_x: logarithmic rho axis (grids are usually geometric).
+        log_y: logarithmic sharpness axis.
+        title: figure title.
+
+    Returns:
+        A ``matplotlib.figure.Figure``: lines coloured by m (the same colour for the same m in every panel),
+        shaded +-1 standard error where defined, y axes shared within each row.
+    """
+    if not results:
+        raise SharpscopeError("nothing to plot: give at least one sharpness result")
+    columns: dict[str, dict[str, Any]] = {}
+    for label, item in results.items():
+        columns[label] = dict(item) if isinstance(item, Mapping) else {item.measure: item}
+    rows: list[str] = []
+    for panels in columns.values():
+        rows.extend(r for r in panels if r not in rows)
+    all_m = sorted({m for panels in columns.values() for res in panels.values() for m in res.m_values})
+    cmap = matplotlib.colormaps[_CMAP]
+    colour = {m: cmap(0.85 * i / max(1, len(all_m) - 1)) for i, m in enumerate(all_m)}
+    fig = Figure(figsize=(3.6 * len(columns) + 1.2, 3.0 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False, sharey="row", sharex="row")
+    for i, row in enumerate(rows):
+        for j, (label, panels) in enumerate(columns.items()):
+            ax = axes[i][j]
+            result = panels.get(row)
+            if result is None:
+                ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                continue
+            rho = np.asarray(result.rho_values, dtype=float)
+            for k, m in enumerate(result.m_values):
+                value = np.asarray(result.values[k], dtype=float)
+                err = np.asarray(result.stderr[k], dtype=float)
+                ax.plot(rho, value, marker="o", ms=3, color=colour[m], label=f"m={m}")
+                band = np.isfinite(err)
+                if band.any():
+                    ax.fill_between(rho[band], (value - err)[band], (value + err)[band], color=colour[m], alpha=0.2,
+                                    linewidth=0)
+            if log_x:
+                ax.set_xscale("log")
+                ax.minorticks_off()
+            ax.set_xticks(rho, [f"{r:g}" for r in rho])
+            if log_y:
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.set_title(f"{label}\n{_measure_label(result)}", fontsize=9)
+            ax.set_xlabel("rho")
+            if j == 0:
+                ax.set_ylabel("sharpness (loss increase)")
+        handles, labels = [], []
+        for ax in axes[i]:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                if text not in labels:
+                    handles.append(handle)
+                    labels.append(text)
+        if handles:
+            order = np.argsort([int(t.split("=")[1]) for t in labels])
+            axes[i][-1].legend([handles[o] for o in order], [labels[o] for o in order], fontsize=8,
+                               loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = None,
+                     title: str | None = None) -> Figure:
+    """Kendall's tau of each measure with the generalization gap, one horizontal bar per measure.
+
+    Args:
+        table: measure label -> tau (NaN, e.g. for a constant measure, is drawn as "n/a").
+        num_models: how many models the taus were computed over (shown in the title).
+        title: figure title [default: "Kendall tau with the generalization gap"].
+
+    Returns:
+        A ``matplotlib.figure.Figure`` with the x axis fixed to [-1, 1] (comparable across figures); positive
+        bars (the measure ranks models like their gaps) in blue, negative in red, each labelled with its value
+        on the other side of the zero line.
+    """
+    if not table:
+        raise SharpscopeError("nothing to plot: the Kendall tau table is empty")
+    labels = list(table)
+    taus = np.array([float(table[k]) for k in labels])
+    fig = Figure(figsize=(6.4, 0.9 + 0.32 * len(labels)), layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(len(labels))[::-1]
+    shown = np.nan_to_num(taus, nan=0.0)
+    ax.barh(y, shown, color=["tab:blue" if t >= 0 else "tab:red" for t in shown], height=0.7)
+    for yi, tau in zip(y, taus):
+        # the value sits across the zero line from its bar, so it never leaves the fixed [-1, 1] axis
+        negative = np.isfinite(tau) and tau < 0
+        text = f"{tau:+.2f}" if np.isfinite(tau) else "n/a"
+        ax.text(0.03 if negative or not np.isfinite(tau) else -0.03, yi, text, va="center",
+                ha="left" if negative or not np.isfinite(tau) else "right", fontsize=8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(-1.15, 1.15)
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlabel("Kendall tau (measure vs test error - train error)")
+    heading = title or "Kendall tau with the generalization gap"
+    ax.set_title(heading + (f" ({num_models} models)" if num_models else ""), fontsize=10)
+    return fig

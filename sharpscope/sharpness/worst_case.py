@@ -1,0 +1,457 @@
+"""Worst-case (adversarial) sharpness and m-sharpness, by projected normalised gradient ascent in weight space.
+
+.. math::
+
+    S_{\\max}(w) = \\mathbb{E}_B \\Big[ \\max_{\\|\\delta / c\\|_p \\le \\rho} L_B(w + \\delta) - L_B(w) \\Big],
+    \\qquad c = |w| + \\eta \\ \\text{(adaptive)} \\ \\text{or} \\ 1, \\quad p \\in \\{2, \\infty\\},
+
+over disjoint chunks ``B`` of ``m`` samples of a fixed evaluation set (Foret et al. 2021, section 4.1,
+"m-sharpness"; Andriushchenko et al. 2023, "A modern look at the relationship between sharpness and
+generalization", section 3; Kwon et al. 2021 for the adaptive ``c``).
+
+The inner max is solved per chunk in the coordinates ``u = delta / c`` (so the set is a plain l2 ball or
+l-inf box of radius ``rho``) by the step-size control of Auto-PGD (Croce & Hein 2020, section 3.1), as
+Andriushchenko et al. 2023 do:
+
+* step ``k``: ``z = P(u_k + eta_k d_k)``, ``u_{k+1} = P(u_k + 0.75 (z - u_k) + 0.25 (u_k - u_{k-1}))``, where
+  ``d_k`` is the unit steepest-ascent direction of ``L_B(w + c u)`` — exactly SAM's perturbation for ``rho = 1``
+  (:func:`sharpscope.optim.perturbation`: ``c^2 g / ||c g||_2`` for p = 2, ``c sign(g)`` for p = inf, in
+  ``delta`` units) — and ``P`` scales back onto the ball (p = 2) or clamps into the box (p = inf);
+* the first step has no momentum and ``eta_0 = 2 rho``, so after projection ``u_1`` is SAM's perturbation:
+  ``steps=1`` is SAM's one-step estimate of the max;
+* at checkpoint steps the step size of a chunk is halved, and its iterate restarted from its best point, when
+  fewer than 75% of the steps since the last checkpoint raised the loss or the best value did not improve.
+  The checkpoints are APGD's for its default 20-step budget (after steps 4, 7, 9) and then every 2 steps;
+  being fixed in absolute steps (not a fraction of ``steps``), a run of ``k`` steps is a prefix of a run of
+  ``k + 1`` steps;
+* the reported per-chunk value is the best loss seen over all iterates (``delta = 0`` included) minus
+  ``L_B(w)``, so it is never negative and never decreases with more steps.
+
+Projecting in ``u`` coordinates is the Euclidean projection for the reparametrised problem; Andriushchenko et
+al. project ``delta`` onto the ellipsoid in the original metric (bisection on a Lagrange multiplier). Both keep
+every iterate feasible; the maximiser sought is the same.
+
+At an exact critical point (zero gradient, e.g. the minimum of a quadratic) ascent from ``delta = 0`` cannot
+move; ``random_init=True`` starts from a random point on the sphere (p = 2) or in the box (p = inf), as
+Andriushchenko et al.'s optional random initialisation does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sharpscope.errors import SharpscopeError, unknown_name_error
+from sharpscope.hessian.operator import eval_mode
+from sharpscope.optim import perturbation
+from sharpscope.sharpness._objective import (
+    ChunkedObjective,
+    chunk_group_size,
+    make_chunks,
+    mean_and_stderr,
+    seeded_draws,
+    stack_data,
+)
+from sharpscope.sharpness.result import SharpnessEstimate, SharpnessResult
+
+__all__ = ["worst_case_sharpness", "m_sharpness"]
+
+#: Auto-PGD constants (Croce & Hein 2020, section 3.1): momentum weight alpha and the fraction of improving
+#: steps below which the step size is halved.
+_MOMENTUM = 0.75
+_IMPROVING_FRACTION = 0.75
+#: Copies of the perturbation held by the ascent (iterate, previous, candidate, best, gradient, best gradient,
+#: direction); sizes the chunk groups.
+_ASCENT_COPIES = 7
+
+
+def _is_checkpoint(done: int) -> bool:
+    """Step-size checkpoints after ``done`` steps: APGD's for 20 steps (4, 7, 9), then every 2 steps."""
+    return done in (4, 7) or (done >= 9 and (done - 9) % 2 == 0)
+
+
+# -------------------------------------------------------------------------------------------- validation
+def _check_p(p: Any) -> float:
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if value not in (2.0, math.inf):
+        raise SharpscopeError(f"p must be 2 or inf (the norm of the perturbation ball), got {p!r}")
+    return value
+
+
+def _check_positive(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number > 0 and math.isfinite(number)):
+        raise SharpscopeError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def _check_count(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SharpscopeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------- geometry helpers
+def _expand(values: Tensor, like: Tensor) -> Tensor:
+    """``(G,)`` per-chunk numbers shaped to broadcast against ``like (G, ...)``."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _where(mask: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.where(_expand(mask, x), x, y) for x, y in zip(a, b)]
+
+
+def scale_of(params: Sequence[Tensor], *, adaptive: bool, eta: float) -> list[Tensor] | None:
+    """The elementwise scale ``c = |w| + eta`` of the perturbation set, or None for ``c = 1``."""
+    return [p.abs() + eta for p in params] if adaptive else None
+
+
+def project(delta: Sequence[Tensor], scale: Sequence[Tensor] | None, rho: float, p: float) -> list[Tensor]:
+    """Project each chunk's ``delta`` (a list of ``(G, *shape)``) onto ``{||delta / c||_p <= rho}``.
+
+    p = 2: ``delta * min(1, rho / ||delta / c||_2)`` (the norm taken over all perturbed tensors of a chunk);
+    p = inf: ``clamp(delta, -rho c, rho c)``. Both are Euclidean projections in ``u = delta / c``.
+    """
+    if p == math.inf:
+        if scale is None:
+            return [d.clamp(-rho, rho) for d in delta]
+        return [torch.maximum(torch.minimum(d, rho * c), -rho * c) for d, c in zip(delta, scale)]
+    u = delta if scale is None else [d / c for d, c in zip(delta, scale)]
+    norm = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in u))
+    factor = (rho / norm).clamp(max=1.0)  # norm 0 -> inf -> 1
+    return [d * _expand(factor, d) for d in delta]
+
+
+def scaled_norm(delta: Sequence[Tensor], scale: Sequence[Tensor] | None, p: float) -> Tensor:
+    """``(G,)`` norms ``||delta / c||_p`` of a stack of perturbations (for checks and tests)."""
+    u = delta if scale is None else [d / c for d, c in zip(delta, scale)]
+    if p == math.inf:
+        return torch.stack([t.abs().flatten(1).amax(1) for t in u]).amax(0)
+    return torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in u))
+
+
+def _unit_directions(
+    objective: ChunkedObjective, grads: list[Tensor], *, p: float, adaptive: bool, eta: float
+) -> list[Tensor]:
+    """SAM's perturbation with ``rho = 1`` for each chunk's gradient: the unit steepest-ascent step."""
+    def one(g: list[Tensor]) -> list[Tensor]:
+        return list(perturbation(list(g), objective.params, rho=1.0, p=p, adaptive=adaptive, eta=eta))
+
+    return objective.per_chunk(one, grads)
+
+
+def random_start(
+    objective: ChunkedObjective, chunks: range, *, scale: list[Tensor] | None, rho: float, p: float, seed: int
+) -> list[Tensor]:
+    """Random feasible starts for ``chunks``: uniform on the sphere ``||u||_2 = rho`` (p = 2) or in the box (p = inf).
+
+    Each chunk's start comes from its own seeded stream (:func:`seeded_draws`), independent of the grouping.
+    """
+    if p == math.inf:
+        u = [t * rho for t in seeded_draws(objective, chunks, seed=seed, kind="uniform")]
+    else:
+        u = seeded_draws(objective, chunks, seed=seed, kind="normal")
+        norm = torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in u))
+        u = [t * _expand(rho / norm, t) for t in u]
+    return u if scale is None else [t * c for t, c in zip(u, scale)]
+
+
+# ----------------------------------------------------------------------------------------------- the ascent
+def ascend(
+    objective: ChunkedObjective,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rho: float,
+    p: float,
+    adaptive: bool,
+    eta: float,
+    steps: int,
+    start: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Projected Auto-PGD ascent of ``L_B(w + delta)`` for a group of ``G`` chunks at once.
+
+    Args:
+        objective: the chunked loss.
+        x, y: the group's chunks, ``(G, m, ...)``.
+        rho, p, adaptive, eta: the perturbation set ``{||delta / c||_p <= rho}``, ``c = |w| + eta`` or 1.
+        steps: ascent steps (gradient evaluations); ``steps`` values and ``steps - 1`` gradients are computed
+            after the clean one.
+        start: starting perturbations ``(G, *shape)`` (projected first), or None for ``delta = 0``.
+
+    Returns:
+        ``(trace, clean, best_delta)``: ``trace (G, steps + 1)`` the best ``L_B(w + delta) - L_B(w)`` after
+        each step (never negative, non-decreasing), ``clean (G,)`` the values ``L_B(w)``, and the best
+        perturbations found.
+    """
+    group = x.shape[0]
+    scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
+    if start is None:
+        current = objective.zeros(group)
+        value, grad = objective.value_and_grad(current, x, y)
+        clean = value
+    else:
+        clean = objective.value(objective.zeros(group), x, y)
+        current = project(start, scale, rho, p)
+        value, grad = objective.value_and_grad(current, x, y)
+    step_size = torch.full((group,), 2.0 * rho, dtype=objective.dtype, device=objective.device)
+    previous = current
+    best_value, best_delta, best_grad = value, current, grad
+    trace = [best_value]
+    improving = torch.zeros(group, dtype=objective.dtype, device=objective.device)
+    best_at_check = best_value
+    reduced_last = torch.zeros(group, dtype=torch.bool, device=objective.device)
+    last_check = 0
+    for k in range(steps):
+        direction = _unit_directions(objective, grad, p=p, adaptive=adaptive, eta=eta)
+        candidate = project([d + _expand(step_size, d) * s for d, s in zip(current, direction)], scale, rho, p)
+        if k > 0:
+            # u + a (z - u) + (1 - a)(u - u_prev) = a z + (2 - 2a) u - (1 - a) u_prev, in three fused kernels
+            candidate = project(
+                [torch.add(z * _MOMENTUM, d, alpha=2 - 2 * _MOMENTUM).sub_(prev, alpha=1 - _MOMENTUM)
+                 for d, z, prev in zip(current, candidate, previous)],
+                scale, rho, p,
+            )
+        final = k + 1 == steps
+        if final:
+            new_value, new_grad = objective.value(candidate, x, y), None
+        else:
+            new_value, new_grad = objective.value_and_grad(candidate, x, y)
+        improving = improving + (new_value > value).to(improving.dtype)
+        better = new_value > best_value
+        best_value = torch.where(better, new_value, best_value)
+        best_delta = _where(better, candidate, best_delta)
+        if not final:
+            best_grad = _where(better, new_grad, best_grad)
+        previous, current, value, grad = current, candidate, new_value, new_grad
+        trace.append(best_value)
+        if not final and _is_checkpoint(k + 1):
+            interval = k + 1 - last_check
+            reduce = (improving <= _IMPROVING_FRACTION * interval) | (~reduced_last & (best_value <= best_at_check))
+            step_size = torch.where(reduce, step_size / 2, step_size)
+            current = _where(reduce, best_delta, current)
+            previous = _where(reduce, best_delta, previous)  # restart without momentum
+            grad = _where(reduce, best_grad, grad)
+            value = torch.where(reduce, best_value, value)
+            reduced_last, best_at_check, last_check = reduce, best_value, k + 1
+            improving = torch.zeros_like(improving)
+    gains = (torch.stack(trace, dim=1) - clean[:, None]).clamp(min=0.0)
+    return gains, clean, best_delta
+
+
+def _worst_case_on_chunks(
+    objective: ChunkedObjective,
+    xc: Tensor,
+    yc: Tensor,
+    *,
+    rho: float,
+    p: float,
+    adaptive: bool,
+    eta: float,
+    steps: int,
+    random_init: bool,
+    seed: int,
+    keep_perturbation: bool,
+    progress: Callable[[int], Any] | None,
+) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+    """Run :func:`ascend` over all chunks in groups; returns ``trace (C, steps + 1)``, ``clean (C,)``, deltas."""
+    num_chunks, m = xc.shape[0], xc.shape[1]
+    group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=_ASCENT_COPIES)
+    scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
+    traces, cleans, deltas = [], [], []
+    for first in range(0, num_chunks, group):
+        x, y = xc[first:first + group], yc[first:first + group]
+        chunks = range(first, first + x.shape[0])
+        start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
+        trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
+                                    start=start)
+        traces.append(trace)
+        cleans.append(clean)
+        if keep_perturbation:
+            deltas.append(best)
+        if progress is not None:
+            progress(x.shape[0])
+    perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
+    return torch.cat(traces), torch.cat(cleans), perturbation
+
+
+def _setup(
+    model: nn.Module, loss_fn: Any, data: Any, *, params: Any, batch_size: int, vectorize: bool | None
+) -> tuple[ChunkedObjective, Tensor, Tensor]:
+    objective = ChunkedObjective(model, loss_fn, params=params, batch_size=batch_size, vectorize=vectorize)
+    x, y = stack_data(data, device=objective.device, dtype=objective.dtype)
+    return objective, x, y
+
+
+def _estimate(
+    measure: str, trace: Tensor, clean: Tensor, *, m: int, rho: float, p: float, adaptive: bool, eta: float,
+    steps: int, perturbation: list[Tensor] | None = None,
+) -> SharpnessEstimate:
+    values = trace[:, -1]
+    value, stderr = mean_and_stderr(values)
+    return SharpnessEstimate(
+        measure=measure, value=value, stderr=stderr, m=m, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
+        num_chunks=int(values.shape[0]), clean_loss=float(clean.detach().double().mean()),
+        chunk_values=values.detach().to("cpu", torch.float64).numpy(),
+        trace=trace.detach().to("cpu", torch.float64).mean(0).numpy(), perturbation=perturbation,
+    )
+
+
+# --------------------------------------------------------------------------------------------- public API
+def worst_case_sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    rho: float,
+    m: int | None = None,
+    p: float = 2.0,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    steps: int = 20,
+    random_init: bool = False,
+    max_chunks: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    params: Sequence[str | Tensor] | None = None,
+    batch_size: int = 256,
+    vectorize: bool | None = None,
+    check_deterministic: bool = True,
+    return_perturbation: bool = False,
+    progress: Callable[[int], Any] | None = None,
+) -> SharpnessEstimate:
+    """Worst-case sharpness ``E_B[max_{||delta/c||_p <= rho} L_B(w + delta) - L_B(w)]`` (module docstring).
+
+    Args:
+        model: the network at ``w``; evaluated in eval mode (each submodule's mode is restored afterwards)
+            and never modified.
+        loss_fn: ``loss_fn(model(x), y) -> 0-d`` mean loss over a chunk (e.g. ``nn.CrossEntropyLoss()``).
+        data: ``(x, y)`` tensors or an iterable of ``(x, y)`` batches (``sharpscope.data.EvalBatches``); all
+            samples are used as one fixed evaluation set.
+        rho: radius of the perturbation set (in units of ``c``).
+        m: samples per chunk ``B``; ``None`` = the whole set (full-batch sharpness). ``m`` larger than the set
+            is an error; the last ``N mod m`` samples are left out.
+        p: 2 (l2 ball) or ``math.inf`` (box).
+        adaptive: scale the set elementwise by ``c = |w| + eta`` (ASAM, Kwon et al. 2021).
+        eta: the additive term of ``c`` (0.01 as in Kwon et al.).
+        steps: ascent steps; 1 gives SAM's one-step estimate, 20 is Andriushchenko et al. 2023's default.
+        random_init: start each chunk's ascent from a random feasible point instead of ``delta = 0`` (needed at
+            exact critical points, where the gradient is zero).
+        max_chunks: use only the first this many chunks (after shuffling), to bound the cost.
+        shuffle: permute the samples (seeded) before cutting chunks; ``False`` keeps the data's order.
+        seed: seeds the permutation and the random starts.
+        params: which parameters are perturbed: ``None`` for all with ``requires_grad``, or names / tensors.
+        batch_size: at most this many samples per forward pass (memory only).
+        vectorize: ``vmap`` over chunks (``True``), a loop (``False``), or try ``vmap`` first (``None``).
+        check_deterministic: refuse a model whose loss changes between two identical evaluations.
+        return_perturbation: also return the best perturbation of every chunk (memory: one model per chunk).
+        progress: called with the number of chunks finished after each group (e.g. ``tqdm.update``).
+
+    Returns:
+        A :class:`SharpnessEstimate` (``measure="worst"``) with the mean over chunks, its standard error,
+        per-chunk values and the mean best-so-far ``trace`` over steps.
+    """
+    rho = _check_positive("rho", rho)
+    p = _check_p(p)
+    eta = _check_positive("eta", eta) if adaptive else float(eta)
+    steps = _check_count("steps", steps)
+    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
+    xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
+    with eval_mode(model):
+        if check_deterministic:
+            objective.check_deterministic(xc, yc)
+        trace, clean, delta = _worst_case_on_chunks(
+            objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps, random_init=random_init,
+            seed=seed, keep_perturbation=return_perturbation, progress=progress,
+        )
+    return _estimate("worst", trace, clean, m=int(xc.shape[1]), rho=rho, p=p, adaptive=adaptive, eta=eta,
+                     steps=steps, perturbation=delta)
+
+
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    m_values: Sequence[int] = (1, 8, 32, 128),
+    rho_values: Sequence[float] = (0.01, 0.05, 0.1),
+    measure: str = "worst",
+    p: float = 2.0,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    steps: int = 20,
+    num_draws: int = 20,
+    random_init: bool = False,
+    max_chunks: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    params: Sequence[str | Tensor] | None = None,
+    batch_size: int = 256,
+    vectorize: bool | None = None,
+    check_deterministic: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> SharpnessResult:
+    """Sharpness for every ``(m, rho)`` of a grid: Foret et al. 2021's m-sharpness (section 4.1, Fig. 3).
+
+    Each cell is :func:`worst_case_sharpness` (``measure="worst"``) or
+    :func:`sharpscope.sharpness.average_case_sharpness` (``measure="average"``, ``num_draws`` noise draws per
+    chunk) with chunks of ``m`` samples cut from the same shuffled evaluation set; see those functions for the
+    arguments. The default grids are the SAM paper's ``m`` (1 to 128) and its common ``rho`` values.
+    Larger ``rho`` for ``p = inf`` or adaptive sets should be much smaller (Andriushchenko et al. 2023 use
+    ``rho`` ~ 1e-3 for adaptive l-inf).
+
+    Returns:
+        A :class:`SharpnessResult` with ``(len(m_values), len(rho_values))`` arrays of values and stderrs.
+    """
+    from sharpscope.sharpness.average_case import _average_case_on_chunks
+
+    if measure not in ("worst", "average"):
+        raise unknown_name_error("m-sharpness measure", str(measure), ["worst", "average"])
+    m_list = [_check_count("m", m) for m in m_values]
+    rho_list = [_check_positive("rho", rho) for rho in rho_values]
+    if not m_list or not rho_list:
+        raise SharpscopeError("m_values and rho_values must each hold at least one value")
+    p = _check_p(p)
+    eta = _check_positive("eta", eta) if adaptive else float(eta)
+    steps = _check_count("steps", steps)
+    num_draws = _check_count("num_draws", num_draws)
+    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
+    chunks = [make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks) for m in m_list]
+    estimates = []
+    with eval_mode(model):
+        if check_deterministic:
+            objective.check_deterministic(*chunks[0])
+        for m, (xc, yc) in zip(m_list, chunks):
+            for rho in rho_list:
+                if measure == "worst":
+                    trace, clean, _ = _worst_case_on_chunks(
+                        objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
+                        random_init=random_init, seed=seed, keep_perturbation=False, progress=progress,
+                    )
+                    estimates.append(_estimate("worst", trace, clean, m=m, rho=rho, p=p, adaptive=adaptive, eta=eta,
+                                               steps=steps))
+                else:
+                    estimates.append(_average_case_on_chunks(
+                        objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
+                        seed=seed, progress=progress,
+                    ))
+    shape = (len(m_list), len(rho_list))
+    return SharpnessResult(
+        measure=measure, m_values=tuple(m_list), rho_values=tuple(rho_list),
+        values=np.array([e.value for e in estimates]).reshape(shape),
+        stderr=np.array([e.stderr for e in estimates]).reshape(shape),
+        clean_loss=np.array([e.clean_loss for e in estimates]).reshape(shape),
+        num_chunks=np.array([int(c[0].shape[0]) for c in chunks]), p=p, adaptive=adaptive, eta=eta,
+        steps=steps if measure == "worst" else num_draws, num_samples=int(x.shape[0]), estimates=tuple(estimates),
+    )
