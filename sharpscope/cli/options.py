@@ -10,7 +10,7 @@ import click
 
 #: Defaults of the fixed evaluation set that the analyses use (documented in every command's --help).
 DEFAULT_EVAL_SPLIT = "train"
-DEFAULT_NUM_SAMPLES = 1000
+DEFAULT_NUM_SAMPLES = 1024  # divisible by every power-of-two m up to 1024 (Andriushchenko et al. 2023 use 1024)
 DEFAULT_EVAL_BATCH_SIZE = 500
 
 

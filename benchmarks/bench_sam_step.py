@@ -1,0 +1,134 @@
+"""Time one training step: SGD vs SAM vs m-SAM (4 micro-batches) vs SAM every 2 steps vs pytorch-optimizer's SAM.
+
+Every column except pytorch-optimizer's runs ``sharpscope.optim.training_step`` (the trainer's hot path) on fixed
+random data held on the device, so only the optimizer's work differs. Columns are timed in interleaved rounds (a
+block of steps of sgd, of sam, ..., then again) so drift on a shared machine hits them alike; the table gives the
+median over rounds of the mean step time in a block, and its ratio to our SGD step measured in the same run.
+
+    python benchmarks/bench_sam_step.py                       # both models, CPU, ~2 minutes on 2 cores
+    python benchmarks/bench_sam_step.py --steps 30 --device cuda --models resnet20
+
+pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
+``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from sharpscope.models import create_model
+from sharpscope.optim import create_optimizer, training_step
+
+HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}  # the anchor study's settings (sam.md s.9)
+CONFIGS = {
+    # name: (model kwargs, batch size)
+    "convnet": ({"in_channels": 1, "num_classes": 10, "image_size": 28}, 128),
+    "resnet20": ({"in_channels": 3, "num_classes": 10, "image_size": 32}, 64),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_steps(model: nn.Module, batch_size: int) -> dict[str, Callable | str]:
+    """One step function per column (each with its own copy of the model), or a string saying why it is absent."""
+    loss_fn = nn.CrossEntropyLoss()
+    steps: dict[str, Callable | str] = {}
+
+    def ours(name: str, **step_kwargs):
+        net = copy.deepcopy(model)
+        extra = {"sam_every": step_kwargs.pop("sam_every")} if "sam_every" in step_kwargs else {}
+        opt = create_optimizer(net.parameters(), name=name, base="sgd", **HP, **extra)
+        return lambda x, y: training_step(net, opt, loss_fn, x, y, **step_kwargs)
+
+    steps["sgd"] = ours("sgd")
+    steps["sam"] = ours("sam")
+    steps["sam m=B/4"] = ours("sam", micro_batch_size=batch_size // 4)
+    steps["sam every 2"] = ours("sam", sam_every=2)
+    try:
+        from pytorch_optimizer import SAM as PtoSAM
+        from pytorch_optimizer.optimizer.utils import disable_running_stats, enable_running_stats
+    except ImportError:
+        steps["pytorch-optimizer sam"] = "not installed (pip install -e '.[bench]')"
+    else:
+        net = copy.deepcopy(model)
+        opt = PtoSAM(net.parameters(), torch.optim.SGD, rho=HP["rho"], lr=HP["lr"], momentum=HP["momentum"],
+                     weight_decay=HP["weight_decay"])
+
+        def pto_step(x, y):
+            enable_running_stats(net)
+            loss = loss_fn(net(x), y)
+            loss.backward()
+            opt.first_step(zero_grad=True)
+            disable_running_stats(net)
+            loss_fn(net(x), y).backward()
+            opt.second_step(zero_grad=True)
+            return loss
+
+        steps["pytorch-optimizer sam"] = pto_step
+    return steps
+
+
+def bench_model(name: str, *, steps: int, rounds: int, device: torch.device) -> list[tuple[str, float | str]]:
+    kwargs, batch_size = CONFIGS[name]
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).to(device).train()
+    x = torch.randn(batch_size, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"], device=device)
+    y = torch.randint(0, kwargs["num_classes"], (batch_size,), device=device)
+    columns = make_steps(model, batch_size)
+    runnable = {k: f for k, f in columns.items() if callable(f)}
+    for f in runnable.values():  # warm-up: allocator, lazy state, first-call overheads
+        for _ in range(2):
+            f(x, y)
+    _sync(device)
+    # One sample = the mean step time over a block of steps; blocks of an even length so that "sam every 2" always
+    # averages one SAM and one plain step (a median over its single steps would land between the two modes).
+    times: dict[str, list[float]] = {k: [] for k in runnable}
+    per_round = max(2, 2 * (steps // (2 * rounds)))
+    for _ in range(rounds):
+        for key, f in runnable.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                f(x, y)
+            _sync(device)
+            times[key].append((time.perf_counter() - start) / per_round)
+    return [(k, statistics.median(times[k]) if k in times else columns[k]) for k in columns]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per column and model (default 12)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (blocks) the steps are split into")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--models", default="convnet,resnet20", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.steps} timed steps per "
+          f"column; hp {HP}")
+    for name in args.models.split(","):
+        kwargs, batch_size = CONFIGS[name]
+        shape = f"{kwargs['in_channels']}x{kwargs['image_size']}x{kwargs['image_size']}"
+        print(f"\n{name} ({shape}, batch {batch_size})")
+        print(f"  {'step':<24}{'median ms':>12}{'x sgd':>9}")
+        rows = bench_model(name, steps=args.steps, rounds=args.rounds, device=device)
+        sgd = dict(rows)["sgd"]
+        for key, value in rows:
+            if isinstance(value, str):
+                print(f"  {key:<24}{'-':>12}{'-':>9}   {value}")
+            else:
+                print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
