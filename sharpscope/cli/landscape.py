@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ DEFAULT_INTERPOLATION_GRID = (-0.5, 1.5, 41)
               help="1 = a curve, 2 = a surface [default: 2; 1 for interpolation between two checkpoints].")
 @click.option("--x", "x_range", type=GridRange(), default=None,
               help="Grid along direction 1 [default: -1:1:51; interpolate: -0.5:1.5:41; pca: covers the path].")
-@click.option("--y", "y_range", type=GridRange(), default=None, help="Grid along direction 2 [default: as --x].")
+@click.option("--y", "y_range", type=GridRange(), default=None,
+              help="Grid along direction 2 [default: as --x; pca and planes without --x: covers the points].")
 @click.option("--norm", type=click.Choice(["filter", "layer", "none"]), default="filter",
               help="Normalisation of random directions: per filter (the paper), per layer, or raw.")
 @click.option("--include-bias-bn", is_flag=True,
@@ -60,7 +62,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
       sharpscope landscape runs/sgd/final.pt --directions hessian --x -0.5:0.5:21 --out results/sgd-hessian
 
     Every point (a, b) is the model at w + a d1 + b d2, evaluated in eval mode on a fixed set: the first
-    --num-samples samples of --split (default: 1000 training samples, the loss the optimizer saw). The grid
+    --num-samples samples of --split (by default training samples: the loss the optimizer saw). The grid
     centre is the checkpoint itself. Random directions are drawn from --seed, the same draw for every model,
     each normalised to its own weights. Writes into --out: surface.npz + surface.json (one surface-LABEL.* per
     model with --compare), the figures (curve or contour, filled contour, heatmap, 3-D PNGs and a comparison
@@ -93,8 +95,11 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
     if dim == 1 and y_range is not None:
         raise SharpscopeError("--y is for 2-D surfaces; drop it or pass --dim 2")
 
-    dev = resolve_device(device)
-    progress = show_progress(ctx)
+    from sharpscope import distributed
+
+    # under torchrun every rank computes every world_size-th grid point; rank 0 gathers, writes and prints
+    rank_info, dev = distributed.setup(resolve_device(device))
+    progress = show_progress(ctx) and rank_info.is_main
     eval_kwargs = dict(dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size, device=dev,
                        data_dir=data_dir)
     config = {
@@ -119,18 +124,43 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
     from sharpscope.io import prepare_out_dir
 
     prepare_out_dir(out, outputs=outputs, overwrite=overwrite, resume=False)
-    partials = [out / f".{stem}.partial.npz" for stem in stems]
+    rank_suffix = f".rank{rank_info.rank}-of-{rank_info.world_size}" if rank_info.enabled else ""
+    partials = [out / f".{stem}.partial{rank_suffix}.npz" for stem in stems]
     if overwrite:
         for p in partials:
             p.unlink(missing_ok=True)
 
+    try:
+        _run_jobs(out, jobs, stems, partials, loss_fn, progress, rank_info, config, dim, multi, log_scale,
+                  direction_kind)
+    finally:
+        if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
+            distributed.barrier()
+            distributed.teardown()
+
+
+def _run_jobs(out, jobs, stems, partials, loss_fn, progress, rank_info, config, dim, multi, log_scale,
+              direction_kind) -> None:
+    from sharpscope import distributed
+
+    shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
     surfaces = []
     for job, partial in zip(jobs, partials):
-        surfaces.append(_compute(job, partial, loss_fn, progress))
+        surface = _compute(job, partial, loss_fn, progress, shard)
+        parts = distributed.gather_to_main(surface)  # [surface] when not distributed; None on ranks > 0
+        if parts is not None:
+            merged = parts[0]
+            for part in parts[1:]:
+                merged = merged.merge(part)
+            computed = sum(part.metadata.get("points_computed_this_run", 0) for part in parts)
+            surfaces.append(replace(merged, metadata={**merged.metadata, "points_computed_this_run": computed,
+                                                      "ranks": rank_info.world_size}))
+    if not rank_info.is_main:
+        return
     written = _write_results(out, jobs, surfaces, stems, config, dim, multi, log_scale, direction_kind)
-    for p in partials:
+    for p in out.glob(".surface*.partial*.npz"):  # every rank's resume file: the results are written
         p.unlink(missing_ok=True)
-    _print_summary(jobs, surfaces, written)
+    _print_summary(jobs, surfaces, written, rank_info.world_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,7 +239,8 @@ def _interpolation_job(checkpoint, compare, x_range, y_range, loss_fn, eval_kwar
         margin = 0.25 * max(hi - lo, 1e-12)
         return grid(lo - margin, hi + margin, 41)
 
-    xs, ys = cover(basis.coords[:, 0], x_range), cover(basis.coords[:, 1], y_range)
+    xs = cover(basis.coords[:, 0], x_range)
+    ys = cover(basis.coords[:, 1], y_range if y_range is not None else x_range)
     return [{"label": "plane", "paths": paths, "checkpoint": ck, "batches": batches,
              "directions": (basis.d1, basis.d2), "coords": (xs, ys), "points": basis.coords, "endpoints": labels}]
 
@@ -252,7 +283,7 @@ def _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs) -> list[dict]:
         return grid(lo - margin, hi + margin, DEFAULT_GRID[2])
 
     xs = cover(pca.path[:, 0], x_range)
-    ys = cover(pca.path[:, 1], y_range if y_range is not None else None)
+    ys = cover(pca.path[:, 1], y_range if y_range is not None else x_range)
     label = _labels_for([checkpoint], [ck])[0]
     return [{"label": label, "paths": [str(p) for p in paths], "checkpoint": ck, "batches": batches,
              "directions": (pca.d1, pca.d2), "coords": (xs, ys), "pca": pca}]
@@ -277,11 +308,12 @@ def _output_names(jobs, stems, dim, multi, kind) -> list[str]:
 # compute, write, report
 
 
-def _compute(job: dict, partial: Path, loss_fn, progress: bool):
+def _compute(job: dict, partial: Path, loss_fn, progress: bool, shard: tuple[int, int] | None):
     from sharpscope.landscape import loss_surface
 
     return loss_surface(job["checkpoint"].model, loss_fn, job["batches"], directions=job["directions"],
-                        coords=job["coords"], checkpoint_path=partial, progress=progress, label=job["label"])
+                        coords=job["coords"], checkpoint_path=partial, progress=progress, label=job["label"],
+                        shard=shard)
 
 
 def _write_results(out: Path, jobs, surfaces, stems, config, dim, multi, log_scale, kind) -> list[Path]:
@@ -336,7 +368,7 @@ def _write_results(out: Path, jobs, surfaces, stems, config, dim, multi, log_sca
                                                    explained_variance_ratio=pca.explained_variance_ratio,
                                                    residual_norms=pca.residual_norms, log_scale=log_scale),
                                    out / "trajectory.png"))
-        written.append(write_npz(out / "trajectory.npz", path=pca.path,
+        written.append(write_npz(out / "trajectory.npz", path_coords=pca.path,
                                  explained_variance_ratio=pca.explained_variance_ratio,
                                  residual_norms=pca.residual_norms, singular_values=pca.singular_values,
                                  checkpoints=[str(p) for p in jobs[0]["paths"]]))
@@ -350,7 +382,7 @@ def _mark_points(ax, points, labels) -> None:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="crimson")
 
 
-def _print_summary(jobs, surfaces, written) -> None:
+def _print_summary(jobs, surfaces, written, world_size: int) -> None:
     for job, s in zip(jobs, surfaces):
         facts = s.summary()
         acc = f" (accuracy {s.center_accuracy:.2%})" if s.center_accuracy == s.center_accuracy else ""
@@ -359,8 +391,9 @@ def _print_summary(jobs, surfaces, written) -> None:
         computed = s.metadata.get("points_computed_this_run", 0)
         resumed = facts["points_total"] - computed
         resumed_text = f", {resumed} resumed" if resumed else ""
+        ranks_text = f" over {world_size} ranks" if world_size > 1 else ""
         click.echo(f"{job['label']}: centre loss {s.center_loss:.4f}{acc}; grid {grid_shape} loss "
-                   f"{facts['loss_min']:.4g}..{facts['loss_max']:.4g}; {computed} points in {seconds:.1f} s"
-                   f"{resumed_text} on {s.num_samples} samples")
+                   f"{facts['loss_min']:.4g}..{facts['loss_max']:.4g}; {computed} points in "
+                   f"{seconds:.2f} s{ranks_text}{resumed_text} on {s.num_samples} samples")
     for path in written:
         click.echo(f"wrote {path}")

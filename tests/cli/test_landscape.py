@@ -1,0 +1,219 @@
+"""``sharpscope landscape`` end to end on tiny digits runs: files opened with numpy/json alone, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from matplotlib.image import imread
+
+from sharpscope.cli.main import cli
+
+EVAL = ["--num-samples", "300", "--batch-size", "128"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["-q", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two 2-epoch MLP runs on digits (SGD and SAM), checkpoints every epoch: ckpt-epoch000/001.pt + final.pt."""
+    root = tmp_path_factory.mktemp("runs")
+    for optimizer in ("sgd", "sam"):
+        result = invoke("train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--save-every", "1",
+                        "--batch-size", "64", "--lr", "0.05", "--optimizer", optimizer, "--out", str(root / optimizer))
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def _centre_loss(ckpt) -> float:
+    """The checkpoint's loss on the same evaluation set, computed independently of the landscape code."""
+    from sharpscope.cli.inputs import analysis_inputs
+
+    checkpoint, batches = analysis_inputs(ckpt, num_samples=300, batch_size=128)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            total += float(torch.nn.functional.cross_entropy(checkpoint.model(x), y)) * len(y)
+            count += len(y)
+    return total / count
+
+
+def _png_ok(path) -> None:
+    image = imread(path)[..., :3]
+    assert image.shape[0] > 100 and image.std() > 0.05, path
+
+
+def test_compare_two_models_2d(runs, tmp_path):
+    out = tmp_path / "cmp"
+    result = invoke("landscape", str(runs / "sam" / "final.pt"), "--compare", str(runs / "sgd" / "final.pt"),
+                    "--x", "-1:1:5", "--y", "-1:1:3", *EVAL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}/comparison.png" in result.output and "sam: centre loss" in result.output
+    for label in ("sam", "sgd"):
+        data = np.load(out / f"surface-{label}.npz")
+        assert data["loss"].shape == (3, 5) and data["done"].all()
+        record = json.loads((out / f"surface-{label}.json").read_text())
+        assert record["xs"] == pytest.approx([-1, -0.5, 0, 0.5, 1]) and len(record["loss"]) == 3
+        assert record["config"]["num_samples"] == 300 and record["config"]["norm"] == "filter"
+        assert record["provenance"]["checkpoints"][0]["sha256"]
+        # the grid centre is the checkpoint: equal to an independent evaluation up to reduction order (float32)
+        assert data["loss"][1, 2] == float(data["center_loss"])
+        assert float(data["center_loss"]) == pytest.approx(_centre_loss(runs / label / "final.pt"), rel=1e-6)
+        for kind in ("contour", "contourf", "heatmap", "surface3d"):
+            _png_ok(out / f"{kind}-{label}.png")
+    _png_ok(out / "comparison.png")
+    html = (out / "surface.html").read_text()
+    assert "plotly" in html and len(html) > 1_000_000
+    assert not list(out.glob(".*partial*"))  # resume files are removed once the results are written
+
+
+def test_1d_curve_same_seed_same_draw(runs, tmp_path):
+    out = tmp_path / "line"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--dim", "1", "--x", "-1:1:5", "--log-scale",
+                    "--seed", "3", *EVAL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = np.load(out / "surface.npz")
+    assert data["loss"].shape == (5,) and data["ys"].size == 0
+    assert data["loss"][2] == float(data["center_loss"])
+    _png_ok(out / "curve.png")
+    meta = json.loads((out / "surface.json").read_text())["metadata"]
+    assert meta["directions"][0]["seed"] == 3 and meta["directions"][0]["kind"] == "random"
+
+    args = ["landscape", str(runs / "sgd" / "final.pt"), "--dim", "1", "--x", "-1:1:3", *EVAL, "--out", str(out)]
+    repeat = CliRunner().invoke(cli, args)
+    assert repeat.exit_code == 1 and "pass --overwrite" in repeat.output  # results are never silently replaced
+    overwritten = CliRunner().invoke(cli, ["-q", *args, "--overwrite"])
+    assert overwritten.exit_code == 0, overwritten.output
+    assert np.load(out / "surface.npz")["loss"].shape == (3,)
+
+
+def test_interpolation_endpoints(runs, tmp_path):
+    out = tmp_path / "interp"
+    sgd, sam = runs / "sgd" / "final.pt", runs / "sam" / "final.pt"
+    result = invoke("landscape", str(sgd), "--compare", str(sam), "--directions", "interpolate",
+                    "--x", "-0.5:1.5:9", *EVAL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = np.load(out / "surface.npz")
+    xs = data["xs"]
+    assert xs[2] == 0.0 and xs[6] == 1.0
+    assert data["loss"][2] == pytest.approx(_centre_loss(sgd), rel=1e-6)  # float32, reduction order
+    assert data["loss"][6] == pytest.approx(_centre_loss(sam), rel=1e-5)  # w_a + (w_b - w_a): ~1 ulp per weight
+    _png_ok(out / "curve.png")
+
+
+def test_plane_through_three_checkpoints(runs, tmp_path):
+    out = tmp_path / "plane"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--compare", str(runs / "sam" / "final.pt"),
+                    "--compare", str(runs / "sgd" / "ckpt-epoch001.pt"), "--directions", "interpolate",
+                    "--x", "-0.5:1.5:5", *EVAL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "surface.json").read_text())
+    assert record["plane_points"]["coords"][1] == [1.0, 0.0]
+    _png_ok(out / "contourf.png")
+
+
+def test_pca_trajectory(runs, tmp_path):
+    out = tmp_path / "pca"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--directions", "pca", "--x", "-1:1:5", *EVAL,
+                    "--out", str(out))
+    assert result.exit_code == 0, result.output
+    traj = np.load(out / "trajectory.npz")
+    assert traj["path_coords"].shape == (3, 2) and list(traj["checkpoints"])[-1].endswith("final.pt")
+    np.testing.assert_allclose(traj["path_coords"][-1], 0.0, atol=0)  # the final model is the origin
+    assert traj["explained_variance_ratio"].sum() == pytest.approx(1.0)  # 3 checkpoints span exactly a plane
+    _png_ok(out / "trajectory.png")
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    shutil.copy(runs / "sgd" / "final.pt", solo / "final.pt")
+    bad = CliRunner().invoke(cli, ["landscape", str(solo / "final.pt"), "--directions", "pca", *EVAL,
+                                   "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "needs at least 3 checkpoints" in bad.output
+
+
+def test_hessian_directions(runs, tmp_path):
+    pytest.importorskip("sharpscope.hessian")
+    out = tmp_path / "hess"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--directions", "hessian", "--x", "-0.5:0.5:3",
+                    "--num-samples", "100", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "surface.json").read_text())["metadata"]["directions"]
+    assert meta[0]["kind"] == "hessian" and meta[0]["info"]["eigenvalue"] >= meta[1]["info"]["eigenvalue"]
+    assert meta[0]["norm_value"] == pytest.approx(1.0, rel=1e-5)  # unit eigenvectors
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--directions", "interpolate"], "needs one --compare", 1),
+        (["--directions", "pca", "--compare", "{sam}"], "drop --compare", 1),
+        (["--directions", "interpolate", "--compare", "{sam}", "--dim", "2"], "is 1-D (a line)", 1),
+        (["--directions", "pca", "--dim", "1"], "is a plane", 1),
+        (["--dim", "1", "--y", "-1:1:3"], "--y is for 2-D surfaces", 1),
+        (["--x", "1:-1:5"], "expected START < STOP", 2),
+        (["--directions", "hesian"], "'hesian' is not one of", 2),
+        (["--norm", "filtr"], "'filtr' is not one of", 2),
+        (["--compare", "{missing}"], "does not exist", 1),
+    ],
+)
+def test_bad_input_one_line_no_traceback(runs, tmp_path, args, message, code):
+    args = [a.format(sam=runs / "sam" / "final.pt", missing=tmp_path / "nope.pt") for a in args]
+    result = CliRunner().invoke(cli, ["landscape", str(runs / "sgd" / "final.pt"), *args, *EVAL,
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_surface(runs, tmp_path):
+    ckpt = str(runs / "sgd" / "final.pt")
+    args = ["landscape", ckpt, "--x", "-1:1:31", *EVAL]
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sharpscope", "-q", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    partial = out / ".surface.partial.npz"
+    deadline = time.time() + 60
+    while not partial.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists(), "the run finished or failed before it could be killed"
+    saved = int(np.load(partial)["done"].sum())
+    assert 0 < saved < 31 * 31
+
+    result = invoke(*args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"{31 * 31 - saved} points in" in result.output and f"{saved} resumed" in result.output
+    fresh = invoke(*args, "--out", str(tmp_path / "fresh"))
+    assert fresh.exit_code == 0
+    np.testing.assert_array_equal(np.load(out / "surface.npz")["loss"], np.load(tmp_path / "fresh/surface.npz")["loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gives_the_single_process_surface(runs, tmp_path):
+    ckpt = str(runs / "sgd" / "final.pt")
+    args = ["landscape", ckpt, "--x", "-1:1:5", "--y", "-1:1:3", *EVAL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--module", "sharpscope", "-q", *args, "--out", str(tmp_path / "ranks")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "15 points in" in result.stdout and "over 2 ranks" in result.stdout
+    assert result.stdout.count("centre loss") == 1  # rank 0 alone prints and writes
+    single = invoke(*args, "--out", str(tmp_path / "single"))
+    assert single.exit_code == 0
+    # grid points are independent of the evaluation order and of the rank that computed them: identical
+    np.testing.assert_array_equal(np.load(tmp_path / "ranks/surface.npz")["loss"],
+                                  np.load(tmp_path / "single/surface.npz")["loss"])
+    assert not list((tmp_path / "ranks").glob(".*partial*"))
