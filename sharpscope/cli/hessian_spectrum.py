@@ -1,0 +1,330 @@
+"""``sharpscope hessian-spectrum``: a thin shell over :func:`sharpscope.hessian.analyze_checkpoint`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sharpscope.cli.options import (
+    device_option,
+    eval_set_options,
+    out_options,
+    resolve_device,
+    seed_option,
+    show_progress,
+)
+
+FORMAT = "sharpscope-hessian-spectrum"
+FORMAT_VERSION = 1
+JSON_NAME, NPZ_NAME = "spectrum.json", "spectrum.npz"
+TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--top-k", type=click.IntRange(min=1), default=5, help="Largest eigenvalues per checkpoint.")
+@click.option("--bottom-k", type=click.IntRange(min=0), default=0,
+              help="Smallest (most negative) eigenvalues per checkpoint (a second Lanczos run).")
+@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6,
+              help="Lanczos stopping rule: ||Hv - lambda v|| <= tol * |lambda_max| for every pair.")
+@click.option("--max-matvecs", type=click.IntRange(min=1), default=None,
+              help="Hessian-vector product budget per Lanczos run [default: max(300, 30 k)].")
+@click.option("--trace", is_flag=True, help="Estimate the trace with Hutch++ (--trace-matvecs products).")
+@click.option("--trace-matvecs", type=click.IntRange(min=4), default=99, help="Products for the trace estimate.")
+@click.option("--density", is_flag=True,
+              help="Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019).")
+@click.option("--density-iters", type=click.IntRange(min=1), default=90, help="Lanczos steps per density run.")
+@click.option("--density-runs", type=click.IntRange(min=1), default=5, help="Random start vectors for the density.")
+@click.option("--per-layer", is_flag=True, help="Also the top eigenvalue of each layer's own Hessian block.")
+@click.option("--warm-start/--no-warm-start", default=True,
+              help="Start each checkpoint's Lanczos run from the previous checkpoint's eigenvectors (same run).")
+@click.option("--model", "model_spec", default=None, metavar="SPEC",
+              help="For plain state_dict files: NAME[:key=value,...] or package.module:factory.")
+@eval_set_options
+@device_option
+@seed_option
+@out_options
+@click.pass_context
+def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_matvecs, density, density_iters,
+            density_runs, per_layer, warm_start, model_spec, dataset, split, num_samples, batch_size, data_dir,
+            device, seed, out, overwrite):
+    """Hessian top eigenvalues (and trace, spectral density) of checkpoints along training.
+
+    \b
+    Examples:
+      sharpscope hessian-spectrum runs/sgd/final.pt --out results/spectrum
+      sharpscope hessian-spectrum runs/sgd runs/sam --top-k 5 --density --trace --out results/spectrum
+      sharpscope hessian-spectrum runs/sam/ckpt-*.pt --bottom-k 1 --per-layer --out results/sam-spectrum
+
+    CHECKPOINTS are checkpoint files or run folders (their ckpt-epoch*.pt and final.pt). They are grouped by
+    run (the parent folder's name) and sorted by epoch. The Hessian is that of the mean loss over a fixed
+    evaluation set: by default the first 1000 training samples in batches of 500, model in eval mode.
+
+    Writes spectrum.json (per checkpoint: run, epoch, top eigenvalues, residuals, Hessian-vector products,
+    convergence, trace +- stderr, density summary), the arrays in spectrum.npz, top_eigenvalues.png (one panel
+    per run) and, with --density, density.png (all checkpoints overlaid) and one density-RUN_CKPT.png each.
+    Results are saved after every checkpoint: rerunning with the same settings reuses finished checkpoints (an
+    interrupted run resumes), and naming further checkpoints adds them to the results already in --out.
+    """
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from sharpscope.cli.inputs import analysis_inputs, expand_checkpoints
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.hessian import analyze_checkpoint
+    from sharpscope.io import prepare_out_dir, save_figure
+    from sharpscope.plots.spectrum import plot_densities, plot_density, plot_top_eigenvalues
+    from sharpscope.results import provenance
+    from sharpscope.train.checkpoint import read_checkpoint_file
+
+    config = {
+        "top_k": top_k, "bottom_k": bottom_k, "tol": tol, "max_matvecs": max_matvecs, "trace": trace,
+        "trace_matvecs": trace_matvecs, "trace_method": "hutch++", "density": density,
+        "density_iters": density_iters, "density_runs": density_runs, "per_layer": per_layer,
+        "dataset": dataset, "split": split, "num_samples": num_samples, "batch_size": batch_size,
+        "model_spec": model_spec, "seed": seed, "eval_mode": True,
+    }
+    out_dir = Path(out)
+    previous = _previous_results(out_dir / JSON_NAME)
+    resume = False
+    if previous is not None and not overwrite:
+        if previous.get("config") != config:
+            changed = sorted(k for k in set(config) | set(previous.get("config") or {})
+                             if config.get(k) != (previous.get("config") or {}).get(k))
+            raise SharpscopeError(
+                f"{out_dir}/ holds results computed with other settings ({', '.join(changed)} differ); pass "
+                "--overwrite to replace them or choose another --out"
+            )
+        resume = True
+    prepare_out_dir(out_dir, outputs=[JSON_NAME, NPZ_NAME], overwrite=overwrite, resume=resume)
+    torch_device = resolve_device(device)
+
+    # Metadata first (epoch, hash) so checkpoints are processed grouped by run and in epoch order.
+    entries = []
+    seen: set[Path] = set()
+    for path in expand_checkpoints(list(checkpoints)):
+        if path.resolve() in seen:
+            continue
+        seen.add(path.resolve())
+        payload, sha256 = read_checkpoint_file(path)
+        epoch = payload.get("epoch") if isinstance(payload, dict) else None
+        entries.append({"path": path, "sha256": sha256, "run": path.resolve().parent.name,
+                        "epoch": epoch if isinstance(epoch, int) else None})
+        del payload
+    entries.sort(key=lambda e: (e["run"], e["epoch"] if e["epoch"] is not None else float("inf"), e["path"].name))
+    keys: set[str] = set()
+    for entry in entries:
+        key = base = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{entry['run']}_{entry['path'].stem}")
+        suffix = 1
+        while key in keys:  # same run folder name and file name from two different places
+            suffix += 1
+            key = f"{base}_{suffix}"
+        entry["key"] = key
+        keys.add(key)
+
+    made_by = provenance([e["path"] for e in entries])
+    # A finished record is reused when the same file content sits at the same run/name (its key).
+    done = {(r["key"], r["sha256"]): r for r in (previous or {}).get("checkpoints", [])} if resume else {}
+    arrays: dict[str, np.ndarray] = {}
+    if resume and (out_dir / NPZ_NAME).exists():
+        with np.load(out_dir / NPZ_NAME) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+
+    # Earlier results for checkpoints not named this time stay in the folder's study (never silently dropped).
+    records: list[dict[str, Any]] = [r for r in (previous or {}).get("checkpoints", [])
+                                     if resume and r["key"] not in keys]
+    densities: dict[str, Any] = {r["key"]: _StoredDensity(arrays[f"{r['key']}__density_grid"],
+                                                          arrays[f"{r['key']}__density"])
+                                 for r in records if r.get("density") is not None}
+    outputs = [out_dir / JSON_NAME, out_dir / NPZ_NAME]
+    loss_fn = torch.nn.CrossEntropyLoss()
+    previous_top: dict[str, Any] = {}  # run -> EigenResult of its last computed checkpoint (warm start)
+    bar = tqdm(entries, desc="hessian-spectrum", unit="ckpt", disable=not show_progress(ctx),
+               file=click.get_text_stream("stderr"))
+    for entry in bar:
+        bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}")
+        cached = done.get((entry["key"], entry["sha256"]))
+        if cached is not None:
+            record = {**cached, "path": str(entry["path"])}
+            if record.get("density") is not None:
+                stored = _StoredDensity(arrays[f"{entry['key']}__density_grid"], arrays[f"{entry['key']}__density"])
+                densities[entry["key"]] = stored
+                if not (out_dir / record["density"]["figure"]).exists():
+                    save_figure(plot_density(stored, label=_label(entry)), out_dir / record["density"]["figure"])
+            records.append(record)
+            continue
+        checkpoint, batches = analysis_inputs(
+            entry["path"], dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
+            device=torch_device, data_dir=data_dir, model_spec=model_spec,
+        )
+        result = analyze_checkpoint(
+            checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, max_matvecs=max_matvecs,
+            trace=trace, trace_matvecs=trace_matvecs, density=density, density_iters=density_iters,
+            density_runs=density_runs, per_layer=per_layer,
+            warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
+            progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
+        )
+        previous_top[entry["run"]] = result.top
+        record, new_arrays = _record(entry, checkpoint, result)
+        arrays.update(new_arrays)
+        if result.density is not None:
+            densities[entry["key"]] = result.density
+            figure = plot_density(result.density, label=_label(entry))
+            save_figure(figure, out_dir / record["density"]["figure"])
+        records.append(record)
+        _write(out_dir, config, records, arrays, made_by)
+        del checkpoint, batches, result
+    bar.close()
+    _write(out_dir, config, records, arrays, made_by)
+
+    records.sort(key=_order)
+    runs: dict[str, list] = {}
+    for index, record in enumerate(records):
+        runs.setdefault(record["run"], []).append(
+            (record["epoch"] if record["epoch"] is not None else index, record["top_eigenvalues"]))
+    save_figure(plot_top_eigenvalues(runs), out_dir / TOP_FIGURE)
+    outputs.append(out_dir / TOP_FIGURE)
+    if densities:
+        labelled = [(densities[r["key"]], _label(r)) for r in records if r["key"] in densities]
+        save_figure(plot_densities([d for d, _ in labelled], [label for _, label in labelled]),
+                    out_dir / DENSITY_FIGURE)
+        outputs.append(out_dir / DENSITY_FIGURE)
+        outputs.extend(out_dir / r["density"]["figure"] for r in records if r.get("density"))
+
+    _print_summary(records, bottom_k=bottom_k)
+    for path in outputs:
+        click.echo(f"wrote {path}")
+
+
+def _order(record: dict[str, Any]) -> tuple:
+    """Records are grouped by run, then in epoch order (unknown epochs last)."""
+    return (record["run"], record["epoch"] if record["epoch"] is not None else float("inf"), record["key"])
+
+
+class _StoredDensity:
+    """A density reloaded from spectrum.npz (grid and values are all the plots need)."""
+
+    def __init__(self, grid, density):
+        self.grid, self.density = grid, density
+
+
+def _label(entry: dict[str, Any]) -> str:
+    epoch = entry.get("epoch")
+    return f"{entry['run']} epoch {epoch}" if epoch is not None else f"{entry['run']} {Path(entry['path']).stem}"
+
+
+def _floats(tensor) -> list[float]:
+    return [float(v) for v in tensor.detach().cpu().reshape(-1)]
+
+
+def _eigen_record(result) -> dict[str, Any]:
+    return {
+        "eigenvalues": _floats(result.eigenvalues),
+        "residuals": _floats(result.residuals),
+        "converged": [bool(c) for c in result.converged],
+        "num_matvecs": result.num_matvecs,
+    }
+
+
+def _record(entry: dict[str, Any], checkpoint, result) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON record and the npz arrays of one analysed checkpoint."""
+    key = entry["key"]
+    top = _eigen_record(result.top)
+    record: dict[str, Any] = {
+        "path": str(entry["path"]),
+        "sha256": entry["sha256"],
+        "run": entry["run"],
+        "epoch": entry["epoch"],
+        "key": key,
+        "model": checkpoint.model_name,
+        "dataset": checkpoint.dataset,
+        "metrics": checkpoint.metrics,
+        "num_params": result.num_params,
+        "num_samples": result.num_samples,
+        "loss": result.loss,
+        "top_eigenvalues": top["eigenvalues"],
+        "top_residuals": top["residuals"],
+        "top_converged": top["converged"],
+        "top_matvecs": top["num_matvecs"],
+        "bottom": _eigen_record(result.bottom) if result.bottom is not None else None,
+        "trace": None,
+        "density": None,
+        "per_layer": ({name: _eigen_record(r) for name, r in result.per_layer.items()}
+                      if result.per_layer is not None else None),
+        "num_matvecs": result.num_matvecs,
+        "seconds": result.seconds,
+    }
+    arrays = {
+        f"{key}__top_eigenvalues": result.top.eigenvalues.numpy(),
+        f"{key}__top_residuals": result.top.residuals.numpy(),
+    }
+    if result.bottom is not None:
+        arrays[f"{key}__bottom_eigenvalues"] = result.bottom.eigenvalues.numpy()
+    if result.trace is not None:
+        record["trace"] = {"value": result.trace.value, "stderr": result.trace.stderr,
+                           "method": result.trace.method, "num_matvecs": result.trace.num_matvecs}
+    if result.density is not None:
+        d = result.density
+        record["density"] = {
+            "figure": f"density-{key}.png",
+            "arrays": [f"{key}__density_grid", f"{key}__density", f"{key}__density_nodes",
+                       f"{key}__density_weights"],
+            "lambda_min": d.lambda_min, "lambda_max": d.lambda_max, "sigma": d.sigma,
+            "slq_trace": d.trace_estimate, "num_matvecs": d.num_matvecs,
+        }
+        arrays.update({f"{key}__density_grid": d.grid.numpy(), f"{key}__density": d.density.numpy(),
+                       f"{key}__density_nodes": d.nodes.numpy(), f"{key}__density_weights": d.weights.numpy()})
+    return record, arrays
+
+
+def _write(out_dir: Path, config: dict[str, Any], records: list[dict[str, Any]], arrays: dict[str, Any],
+           made_by: dict[str, Any]) -> None:
+    """Rewrite spectrum.npz and spectrum.json (atomically) with every record so far (by run, then epoch)."""
+    from sharpscope.io import write_json, write_npz
+
+    records.sort(key=_order)
+    live = {r["key"] for r in records}
+    kept = {name: value for name, value in arrays.items() if name.rsplit("__", 1)[0] in live}  # drop replaced
+    write_npz(out_dir / NPZ_NAME, **kept)
+    write_json(out_dir / JSON_NAME, {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "checkpoints": records,
+        "provenance": made_by,
+    })
+
+
+def _previous_results(path: Path) -> dict[str, Any] | None:
+    import json
+
+    from sharpscope.errors import SharpscopeError
+
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SharpscopeError(f"{path} exists but cannot be read ({exc}); pass --overwrite to replace it") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SharpscopeError(f"{path} is not a hessian-spectrum result; pass --overwrite or choose another --out")
+    return data
+
+
+def _print_summary(records: list[dict[str, Any]], *, bottom_k: int) -> None:
+    shown = min(3, max((len(r["top_eigenvalues"]) for r in records), default=0))
+    header = f"{'run':<12} {'epoch':>5} " + " ".join(f"{f'lambda_{i + 1}':>11}" for i in range(shown))
+    if bottom_k:
+        header += f" {'lambda_min':>11}"
+    header += f" {'trace':>20} {'HVPs':>6}  converged"
+    click.echo(header)
+    for r in records:
+        epoch = "-" if r["epoch"] is None else str(r["epoch"])
+        line = f"{r['run'][:12]:<12} {epoch:>5} " + " ".join(f"{v:>11.5g}" for v in r["top_eigenvalues"][:shown])
+        if bottom_k:
+            line += f" {r['bottom']['eigenvalues'][0]:>11.5g}" if r.get("bottom") else f" {'-':>11}"
+        trace = f"{r['trace']['value']:.5g} +- {r['trace']['stderr']:.2g}" if r.get("trace") else "-"
+        converged = all(r["top_converged"]) and (not r.get("bottom") or all(r["bottom"]["converged"]))
+        line += f" {trace:>20} {r['num_matvecs']:>6}  {'yes' if converged else 'NO'}"
+        click.echo(line)
