@@ -96,7 +96,7 @@ def eval_set_options(f: Callable) -> Callable:
         click.option("--split", type=click.Choice(["train", "test"]), default=DEFAULT_EVAL_SPLIT, show_default=True,
                      help="Which split the evaluation samples come from."),
         click.option("--num-samples", type=click.IntRange(min=1), default=DEFAULT_NUM_SAMPLES, show_default=True,
-                     help="First N samples of the split (fixed order); 'all' is any N >= the split size."),
+                     help="First N samples of the split (fixed order); N larger than the split means the whole split."),
         click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_EVAL_BATCH_SIZE, show_default=True,
                      help="Evaluation batch size (memory only: results do not depend on it beyond float rounding)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,

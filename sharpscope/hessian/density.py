@@ -159,9 +159,10 @@ def spectral_density(
     betas = torch.zeros(steps, num_runs, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps, dtype=torch.long)
     active = torch.ones(num_runs, dtype=torch.bool)
-    basis = torch.empty(steps, n, num_runs, dtype=torch.float64, device=device) if reorthogonalize else None
+    # (runs, steps, n): each run's basis is one contiguous matrix, so reorthogonalisation is two batched matmuls
+    basis = torch.empty(num_runs, steps, n, dtype=torch.float64, device=device) if reorthogonalize else None
     if reorthogonalize:
-        basis[0] = v
+        basis[:, 0] = v.T
     previous, beta_prev = torch.zeros_like(v), torch.zeros(num_runs, dtype=torch.float64, device=device)
     scale = 0.0
     for j in range(steps):
@@ -173,11 +174,16 @@ def spectral_density(
         alpha = (w * v).sum(dim=0)
         w = w - alpha * v - beta_prev * previous
         if reorthogonalize:
-            stacked = basis[: j + 1]  # (j + 1, n, runs)
-            for _ in range(2):  # full reorthogonalisation, twice (per run: against that run's own basis)
-                coefficients = torch.einsum("jnr,nr->jr", stacked, w)
-                w = w - torch.einsum("jnr,jr->nr", stacked, coefficients)
-                alpha = alpha + coefficients[-1]
+            stacked = basis[:, : j + 1]  # (runs, j + 1, n)
+            # Full reorthogonalisation of each run against its own basis; a second pass only when the first removed
+            # a large part of w (the "twice is enough" criterion of Daniel, Gragg, Kaufman & Stewart 1976).
+            for _ in range(2):
+                norm_before = w.norm(dim=0)
+                coefficients = torch.bmm(stacked, w.T.unsqueeze(2))  # (runs, j + 1, 1)
+                w = w - torch.bmm(stacked.transpose(1, 2), coefficients).squeeze(2).T
+                alpha = alpha + coefficients[:, -1, 0]
+                if not bool((w.norm(dim=0) < 0.7071 * norm_before).any()):
+                    break
         beta = w.norm(dim=0)
         alphas[j], betas[j] = alpha.cpu(), beta.cpu()
         scale = max(scale, float(alphas[: j + 1].abs().max()), float(betas[: j + 1].max()))
@@ -193,7 +199,7 @@ def spectral_density(
         previous, v = v, torch.where(active.to(device), w / safe_beta, torch.zeros_like(w))
         beta_prev = torch.where(active.to(device), beta, torch.zeros_like(beta))
         if reorthogonalize:
-            basis[j + 1] = v
+            basis[:, j + 1] = v.T
 
     nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, steps, dtype=torch.float64)
