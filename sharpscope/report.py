@@ -109,7 +109,7 @@ def render_report(title: str, sections: list[Section], *, out_dir: Path, subtitl
         parts.extend(_embed_png(p) for p in section.figures if p.is_file())
         if section.links:
             items = "".join(
-                f"<li><a href='{html.escape(_relative(p, out_dir))}'>{html.escape(p.name)}</a></li>"
+                f"<li><a href='{html.escape(_relative(p, out_dir))}'>{html.escape(_relative(p, out_dir))} (interactive)</a></li>"
                 for p in section.links if p.exists())
             parts.append(f"<ul>{items}</ul>")
     parts.append("</body></html>")
