@@ -73,7 +73,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
     import torch
     from tqdm import tqdm
 
-    from sharpscope.cli.inputs import analysis_inputs, expand_checkpoints
+    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints
     from sharpscope.errors import SharpscopeError
     from sharpscope.hessian import analyze_checkpoint
     from sharpscope.io import prepare_out_dir, save_figure
@@ -101,7 +101,11 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
             )
         resume = True
     prepare_out_dir(out_dir, outputs=[JSON_NAME, NPZ_NAME], overwrite=overwrite, resume=resume)
-    torch_device = resolve_device(device)
+    from sharpscope import distributed
+
+    # under torchrun every rank runs the top-k Lanczos (identical, seeded) and its share of the trace probes and
+    # density runs (gathered, so the results equal one process's); rank 0 alone writes and prints
+    rank_info, torch_device = distributed.setup(resolve_device(device))
 
     # Metadata first (epoch, hash) so checkpoints are processed grouped by run and in epoch order.
     entries = []
@@ -143,7 +147,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
     outputs = [out_dir / JSON_NAME, out_dir / NPZ_NAME]
     loss_fn = torch.nn.CrossEntropyLoss()
     previous_top: dict[str, Any] = {}  # run -> EigenResult of its last computed checkpoint (warm start)
-    bar = tqdm(entries, desc="hessian-spectrum", unit="ckpt", disable=not show_progress(ctx),
+    bar = tqdm(entries, desc="hessian-spectrum", unit="ckpt", disable=not (show_progress(ctx) and rank_info.is_main),
                file=click.get_text_stream("stderr"))
     for entry in bar:
         bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}")
@@ -153,7 +157,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
             if record.get("density") is not None:
                 stored = _StoredDensity(arrays[f"{entry['key']}__density_grid"], arrays[f"{entry['key']}__density"])
                 densities[entry["key"]] = stored
-                if not (out_dir / record["density"]["figure"]).exists():
+                if rank_info.is_main and not (out_dir / record["density"]["figure"]).exists():
                     save_figure(plot_density(stored, label=_label(entry)), out_dir / record["density"]["figure"])
             records.append(record)
             continue
@@ -161,24 +165,38 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
             entry["path"], dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
             device=torch_device, data_dir=data_dir, model_spec=model_spec,
         )
+        check_finite_loss(checkpoint.model, loss_fn, batches, entry["path"])
         result = analyze_checkpoint(
             checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, max_matvecs=max_matvecs,
-            trace=trace, trace_matvecs=trace_matvecs, density=density, density_iters=density_iters,
+            trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs,
+            density=density and not rank_info.enabled, density_iters=density_iters,
             density_runs=density_runs, per_layer=per_layer,
             warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
             progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
         )
+        if rank_info.enabled and (trace or density):
+            result = _sharded_trace_density(result, checkpoint.model, loss_fn, batches, trace=trace,
+                                            trace_matvecs=trace_matvecs, density=density,
+                                            density_iters=density_iters, density_runs=density_runs,
+                                            shard=(rank_info.rank, rank_info.world_size))
         previous_top[entry["run"]] = result.top
         record, new_arrays = _record(entry, checkpoint, result)
         arrays.update(new_arrays)
         if result.density is not None:
             densities[entry["key"]] = result.density
-            figure = plot_density(result.density, label=_label(entry))
-            save_figure(figure, out_dir / record["density"]["figure"])
+            if rank_info.is_main:
+                figure = plot_density(result.density, label=_label(entry))
+                save_figure(figure, out_dir / record["density"]["figure"])
         records.append(record)
-        _write(out_dir, config, records, arrays, made_by)
+        if rank_info.is_main:
+            _write(out_dir, config, records, arrays, made_by)
         del checkpoint, batches, result
     bar.close()
+    if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
+        distributed.barrier()
+        distributed.teardown()
+    if not rank_info.is_main:
+        return
     _write(out_dir, config, records, arrays, made_by)
 
     records.sort(key=_order)
@@ -198,6 +216,33 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
     _print_summary(records, bottom_k=bottom_k)
     for path in outputs:
         click.echo(f"wrote {path}")
+
+
+def _sharded_trace_density(result, model, loss_fn, batches, *, trace: bool, trace_matvecs: int, density: bool,
+                            density_iters: int, density_runs: int, shard: tuple[int, int]):
+    """``result`` with the trace and density that :func:`analyze_checkpoint` would have computed (same method,
+    settings and seeds), their probes / runs split over the ranks of ``shard`` and gathered on every rank."""
+    from dataclasses import replace
+
+    from sharpscope.hessian import HessianOperator
+    from sharpscope.hessian.density import spectral_density
+    from sharpscope.hessian.trace import hutchinson_trace, hutchpp_trace
+
+    settings, seed = result.config, result.config["seed"]
+    operator = HessianOperator(model, loss_fn, batches, eval_mode=settings["eval_mode"], check_deterministic=False)
+    extra_matvecs = 0
+    trace_estimate = density_estimate = None
+    if trace:
+        estimator = hutchpp_trace if settings["trace_method"] == "hutch++" else hutchinson_trace
+        trace_estimate = estimator(operator, num_matvecs=trace_matvecs, seed=seed + 2, shard=shard)
+        extra_matvecs += trace_estimate.num_matvecs
+    if density:
+        density_estimate = spectral_density(operator, num_iters=density_iters, num_runs=density_runs,
+                                            sigma=settings["density_sigma"], num_points=settings["density_points"],
+                                            seed=seed + 3, shard=shard)
+        extra_matvecs += density_estimate.num_matvecs
+    return replace(result, trace=trace_estimate, density=density_estimate,
+                   num_matvecs=result.num_matvecs + extra_matvecs)
 
 
 def _order(record: dict[str, Any]) -> tuple:

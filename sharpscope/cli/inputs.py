@@ -33,7 +33,10 @@ def analysis_inputs(
     name = dataset or checkpoint.dataset
     if name is None:
         raise SharpscopeError(f"{ckpt_path}: the checkpoint does not say which data it was trained on; pass --dataset")
-    data = load_dataset(name, data_dir=data_dir)
+    try:
+        data = load_dataset(name, data_dir=data_dir)
+    except OSError as exc:  # e.g. a --data-dir this user may not read
+        raise SharpscopeError(f"cannot read dataset {name!r} ({exc}); check --data-dir and its permissions") from None
     expected = checkpoint.model_kwargs
     for key, found in (("in_channels", data.in_channels), ("num_classes", data.num_classes),
                        ("image_size", data.image_size)):
@@ -47,6 +50,39 @@ def analysis_inputs(
     num_samples = available if num_samples is None else min(num_samples, available)
     batches = eval_batches(data, split=split, num_samples=num_samples, batch_size=batch_size, device=device)
     return checkpoint, batches
+
+
+def check_finite_loss(model: torch.nn.Module, loss_fn, batches, path: str | Path) -> float:
+    """Return the mean loss of ``model`` over ``batches``; raise SharpscopeError if it is NaN or infinite.
+
+    A checkpoint of a diverged run (weights holding NaN/inf) has no loss landscape, spectrum or sharpness to
+    measure: every analysis would plot NaN or fail deep inside with a misleading message (e.g. "the loss is
+    not deterministic: nan vs nan"). Analysis commands call this right after :func:`analysis_inputs`.
+
+    The mean is sample-weighted, ``sum_b n_b L_b / sum_b n_b`` (``loss_fn`` returns the batch mean), in the
+    model's current mode, without gradients: one forward pass over the evaluation set and one host sync.
+    """
+    total = None
+    count = 0
+    with torch.no_grad():
+        for x, y in batches:
+            batch_loss = loss_fn(model(x), y).detach().double() * len(y)
+            total = batch_loss if total is None else total + batch_loss
+            count += len(y)
+    if not count:
+        raise SharpscopeError(f"{path}: the evaluation set is empty; pass --num-samples 1 or more")
+    loss = float(total) / count
+    if loss == loss and abs(loss) != float("inf"):
+        return loss
+    states = [t for t in model.state_dict().values() if t.is_floating_point()]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in states)
+    numel = sum(t.numel() for t in states)
+    cause = (f"{bad} of {numel} weights are NaN/inf" if bad
+             else "its weights are finite, so its outputs overflow")
+    raise SharpscopeError(
+        f"{path}: the loss at the checkpoint is not finite ({loss}); the model diverged ({cause}), so there is "
+        "nothing to measure. Analyse an earlier checkpoint of the run, or retrain with a lower --lr (or --rho)"
+    )
 
 
 def expand_checkpoints(paths: list[str]) -> list[Path]:

@@ -116,7 +116,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
     elif direction_kind == "interpolate":
         jobs = _interpolation_job(checkpoint, compare, x_range, y_range, loss_fn, eval_kwargs)
     else:
-        jobs = _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs)
+        jobs = _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs, loss_fn)
 
     multi = len(jobs) > 1
     stems = [f"surface-{job['label']}" if multi else "surface" for job in jobs]
@@ -188,10 +188,16 @@ def _grid(rng, default):
     return grid(start, stop, num)
 
 
-def _load_all(paths: list[str], eval_kwargs: dict) -> list[tuple[Any, Any]]:
-    from sharpscope.cli.inputs import analysis_inputs
+def _load_all(paths: list[str], eval_kwargs: dict, loss_fn) -> list[tuple[Any, Any]]:
+    """Each checkpoint with its evaluation set; a diverged one (non-finite loss) is refused before any work."""
+    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss
 
-    return [analysis_inputs(p, **eval_kwargs) for p in paths]
+    loaded = []
+    for p in paths:
+        checkpoint, batches = analysis_inputs(p, **eval_kwargs)
+        check_finite_loss(checkpoint.model, loss_fn, batches, p)
+        loaded.append((checkpoint, batches))
+    return loaded
 
 
 def _independent_jobs(checkpoint, compare, kind, dim, x_range, y_range, norm, include_bias_bn, seed, loss_fn,
@@ -199,7 +205,7 @@ def _independent_jobs(checkpoint, compare, kind, dim, x_range, y_range, norm, in
     from sharpscope.landscape import hessian_directions, random_directions
 
     paths = [checkpoint, *compare]
-    loaded = _load_all(paths, eval_kwargs)
+    loaded = _load_all(paths, eval_kwargs, loss_fn)
     labels = _labels_for(paths, [ck for ck, _ in loaded])
     xs = _grid(x_range, DEFAULT_GRID)
     ys = _grid(y_range if y_range is not None else x_range, DEFAULT_GRID) if dim == 2 else None
@@ -221,7 +227,7 @@ def _interpolation_job(checkpoint, compare, x_range, y_range, loss_fn, eval_kwar
     from sharpscope.landscape import difference_direction, grid, plane_through
 
     paths = [checkpoint, *compare]
-    loaded = _load_all(paths, eval_kwargs)
+    loaded = _load_all(paths, eval_kwargs, loss_fn)
     checkpoints = [ck for ck, _ in loaded]
     labels = _labels_for(paths, checkpoints)
     ck, batches = loaded[0]
@@ -260,12 +266,12 @@ def _trajectory_paths(checkpoint: str) -> list[Path]:
     return [p for _, p in sorted(keep)] + [final]
 
 
-def _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs) -> list[dict]:
+def _pca_job(checkpoint, x_range, y_range, dev, eval_kwargs, loss_fn) -> list[dict]:
     from sharpscope.errors import SharpscopeError
     from sharpscope.landscape import grid, trajectory_pca
     from sharpscope.train.checkpoint import load_checkpoint
 
-    ck, batches = _load_all([checkpoint], eval_kwargs)[0]
+    ck, batches = _load_all([checkpoint], eval_kwargs, loss_fn)[0]
     paths = _trajectory_paths(checkpoint)
     if len(paths) < 3:
         raise SharpscopeError(

@@ -1,8 +1,9 @@
 """The ``sharpscope`` command group.
 
 Subcommands live one per module in ``sharpscope.cli`` and are imported only when run, so ``sharpscope --help``
-does not import torch. A :class:`~sharpscope.errors.SharpscopeError` raised by any command is printed as one
-``Error: ...`` line with exit code 1; bad usage (click's own checks) exits with 2.
+does not import torch. A :class:`~sharpscope.errors.SharpscopeError` (or an ``OSError``: disk full, permission
+denied) raised by any command is printed as one ``Error: ...`` line with exit code 1; bad usage (click's own
+checks) exits with 2.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SharpscopeError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # the environment, not a bug: a full disk, a path too long, a folder not readable
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:

@@ -14,6 +14,12 @@ DEFAULT_NUM_SAMPLES = 1024  # divisible by every power-of-two m up to 1024 (Andr
 DEFAULT_EVAL_BATCH_SIZE = 500
 
 
+#: Largest magnitude accepted by the float list/grid options. The computations run in float32 (max ~3.4e38) and
+#: scale these values (2 * rho, rho * |w|, ...): beyond this torch refuses to convert them, and no sensible radius,
+#: step or grid coordinate comes anywhere near it.
+FLOAT_LIMIT = 1e30
+
+
 class FloatList(click.ParamType):
     """A comma-separated list of floats: ``0.01,0.05,0.1``."""
 
@@ -33,6 +39,8 @@ class FloatList(click.ParamType):
             self.fail(f"expected at least one number, got {value!r}", param, ctx)
         if any(v != v or v in (float("inf"), float("-inf")) for v in values):
             self.fail(f"expected finite numbers, got {value!r}", param, ctx)
+        if any(abs(v) > FLOAT_LIMIT for v in values):
+            self.fail(f"expected numbers of magnitude <= {FLOAT_LIMIT:g}, got {value!r}", param, ctx)
         if self.positive and any(v <= 0 for v in values):
             self.fail(f"expected numbers > 0, got {value!r}", param, ctx)
         return values
@@ -72,11 +80,27 @@ class GridRange(click.ParamType):
             self.fail(f"expected START:STOP:NUM like -1:1:51, got {value!r}", param, ctx)
         if not all(abs(v) < float("inf") for v in (start, stop)):
             self.fail(f"expected finite START and STOP, got {value!r}", param, ctx)
+        if not all(abs(v) <= FLOAT_LIMIT for v in (start, stop)):
+            self.fail(f"expected START and STOP of magnitude <= {FLOAT_LIMIT:g}, got {value!r}", param, ctx)
         if num < 2 or num > 10001:
             self.fail(f"expected NUM between 2 and 10001, got {num}", param, ctx)
         if not start < stop:
             self.fail(f"expected START < STOP, got {value!r}", param, ctx)
         return (start, stop, num)
+
+
+class OutDir(click.Path):
+    """``--out``: a folder path. An empty value (often an unset shell variable) is refused: it would mean the
+    current folder and scatter results there."""
+
+    def convert(self, value: Any, param, ctx) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("expected a folder to write into, got an empty value (an unset variable?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+#: Largest --seed: seeds are offset (seed + k) for independent streams and must stay below 2**64 for torch.
+MAX_SEED = 2**32 - 1
 
 
 def _compose(*decorators: Callable) -> Callable:
@@ -113,14 +137,14 @@ def device_option(f: Callable) -> Callable:
 def out_options(f: Callable) -> Callable:
     """``--out DIR`` (required) and ``--overwrite``."""
     return _compose(
-        click.option("--out", "out", required=True, type=click.Path(), help="Folder to write results into."),
+        click.option("--out", "out", required=True, type=OutDir(), help="Folder to write results into."),
         click.option("--overwrite", is_flag=True, help="Replace results already in --out."),
     )(f)
 
 
 def seed_option(f: Callable) -> Callable:
     """``--seed``: every random choice (directions, probe vectors, shuffling) derives from it."""
-    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+    return click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
                         help="Random seed.")(f)
 
 

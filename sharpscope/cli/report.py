@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sharpscope.cli.options import device_option, seed_option
+from sharpscope.cli.options import FloatList, GridRange, IntList, OutDir, device_option, seed_option
 
 
 def _run_stage(ctx: click.Context, args: list[str]) -> None:
@@ -20,11 +20,12 @@ def _run_stage(ctx: click.Context, args: list[str]) -> None:
 
 @click.command(context_settings={"show_default": True})
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=True), help="Folder for the report and analyses.")
+@click.option("--out", required=True, type=OutDir(), help="Folder for the report and analyses.")
 @click.option("--overwrite", is_flag=True, help="Recompute the analyses already in --out and replace the report.")
-@click.option("--grid", default="-1:1:21", help="2D landscape grid for each axis (START:STOP:NUM).")
-@click.option("--m", "m_values", default="1,8,32,128", help="m values of m-sharpness.")
-@click.option("--rho", "rho_values", default="0.01,0.05,0.1", help="rho values of m-sharpness.")
+@click.option("--grid", type=GridRange(), default="-1:1:21", help="2D landscape grid for each axis (START:STOP:NUM).")
+@click.option("--m", "m_values", type=IntList(), default="1,8,32,128", help="m values of m-sharpness.")
+@click.option("--rho", "rho_values", type=FloatList(positive=True), default="0.01,0.05,0.1",
+              help="rho values of m-sharpness.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, help="Hessian top eigenvalues per checkpoint.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=1024, help="Evaluation samples (train split).")
 @click.option("--density-iters", type=click.IntRange(min=2), default=40,
@@ -59,6 +60,9 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     from sharpscope.plots.curves import learning_curves
     from sharpscope.report import Section, html_table, read_run, render_report
 
+    # validated above (before hours of stages), passed on to the stages as text
+    grid = f"{grid[0]!r}:{grid[1]!r}:{grid[2]}"
+    m_values, rho_values = ",".join(map(str, m_values)), ",".join(map(repr, rho_values))
     run_list = [read_run(r) for r in runs]
     labels = [r.label for r in run_list]
     if len(set(labels)) != len(labels):

@@ -125,7 +125,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     import torch
     from tqdm import tqdm
 
-    from sharpscope.cli.inputs import analysis_inputs, expand_checkpoints
+    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints
     from sharpscope.errors import SharpscopeError
     from sharpscope.io import prepare_out_dir, write_json
     from sharpscope.results import file_sha256, provenance
@@ -181,6 +181,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
         if todo or record is None:
             checkpoint, data = analysis_inputs(path, dataset=dataset, split=split, num_samples=num_samples,
                                                batch_size=batch_size, device=dev, data_dir=data_dir)
+            check_finite_loss(checkpoint.model, loss_fn, data, path)
             record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics,
                       "generalization_gap": checkpoint.generalization_gap, "num_eval_samples": data.num_samples}
         record = {**record, "path": str(path), "label": _label(path), "sha256": sha}

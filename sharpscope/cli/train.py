@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from sharpscope.cli.options import device_option, resolve_device, show_progress
+from sharpscope.cli.options import MAX_SEED, OutDir, device_option, resolve_device, show_progress
 
 
 def _parse_model(value: str) -> tuple[str, dict]:
@@ -46,7 +46,8 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--no-augment", is_flag=True, help="Turn off the dataset's standard augmentation.")
 @click.option("--max-grad-norm", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Clip the (SAM) gradient's global norm.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed for init, shuffling, augmentation.")
+@click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0,
+              help="Seed for init, shuffling, augmentation.")
 @click.option("--save-every", type=click.IntRange(min=0), default=1,
               help="Write a trajectory checkpoint every k epochs (0: final.pt only).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
@@ -55,7 +56,7 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the dataset files.")
 @click.option("--download", is_flag=True, help="Fetch cifar10/cifar100/svhn/mnist/fashion-mnist if missing.")
 @device_option
-@click.option("--out", required=True, type=click.Path(), help="Run folder (resumed if it holds an unfinished run).")
+@click.option("--out", required=True, type=OutDir(), help="Run folder (resumed if it holds an unfinished run).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
 def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, m, sam_every,

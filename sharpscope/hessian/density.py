@@ -113,6 +113,7 @@ def spectral_density(
     bounds: tuple[float, float] | None = None,
     seed: int = 0,
     reorthogonalize: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> SpectralDensity:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -132,13 +133,18 @@ def spectral_density(
             numbers of memory). ``False`` runs the plain three-term recurrence in ``O(n)`` memory: cheaper for
             huge models, at the price of spurious copies of converged Ritz values (their weights stay correct
             in aggregate; Papyan 2020 uses no reorthogonalisation).
+        shard: ``(rank, world_size)`` inside a ``torch.distributed`` job of that size: every rank draws all
+            ``num_runs`` start vectors from ``seed`` (so they are those of one process), runs its share
+            ``rank, rank + world_size, ...`` of them, and the nodes and weights are all-gathered back into run
+            order on every rank; the result equals the single-process one up to rounding. ``None``: all runs here.
 
     Returns:
         :class:`SpectralDensity` (grid, density, raw nodes and weights, the absolute ``sigma``).
 
     Raises:
         SharpscopeError: for non-positive ``num_iters``, ``num_runs`` or ``sigma``, ``num_points < 2``, a
-            negative ``margin`` or ``bounds`` with ``low >= high``.
+            negative ``margin`` or ``bounds`` with ``low >= high``, or a ``shard`` that does not match the
+            process group.
     """
     if num_iters < 1 or num_runs < 1:
         raise SharpscopeError(f"num_iters and num_runs must be >= 1, got num_iters={num_iters}, num_runs={num_runs}")
@@ -150,11 +156,49 @@ def spectral_density(
         raise SharpscopeError(f"margin must be >= 0, got {margin}")
     if bounds is not None and not bounds[0] < bounds[1]:
         raise SharpscopeError(f"bounds must be (low, high) with low < high, got {bounds}")
+    from sharpscope.hessian.trace import check_shard
+
+    check_shard(shard)
     A = Float64Operator(op)
     n, device = A.n, A.device
     steps = min(num_iters, n)
     v = random_vectors(n, num_runs, generator=make_generator(seed), distribution="rademacher", device=device)
     v /= math.sqrt(n)
+    if shard is None:
+        nodes, weights = _slq_runs(A, v, steps, reorthogonalize)
+        num_matvecs = A.num_matvecs
+    else:
+        from sharpscope import distributed
+
+        runs = list(range(num_runs))[shard[0] :: shard[1]]
+        local = _slq_runs(A, v[:, runs], steps, reorthogonalize) if runs else None
+        nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
+        weights = torch.zeros(num_runs, steps, dtype=torch.float64)
+        num_matvecs = 0
+        for part_runs, part, part_matvecs in distributed.all_gather((runs, local, A.num_matvecs)):
+            if part is not None:
+                nodes[part_runs], weights[part_runs] = part
+            num_matvecs += part_matvecs
+    if bounds is None:
+        low, high = float(nodes.min()), float(nodes.max())
+        width = high - low if high > low else max(abs(high), 1.0)
+        low, high = low - margin * width, high + margin * width
+    else:
+        low, high = float(bounds[0]), float(bounds[1])
+        width = float(nodes.max() - nodes.min()) or max(abs(high - low), 1.0)
+    grid = torch.linspace(low, high, num_points, dtype=torch.float64)
+    sigma_abs = sigma * width
+    density = smoothed_density(nodes, weights / num_runs, grid, sigma_abs)
+    return SpectralDensity(
+        grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma_abs, num_matvecs=num_matvecs,
+        num_params=n,
+    )
+
+
+def _slq_runs(A: Float64Operator, v: Tensor, steps: int, reorthogonalize: bool) -> tuple[Tensor, Tensor]:
+    """Batched Lanczos from the unit columns of ``v`` ``(n, runs)``: Gauss nodes and weights, each ``(runs, steps)``."""
+    n, device = A.n, A.device
+    num_runs = v.shape[1]
     alphas = torch.zeros(steps, num_runs, dtype=torch.float64)
     betas = torch.zeros(steps, num_runs, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps, dtype=torch.long)
@@ -212,17 +256,4 @@ def spectral_density(
         theta, Y = torch.linalg.eigh(T)
         nodes[r, :length], weights[r, :length] = theta, Y[0, :] ** 2
         nodes[r, length:] = theta[0]
-    if bounds is None:
-        low, high = float(nodes.min()), float(nodes.max())
-        width = high - low if high > low else max(abs(high), 1.0)
-        low, high = low - margin * width, high + margin * width
-    else:
-        low, high = float(bounds[0]), float(bounds[1])
-        width = float(nodes.max() - nodes.min()) or max(abs(high - low), 1.0)
-    grid = torch.linspace(low, high, num_points, dtype=torch.float64)
-    sigma_abs = sigma * width
-    density = smoothed_density(nodes, weights / num_runs, grid, sigma_abs)
-    return SpectralDensity(
-        grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma_abs, num_matvecs=A.num_matvecs,
-        num_params=n,
-    )
+    return nodes, weights

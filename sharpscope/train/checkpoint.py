@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
     sha256 = hashlib.sha256(data).hexdigest()
     if not data:
         raise SharpscopeError(f"checkpoint {str(path)!r} is empty (0 bytes): an interrupted copy? re-create it")
+    _check_zip_crcs(data, path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -139,8 +141,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
                 "(torch.save(model.state_dict(), path)) with code you trust"
             ) from None
         raise SharpscopeError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError,
-            AttributeError, TypeError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a damaged file makes torch's reader fail in many ways (even assert)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SharpscopeError(
             f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read ({first})"
@@ -153,6 +154,32 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
                 f"({__version__}) reads (<= {FORMAT_VERSION}); upgrade sharpscope"
             )
     return payload, sha256
+
+
+def _check_zip_crcs(data: bytes, path: Path) -> None:
+    """Refuse a zip-format torch file whose members fail their CRC-32 (torch's reader does not check them) or
+    have damaged headers.
+
+    Without this a flipped bit in the tensor data loads silently as a different model. Files that Python's
+    zipfile cannot parse (legacy torch format, damaged directory) are left to ``torch.load`` to judge.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - not a zip file python can read
+        return
+    try:
+        with archive:
+            bad = archive.testzip()
+    except Exception as exc:  # noqa: BLE001 - a damaged member header: a corrupted file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SharpscopeError(
+            f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read ({first})"
+        ) from None
+    if bad is not None:
+        raise SharpscopeError(
+            f"checkpoint {str(path)!r} is corrupted: its part {bad!r} fails its CRC or header check (a damaged "
+            "disk or an incomplete copy?); copy it again or re-create it"
+        )
 
 
 def load_checkpoint(
@@ -262,12 +289,16 @@ def _build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
         module_name, factory_name = name.split(":", 1)
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except (ImportError, ValueError, TypeError) as exc:  # ValueError: empty name; TypeError: relative name
             raise SharpscopeError(f"model factory {name!r}: cannot import {module_name!r} ({exc})") from None
         factory = getattr(module, factory_name, None)
         if not callable(factory):
             raise SharpscopeError(f"model factory {name!r}: {module_name} has no callable {factory_name!r}")
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:  # wrong or missing key=value arguments
+            raise SharpscopeError(f"model factory {name!r} rejected its arguments {kwargs} ({exc}); fix the "
+                                  "key=value list after its name") from None
         if not isinstance(model, nn.Module):
             raise SharpscopeError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -279,7 +310,13 @@ def _build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"model {name!r} needs {', '.join(missing)}: pass --dataset so they come from the data, or "
             f"give them as {name}:in_channels=1,num_classes=10,image_size=28"
         )
-    return create_model(name, **kwargs)
+    try:
+        return create_model(name, **kwargs)
+    except SharpscopeError:
+        raise
+    except (TypeError, ValueError) as exc:  # a key=value of the wrong type, e.g. mlp:hidden=1.5
+        raise SharpscopeError(f"model {name!r} cannot be built with {kwargs} ({exc}); fix the key=value "
+                              "arguments after its name") from None
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:
