@@ -19,6 +19,13 @@ from typing import Any
 from sharpscope.errors import SharpscopeError
 
 
+def _file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` would give: 0o666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed to ``path``, on error removed.
@@ -29,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.fchmod(fd, _file_mode())  # mkstemp creates 0600; results are shared like any other file
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -128,6 +136,8 @@ def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bo
 
     With ``overwrite`` the old outputs are left to be replaced; with ``resume`` partial work found there is
     kept for the caller to continue. Otherwise existing outputs are an error: results are never silently lost.
+    Temporary files that a killed writer left behind are deleted (by the main process only under torchrun: the
+    caller must not let other ranks write into ``out`` before rank 0 has returned from here).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -138,6 +148,8 @@ def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bo
             f"{out}/ already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if os.environ.get("RANK", "0") == "0":
+        remove_stale_temporaries(out)
     return out
 
 

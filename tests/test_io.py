@@ -47,3 +47,29 @@ def test_unknown_name_suggests_close_matches():
     message = str(unknown_name_error("model", "resnet2O", ["resnet20", "resnet32", "mlp"]))
     assert "did you mean" in message and "'resnet20'" in message and "choices: mlp, resnet20, resnet32" in message
     assert "did you mean" not in str(unknown_name_error("model", "zzz", ["mlp"]))
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        io.write_text(tmp_path / "a.txt", "x")
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(umask)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("a.txt") == mode("b.txt") == 0o644
+
+
+def test_prepare_out_dir_removes_what_a_killed_writer_left(tmp_path, monkeypatch):
+    (tmp_path / ".surface.abc123.tmp.npz").write_bytes(b"half")
+    (tmp_path / "surface.npz").write_bytes(b"kept")
+    (tmp_path / ".hidden-but-not-temporary").write_bytes(b"kept")
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 cleans: another rank may be writing
+    io.prepare_out_dir(tmp_path, outputs=[], overwrite=False)
+    assert (tmp_path / ".surface.abc123.tmp.npz").exists()
+    monkeypatch.delenv("RANK")
+    io.prepare_out_dir(tmp_path, outputs=[], overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-not-temporary", "surface.npz"]

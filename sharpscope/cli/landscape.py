@@ -124,6 +124,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
     from sharpscope.io import prepare_out_dir
 
     prepare_out_dir(out, outputs=outputs, overwrite=overwrite, resume=False)
+    distributed.barrier()  # rank 0 has removed stale temporaries before any rank writes its partial file
     rank_suffix = f".rank{rank_info.rank}-of-{rank_info.world_size}" if rank_info.enabled else ""
     partials = [out / f".{stem}.partial{rank_suffix}.npz" for stem in stems]
     if overwrite:

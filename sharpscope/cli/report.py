@@ -8,6 +8,28 @@ from pathlib import Path
 import click
 
 from sharpscope.cli.options import FloatList, GridRange, IntList, OutDir, device_option, seed_option
+from sharpscope.errors import SharpscopeError
+
+
+STAGE_FILE = "stage.json"  # in each analysis folder: the command that computed it, to reuse it only for the same
+
+
+def _comparable(args: list[str]) -> list[str]:
+    """``args`` with the paths of existing files and folders made absolute (``runs/a`` and ``./runs/a/`` agree)."""
+    return [str(Path(a).resolve()) if a and Path(a).exists() else a for a in args]
+
+
+def _check_stage_settings(stage_out: Path, args: list[str]) -> None:
+    """Refuse to reuse an analysis folder computed by another command (other runs, grid, m, rho, ...)."""
+    record = stage_out / STAGE_FILE
+    if not record.exists():  # computed before stage files existed, or killed between finishing and recording
+        return
+    before = json.loads(record.read_text()).get("command")
+    now = _comparable(args)
+    if before != now:
+        changed = sorted({a for a in now if a not in (before or [])} | {a for a in (before or []) if a not in now})
+        raise SharpscopeError(f"{stage_out}/ holds an analysis computed with other settings ({' '.join(changed)} "
+                              "differ); pass --overwrite to recompute it or choose another --out")
 
 
 def _run_stage(ctx: click.Context, args: list[str]) -> None:
@@ -55,8 +77,7 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     spectrum-final/ (trace and spectral density of each final.pt) and sharpness/ (worst-case m-sharpness of each final.pt). Then it writes
     report.html (figures embedded; opens offline) and learning_curves.png.
     """
-    from sharpscope.errors import SharpscopeError
-    from sharpscope.io import prepare_out_dir, save_figure, write_text
+    from sharpscope.io import prepare_out_dir, save_figure, write_json, write_text
     from sharpscope.plots.curves import learning_curves
     from sharpscope.report import Section, html_table, read_run, render_report
 
@@ -91,11 +112,14 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
                    "sharpness": "sharpness.json"}
     for name, args in stages.items():
         stage_out = out_dir / name
+        args = [*args, *common]
         if (stage_out / done_marker[name]).exists() and not overwrite:
+            _check_stage_settings(stage_out, args)
             click.echo(f"reusing {stage_out}/", err=True)
             continue
         click.echo(f"computing {name} -> {stage_out}/", err=True)
-        _run_stage(ctx, [*args, *common, "--out", str(stage_out), *(["--overwrite"] if overwrite else [])])
+        _run_stage(ctx, [*args, "--out", str(stage_out), *(["--overwrite"] if overwrite else [])])
+        write_json(stage_out / STAGE_FILE, {"command": _comparable(args)})
 
     curves = save_figure(learning_curves({r.label: r.metrics for r in run_list}), out_dir / "learning_curves.png")
     spectrum = _read_json(out_dir / "spectrum-final" / "spectrum.json")

@@ -72,12 +72,16 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
 
     Raises:
         SharpscopeError: unknown name (with close matches), an option the model does not take, an image smaller
-            than the model supports, or non-positive shape arguments.
+            than the model supports, non-positive shape arguments, or options of the wrong type.
     """
     try:
         entry = _MODELS[name]
     except KeyError:
         raise unknown_name_error("model", name, _MODELS) from None
+    shape = {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in shape.values()):
+        raise SharpscopeError(f"model {name!r} cannot be built with {shape} (they must be integers); fix the "
+                              "key=value arguments after its name")
     if min(in_channels, num_classes, image_size) < 1:
         raise SharpscopeError(f"model {name!r}: in_channels, num_classes and image_size must be >= 1, found "
                               f"{in_channels}, {num_classes}, {image_size}")
@@ -90,4 +94,10 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
     if unknown:
         takes = ", ".join(entry.options) or "no options"
         raise SharpscopeError(f"model {name!r} does not take {', '.join(unknown)} (it takes: {takes})")
-    return entry.factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+    try:
+        return entry.factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+    except SharpscopeError:
+        raise
+    except (TypeError, ValueError) as exc:  # a key=value of the wrong type, e.g. mlp:hidden=1.5
+        raise SharpscopeError(f"model {name!r} cannot be built with {kwargs} ({exc}); fix the key=value "
+                              "arguments after its name") from None

@@ -67,7 +67,10 @@ def _average_case_on_chunks(
         perturbed.append(objective.value(delta, xc[index], yc[index]))
         if progress is not None:
             progress(index.shape[0] / num_draws)
-    increase = (torch.cat(perturbed).reshape(num_chunks, num_draws) - clean[:, None]).detach()
+    # a perturbation so large that the logits overflow gives a NaN loss (inf - inf inside log-softmax): the loss
+    # has grown past the float range, so it counts as +inf rather than poisoning the mean as NaN
+    perturbed_loss = torch.cat(perturbed).nan_to_num(nan=math.inf)
+    increase = (perturbed_loss.reshape(num_chunks, num_draws) - clean[:, None]).detach()
     increase = increase.to("cpu", torch.float64)
     chunk_values = increase.mean(1)
     if num_chunks > 1:

@@ -310,13 +310,7 @@ def _build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"model {name!r} needs {', '.join(missing)}: pass --dataset so they come from the data, or "
             f"give them as {name}:in_channels=1,num_classes=10,image_size=28"
         )
-    try:
-        return create_model(name, **kwargs)
-    except SharpscopeError:
-        raise
-    except (TypeError, ValueError) as exc:  # a key=value of the wrong type, e.g. mlp:hidden=1.5
-        raise SharpscopeError(f"model {name!r} cannot be built with {kwargs} ({exc}); fix the key=value "
-                              "arguments after its name") from None
+    return create_model(name, **kwargs)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, model_name: str) -> None:

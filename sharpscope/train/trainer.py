@@ -28,7 +28,7 @@ from torch import nn
 
 from sharpscope import __version__
 from sharpscope.errors import SharpscopeError
-from sharpscope.io import append_jsonl, prepare_out_dir, remove_stale_temporaries, write_json
+from sharpscope.io import append_jsonl, prepare_out_dir, write_json
 from sharpscope.train.checkpoint import read_checkpoint_file, save_checkpoint
 from sharpscope.train.config import TrainConfig
 
@@ -121,7 +121,7 @@ def train(
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
     progress = progress and is_main
     out = Path(out_dir)
-    resume_payload = _check_out_dir(out, config, overwrite=overwrite, clean=is_main)
+    resume_payload = _check_out_dir(out, config, overwrite=overwrite)
     distributed.barrier()
 
     dataset = load_dataset(config.dataset, data_dir=config.data_dir)
@@ -246,10 +246,11 @@ def train(
     )
 
 
-def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool, clean: bool = True) -> dict[str, Any] | None:
-    """Decide between a fresh run, a resume (returns the last.pt payload) and a refusal."""
-    if clean:
-        remove_stale_temporaries(out)
+def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[str, Any] | None:
+    """Decide between a fresh run, a resume (returns the last.pt payload) and a refusal.
+
+    ``prepare_out_dir`` also removes the temporary files a killed run left behind (on rank 0).
+    """
     if overwrite:
         prepare_out_dir(out, outputs=[], overwrite=True)
         return None

@@ -335,7 +335,6 @@ def test_a_damaged_member_header_is_refused(workspace, tmp_path, where, offset, 
         load_checkpoint(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="models.create_model lets the factory's TypeError escape (hand-off report)")
 def test_train_with_a_badly_typed_model_argument_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["-q", "train", "--model", "mlp:hidden=1.5", "--epochs", "1",
                                       "--out", str(tmp_path / "run")])

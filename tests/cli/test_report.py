@@ -48,6 +48,12 @@ def test_report_fills_every_section_and_reuses_analyses(runs, tmp_path):
     assert (out / "report.html").read_text().count("data:image/png") == len(images)
     refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
     assert refused.exit_code == 1 and "already holds report.html" in refused.output
+    (out / "report.html").unlink()
+    other_grid = [a if a != "-1:1:3" else "-2:2:3" for a in QUICK]
+    refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *other_grid, "--out", str(out))
+    assert refused.exit_code == 1, refused.output
+    assert f"{out}/landscape/ holds an analysis computed with other settings (-1.0:1.0:3 -2.0:2.0:3 differ)" in refused.output
+    assert not (out / "report.html").exists()
 
 
 def test_report_refuses_what_is_not_a_finished_run(runs, tmp_path):

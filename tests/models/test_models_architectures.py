@@ -124,6 +124,8 @@ def test_create_model_errors():
         WideResNet(15, 2, 3, 10)
     with pytest.raises(SharpscopeError, match=r"0 <= dropout < 1; found .*dropout=1.0"):
         create_model("wrn16-8", dropout=1.0, **shape)
+    with pytest.raises(SharpscopeError, match=r"model 'mlp' cannot be built with \{'hidden': 1.5\} .*key=value"):
+        create_model("mlp", hidden=1.5, **shape)
 
 
 def test_register_model_errors():

@@ -63,3 +63,11 @@ def test_bad_arguments_are_explained():
         average_case_sharpness(model, loss, data, rho=0.1, num_draws=0)
     with pytest.raises(SharpscopeError, match="p must be 2 or inf"):
         average_case_sharpness(model, loss, data, rho=0.1, p=1)
+
+
+def test_overflowing_perturbations_count_as_infinite_sharpness():
+    model, data = tiny_mlp(n=12, dtype=torch.float32)
+    # rho = 1e38 in float32: the logits overflow, log-softmax gives NaN; the loss increase is +inf, not NaN or 0
+    result = average_case_sharpness(model, nn.CrossEntropyLoss(), data, rho=1e38, m=4, num_draws=2)
+    assert result.value == math.inf
+    assert np.all(result.chunk_values == math.inf)
