@@ -76,7 +76,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
     from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints
     from sharpscope.errors import SharpscopeError
     from sharpscope.hessian import analyze_checkpoint
-    from sharpscope.io import prepare_out_dir, save_figure
+    from sharpscope.io import prepare_out_dir, save_figure, save_torch
     from sharpscope.plots.spectrum import plot_densities, plot_density, plot_top_eigenvalues
     from sharpscope.results import provenance
     from sharpscope.train.checkpoint import read_checkpoint_file
@@ -122,7 +122,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
     entries.sort(key=lambda e: (e["run"], e["epoch"] if e["epoch"] is not None else float("inf"), e["path"].name))
     keys: set[str] = set()
     for entry in entries:
-        key = base = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{entry['run']}_{entry['path'].stem}")
+        key = base = _safe(f"{entry['run']}_{entry['path'].stem}")
         suffix = 1
         while key in keys:  # same run folder name and file name from two different places
             suffix += 1
@@ -154,6 +154,10 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
         cached = done.get((entry["key"], entry["sha256"]))
         if cached is not None:
             record = {**cached, "path": str(entry["path"])}
+            if warm_start:  # a resumed series starts the next Lanczos run where the killed one would have
+                vectors = _load_warm_start(out_dir, entry)
+                if vectors is not None:
+                    previous_top[entry["run"]] = vectors.to(torch_device)
             if record.get("density") is not None:
                 stored = _StoredDensity(arrays[f"{entry['key']}__density_grid"], arrays[f"{entry['key']}__density"])
                 densities[entry["key"]] = stored
@@ -189,7 +193,14 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
                 save_figure(figure, out_dir / record["density"]["figure"])
         records.append(record)
         if rank_info.is_main:
+            if warm_start:  # saved before the record that makes it reusable; the run's older one removed after
+                save_torch({"sha256": entry["sha256"], "eigenvectors": result.top.eigenvectors.cpu()},
+                           _warm_start_path(out_dir, entry))
             _write(out_dir, config, records, arrays, made_by)
+            if warm_start:
+                for old in out_dir.glob(f".warm-start.{_safe(entry['run'])}.*.pt"):
+                    if old != _warm_start_path(out_dir, entry):
+                        old.unlink(missing_ok=True)
         del checkpoint, batches, result
     bar.close()
     if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
@@ -243,6 +254,33 @@ def _sharded_trace_density(result, model, loss_fn, batches, *, trace: bool, trac
         extra_matvecs += density_estimate.num_matvecs
     return replace(result, trace=trace_estimate, density=density_estimate,
                    num_matvecs=result.num_matvecs + extra_matvecs)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _warm_start_path(out_dir: Path, entry: dict[str, Any]) -> Path:
+    """Hidden file with the top eigenvectors of the run's last analysed checkpoint: the warm start a resumed or
+    extended series continues from (one per run; the older ones are removed)."""
+    return out_dir / f".warm-start.{_safe(entry['run'])}.{entry['key']}.pt"
+
+
+def _load_warm_start(out_dir: Path, entry: dict[str, Any]):
+    """The saved top eigenvectors of ``entry`` (an (n, k) float64 tensor), or None when not saved for this file."""
+    import torch
+
+    path = _warm_start_path(out_dir, entry)
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged hint only costs a cold start
+        return None
+    if not isinstance(saved, dict) or saved.get("sha256") != entry["sha256"]:
+        return None
+    vectors = saved.get("eigenvectors")
+    return vectors if isinstance(vectors, torch.Tensor) and vectors.ndim == 2 else None
 
 
 def _order(record: dict[str, Any]) -> tuple:
