@@ -74,6 +74,37 @@ def shard(items: list[T], *, rank: int | None = None, world_size: int | None = N
     return items[rank::world_size]
 
 
+def check_shard(shard: tuple[int, int] | None) -> None:
+    """Raise unless ``shard`` is ``None`` or ``(rank, world_size)`` of the current ``torch.distributed`` job.
+
+    Library functions that split work over ranks take ``shard=(rank, world_size)``: every rank calls them with
+    the same arguments, computes its share and exchanges the results, so all ranks return what one process would.
+    """
+    if shard is None:
+        return
+    current = info()
+    if (
+        len(shard) != 2
+        or not 0 <= shard[0] < shard[1]
+        or (shard[1] > 1 and (current.rank, current.world_size) != (shard[0], shard[1]))
+    ):
+        from sharpscope.errors import SharpscopeError
+
+        raise SharpscopeError(
+            f"shard must be (rank, world_size) of the running torch.distributed job, got {shard} while this process "
+            f"is rank {current.rank} of {current.world_size}; launch with torchrun or pass shard=None"
+        )
+
+
+def block(num_items: int, shard: tuple[int, int] | None) -> range:
+    """This rank's contiguous share of ``range(num_items)`` (all of it when ``shard`` is None); shares differ in
+    length by at most one and, concatenated in rank order, give ``range(num_items)``."""
+    if shard is None:
+        return range(num_items)
+    rank, world_size = shard
+    return range(rank * num_items // world_size, (rank + 1) * num_items // world_size)
+
+
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Collect one picklable object from every rank on rank 0 (others get None). Single process: ``[obj]``."""
     current = info()

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -153,12 +154,20 @@ def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bo
     return out
 
 
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")  # atomic_path's mkstemp names
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of an :func:`atomic_path` temporary (``.STEM.XXXXXXXX.tmp.SUFFIX``)."""
+    return _TEMPORARY.match(name) is not None
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
     """Delete temporary files that a killed writer left in ``folder`` (``.NAME.XXXX.tmp.SUFFIX``); return their names."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
+    stale = [p for p in folder.iterdir() if is_temporary(p.name) and p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return [p.name for p in stale]

@@ -73,3 +73,17 @@ def test_prepare_out_dir_removes_what_a_killed_writer_left(tmp_path, monkeypatch
     monkeypatch.delenv("RANK")
     io.prepare_out_dir(tmp_path, outputs=[], overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-not-temporary", "surface.npz"]
+
+
+def test_only_atomic_temporaries_count_as_temporary(tmp_path):
+    seen = []
+    with io.atomic_path(tmp_path / "surface.npz") as tmp:
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+    with io.atomic_path(tmp_path / "README") as tmp:
+        seen.append(tmp.name)
+        tmp.write_bytes(b"x")
+    assert all(io.is_temporary(name) for name in seen), seen
+    # a run folder named by mkdtemp ("tmp1ce_rggb") inside a result's name is not a temporary
+    for name in (".warm-start.tmp1ce_rggb.tmp1ce_rggb_final.pt", "surface.tmp.npz", ".tmp", "a.abcdefgh.tmp.npz"):
+        assert not io.is_temporary(name), name

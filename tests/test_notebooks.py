@@ -1,6 +1,5 @@
 """The notebooks execute top to bottom (fast settings) so they never rot; outputs stay cleared in git."""
 
-import os
 from pathlib import Path
 
 import nbformat

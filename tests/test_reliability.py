@@ -23,6 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from sharpscope import io
 from sharpscope.cli.inputs import check_finite_loss
 from sharpscope.cli.main import cli
 from sharpscope.data import EvalBatches
@@ -176,7 +177,7 @@ def test_hessian_spectrum_killed_mid_run_resumes_to_the_same_result(run_dir, tmp
     for record in resumed:
         np.testing.assert_array_equal(arrays[f"{record['key']}__top_eigenvalues"], record["top_eigenvalues"])
     assert (out / "top_eigenvalues.png").stat().st_size > 0
-    assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+    assert [p.name for p in out.iterdir() if io.is_temporary(p.name)] == []
 
 
 @pytest.mark.slow
@@ -204,7 +205,7 @@ def test_sharpness_killed_mid_run_resumes_to_the_same_result(run_dir, tmp_path):
             == json.loads((tmp_path / "straight" / "kendall_tau.json").read_text())["tau"])
     np.testing.assert_array_equal(np.load(out / "sharpness.npz")["worst_values"],
                                   np.load(tmp_path / "straight" / "sharpness.npz")["worst_values"])
-    assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+    assert [p.name for p in out.iterdir() if io.is_temporary(p.name)] == []
 
 
 # ------------------------------------------------------------------------------------------------ divergence

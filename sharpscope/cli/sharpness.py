@@ -121,15 +121,10 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     sharpness_vs_rho.png and, with two or more checkpoints that have metrics, kendall_tau.json/.png.
     sharpness.json is rewritten after each (checkpoint, measure): rerunning the same command resumes.
     """
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints
+    from sharpscope.cli.inputs import expand_checkpoints
     from sharpscope.errors import SharpscopeError
-    from sharpscope.io import prepare_out_dir, write_json
-    from sharpscope.results import file_sha256, provenance
-    from sharpscope.sharpness.suite import SuiteConfig, progress_total, run_measure
+    from sharpscope.io import prepare_out_dir
+    from sharpscope.sharpness.suite import SuiteConfig
 
     names = list(dict.fromkeys(name for group in measures for name in group))
     config = SuiteConfig(
@@ -156,13 +151,40 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
                 "pass --overwrite to replace them or choose another --out"
             )
     prepare_out_dir(out, outputs=OUTPUTS, overwrite=overwrite, resume=previous is not None)
-    for derived in OUTPUTS[1:]:  # rebuilt from sharpness.json at the end; stale ones must not outlive it
-        (out / derived).unlink(missing_ok=True)
+    from sharpscope import distributed
+
+    # under torchrun the chunks of the grid measures are split over the ranks and gathered (the same numbers as
+    # one process); keskar and pacbayes run whole on every rank; rank 0 alone writes and prints
+    rank_info, dev = distributed.setup(resolve_device(device))
+    shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
+    try:
+        _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
+             dataset, split, num_samples, batch_size, data_dir)
+    finally:
+        if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
+            distributed.barrier()
+            distributed.teardown()
+
+
+def _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
+         dataset, split, num_samples, batch_size, data_dir) -> None:
+    """The body of the command (after the arguments are checked), on every rank."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss
+    from sharpscope.io import write_json
+    from sharpscope.results import file_sha256, provenance
+    from sharpscope.sharpness.suite import progress_total, run_measure
+
+    if rank_info.is_main:
+        for derived in OUTPUTS[1:]:  # rebuilt from sharpness.json at the end; stale ones must not outlive it
+            (out / derived).unlink(missing_ok=True)
     done = {(e["sha256"], e["measure"]): e for e in (previous or {}).get("entries", [])}
     known = {c["sha256"]: c for c in (previous or {}).get("checkpoints", [])}
-    dev = resolve_device(device)
     loss_fn = torch.nn.CrossEntropyLoss()
-    progress = show_progress(ctx)
+    progress = show_progress(ctx) and rank_info.is_main
     records: list[dict] = []
     entries: list[dict] = []
     reused = 0
@@ -170,6 +192,8 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     sources = provenance(paths)
 
     def save() -> None:
+        if not rank_info.is_main:
+            return
         write_json(json_path, {"config": full_config, "provenance": sources, "checkpoints": records,
                                "entries": entries, "rows": _rows(records, entries)})
 
@@ -195,11 +219,13 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
             started = time.perf_counter()
             with tqdm(total=total, desc=f"{_label(path)} {name}", unit="chunk" if total else "it", leave=False,
                       disable=not progress, file=sys.stderr) as bar:
-                result = run_measure(name, checkpoint.model, loss_fn, data, config, progress=bar.update)
+                result = run_measure(name, checkpoint.model, loss_fn, data, config, progress=bar.update, shard=shard)
             entries.append({"checkpoint": str(path), "sha256": sha, "measure": name,
                             "seconds": round(time.perf_counter() - started, 3), "result": result})
             save()
         del checkpoint, data
+    if not rank_info.is_main:
+        return
     save()
     written = [json_path]
     written.append(_write_arrays(out, config, records, entries, np))

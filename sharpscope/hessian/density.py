@@ -156,7 +156,7 @@ def spectral_density(
         raise SharpscopeError(f"margin must be >= 0, got {margin}")
     if bounds is not None and not bounds[0] < bounds[1]:
         raise SharpscopeError(f"bounds must be (low, high) with low < high, got {bounds}")
-    from sharpscope.hessian.trace import check_shard
+    from sharpscope.distributed import check_shard
 
     check_shard(shard)
     A = Float64Operator(op)

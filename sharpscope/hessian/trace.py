@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from sharpscope.errors import SharpscopeError
+from sharpscope.distributed import check_shard
 from sharpscope.hessian._operators import Float64Operator, make_generator, random_vectors
 
-__all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "check_shard"]
+__all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace"]
 
 
 @dataclass(frozen=True)
@@ -47,24 +48,6 @@ class TraceEstimate:
     def interval(self) -> tuple[float, float]:
         """An approximate 95% confidence interval ``value -+ 1.96 stderr`` (normal approximation)."""
         return (self.value - 1.96 * self.stderr, self.value + 1.96 * self.stderr)
-
-
-def check_shard(shard: tuple[int, int] | None) -> None:
-    """Raise unless ``shard`` is ``None`` or ``(rank, world_size)`` of the current ``torch.distributed`` job."""
-    if shard is None:
-        return
-    from sharpscope import distributed
-
-    current = distributed.info()
-    if (
-        len(shard) != 2
-        or not 0 <= shard[0] < shard[1]
-        or (shard[1] > 1 and (current.rank, current.world_size) != (shard[0], shard[1]))
-    ):
-        raise SharpscopeError(
-            f"shard must be (rank, world_size) of the running torch.distributed job, got {shard} while this process "
-            f"is rank {current.rank} of {current.world_size}; launch with torchrun or pass shard=None"
-        )
 
 
 def _quadratic_forms(A: Float64Operator, Z: Tensor, block_size: int, shard: tuple[int, int] | None = None) -> Tensor:

@@ -328,6 +328,18 @@ def seeded_draws(
     return [part.reshape(len(indices), *p.shape) for part, p in zip(flat.split(sizes, dim=1), objective.params)]
 
 
+def gather_blocks(parts: tuple[Tensor, ...], shard: tuple[int, int] | None) -> tuple[Tensor, ...]:
+    """Per-chunk tensors of this rank's block of chunks (:func:`sharpscope.distributed.block`), concatenated over
+    the ranks of ``shard`` in rank order, on every rank: what one process computing every chunk would hold."""
+    if shard is None:
+        return parts
+    from sharpscope import distributed
+
+    device = parts[0].device
+    gathered = distributed.all_gather(tuple(t.detach().cpu() for t in parts))
+    return tuple(torch.cat([ranks[i] for ranks in gathered]).to(device) for i in range(len(parts)))
+
+
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     """Mean of ``values (C,)`` and its standard error ``std(ddof=1) / sqrt(C)`` (NaN for ``C = 1``)."""
     values = values.detach().to("cpu", torch.float64)

@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sharpscope import distributed
 from sharpscope.hessian.operator import eval_mode
-from sharpscope.sharpness._objective import ChunkedObjective, chunk_group_size, make_chunks, seeded_draws
+from sharpscope.sharpness._objective import (
+    ChunkedObjective,
+    chunk_group_size,
+    gather_blocks,
+    make_chunks,
+    seeded_draws,
+)
 from sharpscope.sharpness.result import SharpnessEstimate
 from sharpscope.sharpness.worst_case import (
     _check_count,
@@ -47,30 +54,36 @@ def _average_case_on_chunks(
     num_draws: int,
     seed: int,
     progress: Callable[[float], Any] | None,
+    shard: tuple[int, int] | None = None,
 ) -> SharpnessEstimate:
-    """Average-case sharpness of every chunk; the ``C x num_draws`` (chunk, draw) pairs run in vmapped groups."""
+    """Average-case sharpness of every chunk; the ``C x num_draws`` (chunk, draw) pairs run in vmapped groups.
+
+    With ``shard=(rank, world_size)`` this rank evaluates its contiguous block of chunks (every draw of a chunk
+    comes from that chunk's own seeded stream) and the ranks exchange the per-draw increases.
+    """
     num_chunks, m = xc.shape[0], xc.shape[1]
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=2)
-    clean = torch.cat([
-        objective.value(objective.zeros(min(group, num_chunks - first)), xc[first:first + group],
-                        yc[first:first + group])
-        for first in range(0, num_chunks, group)
+    mine = distributed.block(num_chunks, shard)
+    clean = torch.cat([torch.zeros(0, dtype=objective.dtype, device=objective.device)] + [
+        objective.value(objective.zeros(min(group, mine.stop - first)), xc[first:min(first + group, mine.stop)],
+                        yc[first:min(first + group, mine.stop)])
+        for first in range(mine.start, mine.stop, group)
     ])
-    total = num_chunks * num_draws
-    perturbed = []
-    for first in range(0, total, group):
-        items = range(first, min(first + group, total))  # item = chunk * num_draws + draw
+    perturbed = [torch.zeros(0, dtype=objective.dtype, device=objective.device)]
+    for first in range(mine.start * num_draws, mine.stop * num_draws, group):
+        items = range(first, min(first + group, mine.stop * num_draws))  # item = chunk * num_draws + draw
         index = torch.arange(items.start, items.stop, device=xc.device) // num_draws
         xi = seeded_draws(objective, items, seed=seed, kind="uniform" if p == math.inf else "normal")
         delta = [rho * t for t in xi] if scale is None else [rho * t * c for t, c in zip(xi, scale)]
         perturbed.append(objective.value(delta, xc[index], yc[index]))
-        if progress is not None:
-            progress(index.shape[0] / num_draws)
+        if progress is not None:  # the other ranks advance alike: count the whole job
+            progress(index.shape[0] / num_draws * (shard[1] if shard else 1))
     # a perturbation so large that the logits overflow gives a NaN loss (inf - inf inside log-softmax): the loss
     # has grown past the float range, so it counts as +inf rather than poisoning the mean as NaN
     perturbed_loss = torch.cat(perturbed).nan_to_num(nan=math.inf)
-    increase = (perturbed_loss.reshape(num_chunks, num_draws) - clean[:, None]).detach()
+    increase = (perturbed_loss.reshape(len(mine), num_draws) - clean[:, None]).detach()
+    increase, clean = gather_blocks((increase, clean), shard)
     increase = increase.to("cpu", torch.float64)
     chunk_values = increase.mean(1)
     if num_chunks > 1:
@@ -106,6 +119,7 @@ def average_case_sharpness(
     vectorize: bool | None = None,
     check_deterministic: bool = True,
     progress: Callable[[float], Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SharpnessEstimate:
     """Average-case sharpness ``E_B E_delta[L_B(w + delta) - L_B(w)]`` (module docstring).
 
@@ -118,6 +132,8 @@ def average_case_sharpness(
         num_draws: noise draws per chunk (20 in Andriushchenko et al. 2023).
         seed: seeds the sample permutation and the noise.
         progress: called with the number of chunks finished (fractional: draws are grouped across chunks).
+        shard: ``(rank, world_size)`` inside a ``torch.distributed`` job: chunks split over the ranks, the same
+            result on every rank as in one process.
 
     Returns:
         A :class:`SharpnessEstimate` (``measure="average"``, ``steps = num_draws``). ``stderr`` is the standard
@@ -128,6 +144,7 @@ def average_case_sharpness(
     p = _check_p(p)
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     num_draws = _check_count("num_draws", num_draws)
+    distributed.check_shard(shard)
     objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):
@@ -135,5 +152,5 @@ def average_case_sharpness(
             objective.check_deterministic(xc, yc)
         return _average_case_on_chunks(
             objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
-            seed=seed, progress=progress,
+            seed=seed, progress=progress, shard=shard,
         )

@@ -98,8 +98,13 @@ def run_measure(
     config: SuiteConfig,
     *,
     progress: Callable[[float], Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Compute measure ``name`` of ``model`` on ``data`` with ``config``; return a JSON-ready record.
+
+    ``shard=(rank, world_size)`` splits the chunks of the grid measures (worst, average, adaptive) over the ranks
+    of a ``torch.distributed`` job; ``keskar`` and the PAC-Bayes bisections are one sequential search over the
+    whole set, which every rank runs identically.
 
     Records: grid measures -> ``{"kind": "grid", **SharpnessResult.to_dict()}``; ``keskar`` ->
     ``{"kind": "keskar", "eps_values", "values", "clean_loss", "steps"}``; PAC-Bayes ->
@@ -116,7 +121,7 @@ def run_measure(
             model, loss_fn, data, m_values=config.m_values,
             rho_values=config.adaptive_rho_values if adaptive else config.rho_values,
             measure="average" if name == "average" else "worst", p=config.p, adaptive=adaptive, eta=config.eta,
-            steps=config.steps, num_draws=config.num_draws, max_chunks=config.max_chunks, **common,
+            steps=config.steps, num_draws=config.num_draws, max_chunks=config.max_chunks, shard=shard, **common,
         )
         return {"kind": "grid", **result.to_dict()}
     if name == "keskar":

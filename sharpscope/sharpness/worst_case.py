@@ -46,12 +46,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sharpscope import distributed
 from sharpscope.errors import SharpscopeError, unknown_name_error
 from sharpscope.hessian.operator import eval_mode
 from sharpscope.optim import perturbation
 from sharpscope.sharpness._objective import (
     ChunkedObjective,
     chunk_group_size,
+    gather_blocks,
     make_chunks,
     mean_and_stderr,
     seeded_draws,
@@ -264,14 +266,26 @@ def _worst_case_on_chunks(
     seed: int,
     keep_perturbation: bool,
     progress: Callable[[int], Any] | None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
-    """Run :func:`ascend` over all chunks in groups; returns ``trace (C, steps + 1)``, ``clean (C,)``, deltas."""
+    """Run :func:`ascend` over all chunks in groups; returns ``trace (C, steps + 1)``, ``clean (C,)``, deltas.
+
+    With ``shard=(rank, world_size)`` this rank ascends its contiguous block of chunks and the ranks exchange
+    the traces (each chunk's ascent depends on that chunk alone, its random start included).
+    """
     num_chunks, m = xc.shape[0], xc.shape[1]
+    if shard is not None and keep_perturbation:
+        raise SharpscopeError("return_perturbation=True cannot be combined with shard (the perturbations stay "
+                              "on the rank that found them); run in one process")
     group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=_ASCENT_COPIES)
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
-    traces, cleans, deltas = [], [], []
-    for first in range(0, num_chunks, group):
-        x, y = xc[first:first + group], yc[first:first + group]
+    mine = distributed.block(num_chunks, shard)
+    traces = [torch.zeros(0, steps + 1, dtype=objective.dtype, device=objective.device)]
+    cleans = [torch.zeros(0, dtype=objective.dtype, device=objective.device)]
+    deltas = []
+    for first in range(mine.start, mine.stop, group):
+        last = min(first + group, mine.stop)
+        x, y = xc[first:last], yc[first:last]
         chunks = range(first, first + x.shape[0])
         start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
         trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
@@ -281,9 +295,10 @@ def _worst_case_on_chunks(
         if keep_perturbation:
             deltas.append(best)
         if progress is not None:
-            progress(x.shape[0])
+            progress(x.shape[0] * (shard[1] if shard else 1))  # the others advance alike: count the whole job
     perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
-    return torch.cat(traces), torch.cat(cleans), perturbation
+    trace, clean = gather_blocks((torch.cat(traces), torch.cat(cleans)), shard)
+    return trace, clean, perturbation
 
 
 def _setup(
@@ -330,6 +345,7 @@ def worst_case_sharpness(
     check_deterministic: bool = True,
     return_perturbation: bool = False,
     progress: Callable[[int], Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SharpnessEstimate:
     """Worst-case sharpness ``E_B[max_{||delta/c||_p <= rho} L_B(w + delta) - L_B(w)]`` (module docstring).
 
@@ -357,6 +373,9 @@ def worst_case_sharpness(
         check_deterministic: refuse a model whose loss changes between two identical evaluations.
         return_perturbation: also return the best perturbation of every chunk (memory: one model per chunk).
         progress: called with the number of chunks finished after each group (e.g. ``tqdm.update``).
+        shard: ``(rank, world_size)`` inside a ``torch.distributed`` job: every rank calls with the same
+            arguments, ascends its contiguous block of chunks, and all ranks return the result one process gets
+            (each chunk's ascent depends on that chunk only).
 
     Returns:
         A :class:`SharpnessEstimate` (``measure="worst"``) with the mean over chunks, its standard error,
@@ -366,6 +385,7 @@ def worst_case_sharpness(
     p = _check_p(p)
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     steps = _check_count("steps", steps)
+    distributed.check_shard(shard)
     objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):
@@ -373,7 +393,7 @@ def worst_case_sharpness(
             objective.check_deterministic(xc, yc)
         trace, clean, delta = _worst_case_on_chunks(
             objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps, random_init=random_init,
-            seed=seed, keep_perturbation=return_perturbation, progress=progress,
+            seed=seed, keep_perturbation=return_perturbation, progress=progress, shard=shard,
         )
     return _estimate("worst", trace, clean, m=int(xc.shape[1]), rho=rho, p=p, adaptive=adaptive, eta=eta,
                      steps=steps, perturbation=delta)
@@ -401,13 +421,15 @@ def m_sharpness(
     vectorize: bool | None = None,
     check_deterministic: bool = True,
     progress: Callable[[int], Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SharpnessResult:
     """Sharpness for every ``(m, rho)`` of a grid: Foret et al. 2021's m-sharpness (section 4.1, Fig. 3).
 
     Each cell is :func:`worst_case_sharpness` (``measure="worst"``) or
     :func:`sharpscope.sharpness.average_case_sharpness` (``measure="average"``, ``num_draws`` noise draws per
     chunk) with chunks of ``m`` samples cut from the same shuffled evaluation set; see those functions for the
-    arguments. The default grids are the SAM paper's ``m`` (1 to 128) and its common ``rho`` values.
+    arguments (``shard`` splits every cell's chunks over the ranks of a ``torch.distributed`` job). The default
+    grids are the SAM paper's ``m`` (1 to 128) and its common ``rho`` values.
     Larger ``rho`` for ``p = inf`` or adaptive sets should be much smaller (Andriushchenko et al. 2023 use
     ``rho`` ~ 1e-3 for adaptive l-inf).
 
@@ -426,6 +448,7 @@ def m_sharpness(
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     steps = _check_count("steps", steps)
     num_draws = _check_count("num_draws", num_draws)
+    distributed.check_shard(shard)
     objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
     chunks = [make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks) for m in m_list]
     estimates = []
@@ -437,14 +460,14 @@ def m_sharpness(
                 if measure == "worst":
                     trace, clean, _ = _worst_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
-                        random_init=random_init, seed=seed, keep_perturbation=False, progress=progress,
+                        random_init=random_init, seed=seed, keep_perturbation=False, progress=progress, shard=shard,
                     )
                     estimates.append(_estimate("worst", trace, clean, m=m, rho=rho, p=p, adaptive=adaptive, eta=eta,
                                                steps=steps))
                 else:
                     estimates.append(_average_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
-                        seed=seed, progress=progress,
+                        seed=seed, progress=progress, shard=shard,
                     ))
     shape = (len(m_list), len(rho_list))
     return SharpnessResult(

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sharpscope.io import is_temporary
 from sharpscope.cli.main import cli
 from sharpscope.errors import SharpscopeError
 from sharpscope.train.checkpoint import load_checkpoint
@@ -136,7 +137,7 @@ def assert_clean(result, out: Path | None, label: str) -> None:
         assert len(errors) == 1, shown
     if out is not None and out.exists():
         files = [p for p in out.rglob("*") if p.is_file()]
-        assert [p for p in files if ".tmp" in p.name] == [], shown
+        assert [p for p in files if is_temporary(p.name)] == [], shown
         if result.exit_code:
             assert files == [], shown
 

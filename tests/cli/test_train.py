@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from sharpscope import io
 from sharpscope.cli.main import cli
 
 FAST = ["train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--lr", "0.05"]
@@ -90,5 +91,5 @@ def test_kill_9_mid_run_then_rerun_resumes_bit_identically(tmp_path):
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
     strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in p.read_text().splitlines()]
     assert strip(tmp_path / "straight" / "metrics.jsonl") == strip(tmp_path / "killed" / "metrics.jsonl")
-    leftovers = [p.name for p in (tmp_path / "killed").iterdir() if ".tmp" in p.name]
+    leftovers = [p.name for p in (tmp_path / "killed").iterdir() if io.is_temporary(p.name)]
     assert leftovers == []
