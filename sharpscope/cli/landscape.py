@@ -46,11 +46,14 @@ DEFAULT_INTERPOLATION_GRID = (-0.5, 1.5, 41)
 @eval_set_options
 @seed_option
 @device_option
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              help="Forward passes in float32 (exact) or under bf16 autocast (GPU speed, ~1e-2 relative error).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the forward passes (large grids on a GPU).")
 @click.option("--log-scale", is_flag=True, help="Draw log10(loss) (surfaces) or a log loss axis (curves).")
 @out_options
 @click.pass_context
 def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, norm, include_bias_bn, dataset, split,
-            num_samples, batch_size, data_dir, seed, device, log_scale, out, overwrite):
+            num_samples, batch_size, data_dir, seed, device, precision, compile_, log_scale, out, overwrite):
     """Loss along lines and over planes around checkpoints (Li et al. 2018), side by side.
 
     \b
@@ -106,6 +109,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, x_range, y_range, nor
         "checkpoint": str(checkpoint), "compare": list(compare), "directions": direction_kind, "dim": dim,
         "norm": norm, "ignore_bias_bn": not include_bias_bn, "seed": seed, "dataset": dataset, "split": split,
         "num_samples": num_samples, "batch_size": batch_size, "device": str(dev), "log_scale": log_scale,
+        "precision": precision, "compile": compile_,
     }
     loss_fn = torch.nn.CrossEntropyLoss()
     out = Path(out)
@@ -147,7 +151,7 @@ def _run_jobs(out, jobs, stems, partials, loss_fn, progress, rank_info, config, 
     shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
     surfaces = []
     for job, partial in zip(jobs, partials):
-        surface = _compute(job, partial, loss_fn, progress, shard)
+        surface = _compute(job, partial, loss_fn, progress, shard, config)
         parts = distributed.gather_to_main(surface)  # [surface] when not distributed; None on ranks > 0
         if parts is not None:
             merged = parts[0]
@@ -315,12 +319,12 @@ def _output_names(jobs, stems, dim, multi, kind) -> list[str]:
 # compute, write, report
 
 
-def _compute(job: dict, partial: Path, loss_fn, progress: bool, shard: tuple[int, int] | None):
+def _compute(job: dict, partial: Path, loss_fn, progress: bool, shard: tuple[int, int] | None, config: dict):
     from sharpscope.landscape import loss_surface
 
     return loss_surface(job["checkpoint"].model, loss_fn, job["batches"], directions=job["directions"],
                         coords=job["coords"], checkpoint_path=partial, progress=progress, label=job["label"],
-                        shard=shard)
+                        shard=shard, precision=config["precision"], compile=config["compile"])
 
 
 def _write_results(out: Path, jobs, surfaces, stems, config, dim, multi, log_scale, kind) -> list[Path]:

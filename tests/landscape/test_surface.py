@@ -297,3 +297,37 @@ def test_channels_last_matches_contiguous_and_restores_layout():
     for name, p in model.named_parameters():
         assert p.is_contiguous() and p.data_ptr() == storage[name], name  # the caller's tensors are back
     assert evaluate(model, nn.CrossEntropyLoss(), batches).loss == fast.center_loss
+
+
+def test_bf16_autocast_is_close_to_fp32_and_never_resumed_into_it(tmp_path):
+    model = tiny_convnet()
+    batches = image_batches()
+    d1, d2 = random_directions(model, dim=2, seed=6)
+    coords = (grid(-1, 1, 3), grid(-1, 1, 3))
+    exact = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords)
+    half = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords, precision="bf16",
+                        checkpoint_path=tmp_path / "bf16.npz")
+    # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per operation); through two convs and a linear
+    # layer the loss moves by a few 1e-3 relative: 3e-2 bounds it, and the values must not be bit-identical
+    np.testing.assert_allclose(half.loss, exact.loss, rtol=3e-2)
+    assert not np.array_equal(half.loss, exact.loss)
+    assert evaluate(model, nn.CrossEntropyLoss(), batches, precision="bf16").loss == half.center_loss
+    with pytest.raises(SharpscopeError, match="holds a surface of a different grid"):
+        loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords,
+                     checkpoint_path=tmp_path / "bf16.npz")
+    with pytest.raises(SharpscopeError, match=r"unknown precision 'fp16'"):
+        loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords, precision="fp16")
+
+
+@pytest.mark.slow
+def test_compiled_forward_passes_match_eager():
+    model = tiny_convnet()
+    batches = image_batches()
+    (d1,) = random_directions(model, dim=1, seed=2)
+    xs = grid(-1, 1, 5)
+    eager = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1,), coords=xs)
+    compiled = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1,), coords=xs, compile=True)
+    # the compiled graph sees the weights _WeightSetter moves in place (else every point would equal the centre);
+    # inductor fuses and reorders float32 reductions: 1e-5 relative
+    np.testing.assert_allclose(compiled.loss, eager.loss, rtol=1e-5)
+    assert len(set(np.round(compiled.loss, 6))) == 5
