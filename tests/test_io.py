@@ -64,12 +64,12 @@ def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
 
 
 def test_prepare_out_dir_removes_what_a_killed_writer_left(tmp_path, monkeypatch):
-    (tmp_path / ".surface.abc123.tmp.npz").write_bytes(b"half")
+    (tmp_path / ".surface.k2j_9x0a.tmp.npz").write_bytes(b"half")
     (tmp_path / "surface.npz").write_bytes(b"kept")
     (tmp_path / ".hidden-but-not-temporary").write_bytes(b"kept")
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 cleans: another rank may be writing
     io.prepare_out_dir(tmp_path, outputs=[], overwrite=False)
-    assert (tmp_path / ".surface.abc123.tmp.npz").exists()
+    assert (tmp_path / ".surface.k2j_9x0a.tmp.npz").exists()
     monkeypatch.delenv("RANK")
     io.prepare_out_dir(tmp_path, outputs=[], overwrite=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden-but-not-temporary", "surface.npz"]

@@ -29,7 +29,10 @@ TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
 @click.option("--bottom-k", type=click.IntRange(min=0), default=0,
               help="Smallest (most negative) eigenvalues per checkpoint (a second Lanczos run).")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6,
-              help="Lanczos stopping rule: ||Hv - lambda v|| <= tol * |lambda_max| for every pair.")
+              help="Lanczos stopping rule: ||Hv - lambda v|| <= tol * |lambda_max| for every pair (see --criterion).")
+@click.option("--criterion", type=click.Choice(["residual", "eigenvalue"]), default="residual",
+              help="Lanczos convergence test: residual (accurate eigenvectors too, best for warm starts) or "
+                   "eigenvalue (estimated relative eigenvalue error residual^2/gap <= tol: about half the products).")
 @click.option("--max-matvecs", type=click.IntRange(min=1), default=None,
               help="Hessian-vector product budget per Lanczos run [default: max(300, 30 k)].")
 @click.option("--trace", is_flag=True, help="Estimate the trace with Hutch++ (--trace-matvecs products).")
@@ -48,7 +51,7 @@ TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
 @seed_option
 @out_options
 @click.pass_context
-def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_matvecs, density, density_iters,
+def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trace, trace_matvecs, density, density_iters,
             density_runs, per_layer, warm_start, model_spec, dataset, split, num_samples, batch_size, data_dir,
             device, seed, out, overwrite):
     """Hessian top eigenvalues (and trace, spectral density) of checkpoints along training.
@@ -86,15 +89,15 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
         "trace_matvecs": trace_matvecs, "trace_method": "hutch++", "density": density,
         "density_iters": density_iters, "density_runs": density_runs, "per_layer": per_layer,
         "dataset": dataset, "split": split, "num_samples": num_samples, "batch_size": batch_size,
-        "model_spec": model_spec, "seed": seed, "eval_mode": True,
+        "model_spec": model_spec, "seed": seed, "eval_mode": True, "criterion": criterion,
     }
     out_dir = Path(out)
     previous = _previous_results(out_dir / JSON_NAME)
     resume = False
     if previous is not None and not overwrite:
-        if previous.get("config") != config:
-            changed = sorted(k for k in set(config) | set(previous.get("config") or {})
-                             if config.get(k) != (previous.get("config") or {}).get(k))
+        before = {"criterion": "residual", **(previous.get("config") or {})}  # files from before --criterion
+        if before != config:
+            changed = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
             raise SharpscopeError(
                 f"{out_dir}/ holds results computed with other settings ({', '.join(changed)} differ); pass "
                 "--overwrite to replace them or choose another --out"
@@ -171,7 +174,8 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, max_matvecs, trace, trace_ma
         )
         check_finite_loss(checkpoint.model, loss_fn, batches, entry["path"])
         result = analyze_checkpoint(
-            checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, max_matvecs=max_matvecs,
+            checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, criterion=criterion,
+            max_matvecs=max_matvecs,
             trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs,
             density=density and not rank_info.enabled, density_iters=density_iters,
             density_runs=density_runs, per_layer=per_layer,

@@ -33,6 +33,7 @@ from sharpscope.hessian._operators import Float64Operator, make_generator
 __all__ = ["EigenResult", "lanczos_eigs"]
 
 WHICH = ("top", "bottom", "both")
+CRITERIA = ("residual", "eigenvalue")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,13 @@ class EigenResult:
     eigenvalues: Tensor  # (k,) float64 on CPU: "top" descending, "bottom" ascending, "both" descending (2k)
     eigenvectors: Tensor  # (n, k) float64 on the operator's device, orthonormal columns (Ritz vectors)
     residuals: Tensor  # (k,) float64 on CPU: ||H x_i - lambda_i x_i|| (Lanczos estimate, exact up to rounding)
-    converged: Tensor  # (k,) bool on CPU: residual <= tol * scale
+    converged: Tensor  # (k,) bool on CPU: met ``tol`` under ``criterion`` (residual <= tol * scale by default)
     num_matvecs: int  # Hessian-vector products spent
     num_restarts: int  # thick restarts performed
     tol: float  # requested relative residual tolerance
     scale: float  # max |Ritz value| at the end: the spectral-norm estimate residuals are relative to
     which: str  # "top" | "bottom" | "both"
+    criterion: str = "residual"  # the convergence test of ``converged``: "residual" | "eigenvalue"
 
     @property
     def all_converged(self) -> bool:
@@ -119,6 +121,7 @@ def lanczos_eigs(
     *,
     which: str = "top",
     tol: float = 1e-6,
+    criterion: str = "residual",
     max_matvecs: int | None = None,
     krylov_dim: int | None = None,
     v0: Tensor | None = None,
@@ -135,6 +138,11 @@ def lanczos_eigs(
         tol: relative residual tolerance: stop when ``||H x - lambda x|| <= tol * max|theta|`` for every wanted
             pair (the eigenvalue error is then about ``residual^2 / gap``, far below ``tol``). With a float32
             operator the products carry ~1e-7 relative noise, so ``tol`` much below 1e-6 may not be reachable.
+        criterion: ``"residual"`` (the test above: accurate eigenvectors too, e.g. for warm starts and Hessian
+            directions) or ``"eigenvalue"``: stop when the eigenvalue error estimate ``residual^2 / gap`` (Saad,
+            "Numerical Methods for Large Eigenvalue Problems", 2011, Thm. 3.9 with the gap to the nearest other
+            Ritz value) is <= ``tol * |theta|`` and the residual <= ``sqrt(tol) * max|theta|``: the eigenvalues
+            to relative accuracy ``tol`` with about half the products of a residual test at the same ``tol``.
         max_matvecs: product budget [default ``max(300, 30 * pairs)``]; on exhaustion the best Ritz pairs are
             returned with ``converged`` flags saying which met ``tol``.
         krylov_dim: basis size before a thick restart [default ``max(2 * pairs + 10, 30)``, capped at ``n``];
@@ -161,6 +169,8 @@ def lanczos_eigs(
         raise SharpscopeError(f"expected 1 <= k and {'2k' if which == 'both' else 'k'} <= n = {n}, got k = {k}")
     if not tol > 0:
         raise SharpscopeError(f"tol must be > 0 (a relative residual such as 1e-6), got {tol}")
+    if criterion not in CRITERIA:
+        raise unknown_name_error("convergence criterion", criterion, CRITERIA)
     m = min(krylov_dim if krylov_dim is not None else max(2 * count + 10, 30), n)
     if m < min(count + 1, n):
         raise SharpscopeError(
@@ -199,7 +209,7 @@ def lanczos_eigs(
             residuals = beta * Y[j - 1, :].abs()
             scale = float(theta.abs().max()) if j else 0.0
             wanted = _wanted(theta, count, which)
-            done = wanted.numel() == count and bool((residuals[wanted] <= tol * scale).all())
+            done = wanted.numel() == count and bool(_converged(theta, residuals, wanted, tol, scale, criterion).all())
             breakdown = beta <= 64 * torch.finfo(torch.float64).eps * max(scale, float(T[:j, :j].abs().max()), 1e-300)
             # A block started from a fresh vector after a breakdown must grow a little before its Ritz values are
             # trusted not to hide a larger eigenvalue of the unexplored complement.
@@ -251,10 +261,24 @@ def lanczos_eigs(
         eigenvalues=theta[wanted].clone(),
         eigenvectors=eigenvectors,
         residuals=res,
-        converged=res <= tol * scale,
+        converged=_converged(theta, residuals, wanted, tol, scale, criterion),
         num_matvecs=A.num_matvecs,
         num_restarts=num_restarts,
         tol=float(tol),
         scale=scale,
         which=which,
+        criterion=criterion,
     )
+
+
+def _converged(theta: Tensor, residuals: Tensor, wanted: Tensor, tol: float, scale: float, criterion: str) -> Tensor:
+    """Which wanted Ritz pairs meet ``tol`` under ``criterion`` (see :func:`lanczos_eigs`)."""
+    res = residuals[wanted]
+    if criterion == "residual":
+        return res <= tol * scale
+    if theta.numel() < 2:  # no second Ritz value: no gap estimate yet
+        return torch.zeros_like(res, dtype=torch.bool)
+    distance = (theta[wanted][:, None] - theta[None, :]).abs()
+    distance[torch.arange(wanted.numel()), wanted] = float("inf")  # not to itself
+    gap = distance.min(dim=1).values.clamp(min=torch.finfo(torch.float64).tiny)
+    return (res**2 / gap <= tol * theta[wanted].abs()) & (res <= tol**0.5 * scale)

@@ -120,6 +120,7 @@ def analyze_checkpoint(
     top_k: int = 5,
     bottom_k: int = 0,
     tol: float = 1e-6,
+    criterion: str = "residual",
     max_matvecs: int | None = None,
     trace: bool = False,
     trace_matvecs: int = 99,
@@ -144,7 +145,7 @@ def analyze_checkpoint(
         model, loss_fn, batches, params, eval_mode, check_deterministic: as for :class:`HessianOperator`.
         top_k, bottom_k: eigenpairs from the top (always) and the bottom (if ``bottom_k > 0``; a second Lanczos
             run, since the two ends converge at different speeds).
-        tol, max_matvecs: Lanczos stopping rule and budget (see :func:`lanczos_eigs`).
+        tol, criterion, max_matvecs: Lanczos stopping rule, convergence test and budget (see :func:`lanczos_eigs`).
         trace, trace_matvecs, trace_method: estimate ``tr(H)`` with ``"hutch++"`` (default) or ``"hutchinson"``.
         density, density_iters, density_runs, density_sigma, density_points: SLQ density (see
             :func:`spectral_density`; sigma is relative to the spectral range).
@@ -166,7 +167,8 @@ def analyze_checkpoint(
     if top_k < 1:
         raise SharpscopeError(f"top_k must be >= 1, got {top_k}")
     config = {
-        "top_k": top_k, "bottom_k": bottom_k, "tol": tol, "max_matvecs": max_matvecs, "trace": trace,
+        "top_k": top_k, "bottom_k": bottom_k, "tol": tol, "criterion": criterion, "max_matvecs": max_matvecs,
+        "trace": trace,
         "trace_matvecs": trace_matvecs, "trace_method": trace_method, "density": density,
         "density_iters": density_iters, "density_runs": density_runs, "density_sigma": density_sigma,
         "density_points": density_points, "per_layer": per_layer, "per_layer_k": per_layer_k,
@@ -182,13 +184,13 @@ def analyze_checkpoint(
     if v0 is not None and (v0.dim() not in (1, 2) or v0.shape[0] != operator.num_params):
         v0 = None  # a different architecture / parameter subset: cold start
     step("top")
-    top = lanczos_eigs(operator, min(top_k, operator.num_params), which="top", tol=tol, max_matvecs=max_matvecs,
-                       v0=v0, seed=seed)
+    top = lanczos_eigs(operator, min(top_k, operator.num_params), which="top", tol=tol, criterion=criterion,
+                       max_matvecs=max_matvecs, v0=v0, seed=seed)
     bottom = None
     if bottom_k > 0:
         step("bottom")
         bottom = lanczos_eigs(operator, min(bottom_k, operator.num_params), which="bottom", tol=tol,
-                              max_matvecs=max_matvecs, seed=seed + 1)
+                              criterion=criterion, max_matvecs=max_matvecs, seed=seed + 1)
     trace_estimate = None
     if trace:
         step("trace")
@@ -204,7 +206,8 @@ def analyze_checkpoint(
     if per_layer:
         step("per-layer")
         layers = per_layer_eigs(model, loss_fn, batches, k=per_layer_k, eval_mode=eval_mode,
-                                check_deterministic=False, tol=tol, max_matvecs=max_matvecs, seed=seed + 4)
+                                check_deterministic=False, tol=tol, criterion=criterion, max_matvecs=max_matvecs,
+                                seed=seed + 4)
         layer_matvecs = sum(result.num_matvecs for result in layers.values())
     loss = float(operator.loss())
     return CheckpointSpectrum(

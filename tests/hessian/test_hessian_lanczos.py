@@ -141,6 +141,22 @@ def test_breakdown_on_low_rank_matrix_finds_repeated_eigenvalues(k, which, expec
     assert result.all_converged and result.num_matvecs < 20
 
 
+@pytest.mark.parametrize("which", ["top", "bottom"])
+def test_eigenvalue_criterion_meets_its_tolerance_with_fewer_products(problem, which):
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    exact = torch.linalg.eigvalsh(dense_hessian(problem.model, problem.loss_fn, problem.batches)).cpu()
+    expected = _expected(exact, 3, which)
+    for seed in range(4):
+        by_value = lanczos_eigs(H, 3, which=which, tol=1e-5, criterion="eigenvalue", seed=seed)
+        by_residual = lanczos_eigs(H, 3, which=which, tol=1e-5, seed=seed)
+        # the promise: relative eigenvalue error <= tol (the estimate residual^2 / gap is what it stops on)
+        error = ((by_value.eigenvalues - expected).abs() / expected.abs()).max().item()
+        assert error <= 1e-5, (seed, error)
+        assert by_value.all_converged and by_value.criterion == "eigenvalue"
+        assert by_value.num_matvecs <= by_residual.num_matvecs, seed
+    assert by_value.num_matvecs < by_residual.num_matvecs
+
+
 @pytest.mark.parametrize(
     ("op", "kwargs", "match"),
     [
@@ -148,6 +164,7 @@ def test_breakdown_on_low_rank_matrix_finds_repeated_eigenvalues(k, which, expec
         (torch.eye(5), {"k": 0}, r"expected 1 <= k and k <= n = 5, got k = 0"),
         (torch.eye(5), {"k": 3, "which": "both"}, r"2k <= n = 5, got k = 3"),
         (torch.eye(5), {"tol": 0.0}, r"tol must be > 0"),
+        (torch.eye(5), {"criterion": "ritz"}, r"unknown convergence criterion 'ritz'"),
         (torch.eye(50), {"k": 5, "krylov_dim": 4}, r"krylov_dim=4 is too small for 5 eigenpairs"),
         (torch.eye(5), {"max_matvecs": 0}, r"max_matvecs must be >= 1"),
         (torch.eye(5), {"v0": torch.ones(4)}, r"v0 must have shape \(5,\) or \(5, b\)"),
