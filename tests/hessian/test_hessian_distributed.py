@@ -7,10 +7,6 @@ multiplies which probe / runs which Lanczos start vector, so the results must ag
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -54,34 +50,20 @@ def test_shard_must_match_the_process_group(shard):
         spectral_density(A, num_iters=3, num_runs=2, shard=shard)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(args: list[str], cwd) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, sharpscope_process):
     folder = tmp_path_factory.mktemp("hessian-dist")
-    _run([sys.executable, "-m", "sharpscope", "-q", "train", "--dataset", "digits", "--model", "mlp", "--epochs",
-          "1", "--batch-size", "64", "--out", str(folder / "run")], folder)
+    sharpscope_process(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+                        "--out", folder / "run"], folder)
     return folder / "run" / "final.pt"
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(checkpoint, tmp_path):
+def test_two_ranks_equal_one_process(checkpoint, tmp_path, sharpscope_process):
     options = [str(checkpoint), "--trace", "--density", "--density-runs", "4", "--density-iters", "10", "--top-k",
                "1", "--num-samples", "128", "--device", "cpu"]
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-          "-m", "sharpscope", "-q", "hessian-spectrum", *options, "--out", str(tmp_path / "two")], tmp_path)
-    _run([sys.executable, "-m", "sharpscope", "-q", "hessian-spectrum", *options, "--out", str(tmp_path / "one")],
-         tmp_path)
+    sharpscope_process(["hessian-spectrum", *options, "--out", tmp_path / "two"], tmp_path, ranks=2)
+    sharpscope_process(["hessian-spectrum", *options, "--out", tmp_path / "one"], tmp_path)
     one = json.loads((tmp_path / "one" / "spectrum.json").read_text())["checkpoints"]
     two = json.loads((tmp_path / "two" / "spectrum.json").read_text())["checkpoints"]
     assert len(one) == len(two) == 1

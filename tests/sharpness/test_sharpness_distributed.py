@@ -7,10 +7,6 @@ chunk alone, so splitting the chunks over ranks and gathering them must give the
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -55,29 +51,15 @@ def test_perturbations_are_not_gathered():
                              return_perturbation=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(args: list[str], cwd) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-
-
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path):
-    _run([sys.executable, "-m", "sharpscope", "-q", "train", "--dataset", "digits", "--model", "mlp", "--epochs",
-          "1", "--batch-size", "64", "--out", str(tmp_path / "run")], tmp_path)
+def test_two_ranks_equal_one_process(tmp_path, sharpscope_process):
+    sharpscope_process(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--batch-size", "64",
+                        "--out", tmp_path / "run"], tmp_path)
     # 7 chunks of 16 samples: blocks of 3 and 4 chunks, so the two ranks also run different group sizes
     options = [str(tmp_path / "run" / "final.pt"), "--measure", "worst,average", "--m", "16", "--rho", "0.05,0.1",
                "--steps", "3", "--num-draws", "3", "--max-chunks", "7", "--num-samples", "128", "--device", "cpu"]
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-          # "--": torchrun would read the abbreviation --m as one of its own options (--module, --master-port, ...)
-          "-m", "sharpscope", "--", "-q", "sharpness", *options, "--out", str(tmp_path / "two")], tmp_path)
-    _run([sys.executable, "-m", "sharpscope", "-q", "sharpness", *options, "--out", str(tmp_path / "one")], tmp_path)
+    sharpscope_process(["sharpness", *options, "--out", tmp_path / "two"], tmp_path, ranks=2)
+    sharpscope_process(["sharpness", *options, "--out", tmp_path / "one"], tmp_path)
     one = json.loads((tmp_path / "one" / "sharpness.json").read_text())["rows"]
     two = json.loads((tmp_path / "two" / "sharpness.json").read_text())["rows"]
     assert len(one) == len(two) == 4
