@@ -39,6 +39,9 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--m", "m", type=click.IntRange(min=1), default=None,
               help="m-sharpness: micro-batch size with its own perturbation [default: the whole batch].")
 @click.option("--sam-every", type=click.IntRange(min=1), default=1, help="SAM step every k steps.")
+@click.option("--sync-perturbation", is_flag=True,
+              help="Under torchrun: perturb with the gradient averaged over ranks (m = global batch) instead of "
+                   "each rank's own (m = per-rank batch, the SAM paper's setting).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Training batch size.")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear LR warm-up.")
@@ -60,7 +63,7 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
 def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, m, sam_every,
-            epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm, seed, save_every,
+            sync_perturbation, epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm, seed, save_every,
             precision, compile_, data_dir, download, device, out, overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
@@ -99,7 +102,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     config = TrainConfig(
         dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
         base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, m=m,
-        sam_every=sam_every, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
+        sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
         save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
     )

@@ -64,6 +64,7 @@ def training_step(
     autocast_dtype: torch.dtype | None = None,
     grad_scaler: torch.amp.GradScaler | None = None,
     max_grad_norm: float | None = None,
+    sync_perturbation: bool = False,
 ) -> StepResult:
     """Zero the gradients, run the forward/backward pass(es) and take one optimizer step.
 
@@ -81,6 +82,10 @@ def training_step(
         grad_scaler: a ``torch.amp.GradScaler`` for fp16 (ignored when disabled).
         max_grad_norm: clip the global l2 norm of the gradient the optimizer steps with (for SAM: the SAM
             gradient; clipping the clean gradient would not change ``eps``, which is scale-invariant).
+        sync_perturbation: under ``torch.distributed`` (a DistributedDataParallel ``model``), average the clean
+            gradient over the ranks before perturbing, so every rank perturbs with the global-batch gradient
+            (m = world size x per-rank batch, or x ``micro_batch_size``); one extra all-reduce per step. Default:
+            each rank perturbs with its own gradient (m = per-rank batch, Foret et al. 2021 section 4.1).
 
     Returns:
         :class:`StepResult` with the clean loss and correct count (tensors; no ``.item()`` inside).
@@ -144,6 +149,8 @@ def training_step(
                 clean = torch.autograd.grad(scale(loss), [params[i] for i in trainable], allow_unused=True)
             if scaler is not None:
                 found_inf = _unscale_clean_grads(scaler, clean, found_inf)
+            if sync_perturbation:
+                clean = _average_over_ranks(model, clean)
             grads: list[Tensor | None] = [None] * len(params)
             for i, g in zip(trainable, clean):
                 grads[i] = g
@@ -176,6 +183,19 @@ def training_step(
         raise
     assert total_loss is not None and total_correct is not None
     return StepResult(loss=total_loss, correct=total_correct)
+
+
+def _average_over_ranks(model: nn.Module, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+    """``grads`` averaged over the DDP process group (one flat all-reduce); unchanged outside DDP."""
+    inner = getattr(model, "_orig_mod", model)
+    if not isinstance(inner, nn.parallel.DistributedDataParallel):
+        return grads
+    present = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1) for g in present])
+    torch.distributed.all_reduce(flat, group=inner.process_group)
+    flat /= torch.distributed.get_world_size(inner.process_group)
+    averaged = iter(flat.split([g.numel() for g in present]))
+    return tuple(None if g is None else next(averaged).view_as(g) for g in grads)
 
 
 def _no_sync(model: nn.Module):

@@ -27,6 +27,7 @@ class TrainConfig:
     eta: float = 0.01  # ASAM offset in T = |w| + eta (Kwon et al. 2021)
     m: int | None = None  # m-sharpness micro-batch size (None = whole batch, plain SAM)
     sam_every: int = 1  # take the SAM step every k steps, a plain base step otherwise
+    sync_perturbation: bool = False  # under torchrun: perturb with the all-reduced gradient (m = global batch)
     epochs: int = 10  # passes over the training split
     batch_size: int = 128  # training batch size
     warmup_epochs: float = 0.0  # linear warm-up length, then cosine decay to 0 (per step)

@@ -14,6 +14,8 @@ the same command resumes from ``last.pt`` and ends exactly where an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import platform
 import sys
@@ -195,7 +197,8 @@ def train(
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for batch_index, (images, labels) in enumerate(bar):
             result = training_step(train_model, optimizer, loss_fn, images, labels, micro_batch_size=config.m,
-                                   autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm)
+                                   autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm,
+                                   sync_perturbation=config.sync_perturbation)
             scheduler.step()
             step += 1
             loss_sum += result.loss.double() * len(labels)
@@ -269,7 +272,9 @@ def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[s
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SharpscopeError(f"{config_path} is not valid JSON; pass --overwrite to start afresh") from None
     saved.pop("environment", None)
-    differing = sorted(k for k, v in config.to_dict().items() if saved.get(k) != v)
+    # a field added after the run was started holds its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    differing = sorted(k for k, v in config.to_dict().items() if saved.get(k, defaults.get(k)) != v)
     if differing:
         raise SharpscopeError(
             f"{out}/ holds an unfinished run with a different config ({', '.join(differing)}); "

@@ -1,4 +1,5 @@
-"""DDP training with 2 CPU ranks (gloo) equals the single-process reference with per-rank micro-batches.
+"""DDP training with 2 CPU ranks (gloo) equals the single-process reference with per-rank micro-batches
+(or, with ``--sync-perturbation``, plain SAM on the global batch).
 
 Under torchrun each rank perturbs with its own gradient (the clean pass skips DDP's all-reduce) and DDP averages
 the SAM gradients: that is m-sharpness SAM with m = the per-rank batch, which the reference below computes in one
@@ -29,7 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def reference_weights(epochs: int) -> dict[str, torch.Tensor]:
+def reference_weights(epochs: int, *, sync_perturbation: bool = False) -> dict[str, torch.Tensor]:
+    """Single-process SAM on both ranks' batches: one perturbation per rank's batch (m = per-rank batch), or with
+    ``sync_perturbation`` one for the concatenated batch (plain SAM on the global batch)."""
     data = load_dataset("digits")
     torch.manual_seed(0)
     model = create_model("mlp", in_channels=1, num_classes=10, image_size=8)
@@ -46,25 +49,30 @@ def reference_weights(epochs: int) -> dict[str, torch.Tensor]:
         for (x0, y0), (x1, y1) in zip(*loaders, strict=True):
             assert len(x0) == len(x1)
             training_step(model, optimizer, nn.CrossEntropyLoss(), torch.cat([x0, x1]), torch.cat([y0, y1]),
-                          micro_batch_size=len(x0))
+                          micro_batch_size=None if sync_perturbation else len(x0))
             scheduler.step()
     return model.state_dict()
 
 
 @pytest.mark.slow
-def test_ddp_sam_equals_single_process_per_rank_micro_batches(tmp_path):
+@pytest.mark.parametrize("sync_perturbation", [False, True])
+def test_ddp_sam_equals_single_process_reference(tmp_path, sync_perturbation):
     epochs = 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            f"--master_port={free_port()}", "-m", "sharpscope", "-q", "train", "--dataset", "digits",
            "--model", "mlp", "--optimizer", "sam", "--lr", "0.05", "--batch-size", str(PER_RANK_BATCH),
            "--epochs", str(epochs), "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    cmd += ["--sync-perturbation"] if sync_perturbation else []
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=True)["model_state"]
-    reference = reference_weights(epochs)
+    reference = reference_weights(epochs, sync_perturbation=sync_perturbation)
+    other = reference_weights(epochs, sync_perturbation=not sync_perturbation)
     for name, value in reference.items():
         diff = (ddp[name] - value).abs().max().item()
         assert diff < 1e-6, f"{name}: max |ddp - reference| = {diff:.3g}"
+    # the two settings really differ: the test could tell them apart
+    assert max((ddp[n] - other[n]).abs().max().item() for n in other) > 1e-4
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
-    assert config["environment"]["world_size"] == 2
+    assert config["environment"]["world_size"] == 2 and config["sync_perturbation"] == sync_perturbation
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == epochs
