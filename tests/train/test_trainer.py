@@ -55,6 +55,21 @@ def test_finished_or_different_runs_are_not_overwritten(tmp_path):
     assert load_checkpoint(tmp_path / "final.pt").config["lr"] == 0.01
 
 
+def test_a_run_started_before_a_config_field_existed_still_resumes(tmp_path):
+    train(TrainConfig(**FAST), out_dir=tmp_path, progress=False, log=lambda _: None)
+    (tmp_path / "final.pt").unlink()  # an unfinished run, as if killed after its last epoch's checkpoint
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["sync_perturbation"]  # written by a version without the field
+    config_path.write_text(json.dumps(saved))
+    train(TrainConfig(**FAST), out_dir=tmp_path, progress=False, log=lambda _: None)  # the field's default: resumes
+    assert (tmp_path / "final.pt").exists()
+    (tmp_path / "final.pt").unlink()
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(SharpscopeError, match=r"different config \(sync_perturbation\)"):
+        train(TrainConfig(**FAST, sync_perturbation=True), out_dir=tmp_path, progress=False, log=lambda _: None)
+
+
 def test_divergence_stops_with_a_message_naming_the_cause(tmp_path):
     config = TrainConfig(dataset="digits", model="mlp", epochs=2, batch_size=64, lr=1e6, momentum=0.9)
     with pytest.raises(TrainingDiverged, match=r"diverged.*epoch 1 by step \d+ \(lr .*lower --lr"):
