@@ -394,6 +394,8 @@ def _mark_points(ax, points, labels) -> None:
 
 
 def _print_summary(jobs, surfaces, written, world_size: int) -> None:
+    import numpy as np
+
     for job, s in zip(jobs, surfaces):
         facts = s.summary()
         acc = f" (accuracy {s.center_accuracy:.2%})" if s.center_accuracy == s.center_accuracy else ""
@@ -406,5 +408,11 @@ def _print_summary(jobs, surfaces, written, world_size: int) -> None:
         click.echo(f"{job['label']}: centre loss {s.center_loss:.4f}{acc}; grid {grid_shape} loss "
                    f"{facts['loss_min']:.4g}..{facts['loss_max']:.4g}; {computed} points in "
                    f"{seconds:.2f} s{ranks_text}{resumed_text} on {s.num_samples} samples")
+        bad = int((~np.isfinite(s.loss)).sum())
+        if bad:
+            why = (" (likely BatchNorm running variances extrapolated below 0 away from the checkpoints)"
+                   if "endpoints" in job else "")
+            click.echo(f"{job['label']}: {bad} of {s.loss.size} points have a non-finite loss{why}; the figures "
+                       "leave them blank")
     for path in written:
         click.echo(f"wrote {path}")

@@ -217,3 +217,19 @@ def test_torchrun_two_ranks_gives_the_single_process_surface(runs, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "ranks/surface.npz")["loss"],
                                   np.load(tmp_path / "single/surface.npz")["loss"])
     assert not list((tmp_path / "ranks").glob(".*partial*"))
+
+
+def test_non_finite_points_are_reported(tmp_path):
+    # convnet has BatchNorm: interpolated running variances turn negative far outside [0, 1] (NaN losses there)
+    for seed in ("0", "1"):
+        result = invoke("train", "--dataset", "digits", "--model", "convnet", "--epochs", "1", "--seed", seed,
+                        "--out", str(tmp_path / seed))
+        assert result.exit_code == 0, result.output
+    result = invoke("landscape", str(tmp_path / "0" / "final.pt"), "--compare", str(tmp_path / "1" / "final.pt"),
+                    "--directions", "interpolate", "--x", "-3:4:15", "--num-samples", "128",
+                    "--out", str(tmp_path / "line"))
+    assert result.exit_code == 0, result.output
+    loss = np.load(tmp_path / "line" / "surface.npz")["loss"]
+    bad = int((~np.isfinite(loss)).sum())
+    assert 0 < bad < loss.size and np.isfinite(loss[[6, 8]]).all()  # t = 0 and t = 1 are the models themselves
+    assert f"{bad} of 15 points have a non-finite loss (likely BatchNorm running variances" in result.output
