@@ -21,6 +21,7 @@ code of the paper puts L2 into the loss instead).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -30,13 +31,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sharpscope.errors import SharpscopeError, unknown_name_error
+from sharpscope.optim.bn import frozen_bn_stats
 from sharpscope.optim.perturbation import check_adaptive, check_eta, check_p, check_rho, joint_perturbation
 
 __all__ = ["SAM", "RHO_SCHEDULES"]
 
 RHO_SCHEDULES = ("constant", "lr")
 _SAM_GROUP_KEYS = ("rho", "p", "adaptive", "eta", "rho_schedule")
-_PICKLED_ATTRS = ("base_optimizer", "sam_every", "_sam_steps", "_perturbed", "_backups", "_backup_of")
+_PICKLED_ATTRS = ("base_optimizer", "sam_every", "model", "_sam_steps", "_perturbed", "_backups", "_backup_of")
 
 
 class SAM(Optimizer):
@@ -55,6 +57,10 @@ class SAM(Optimizer):
             learning rate when it was added (GSAM, Zhuang et al. ICLR 2022: rho_t proportional to lr_t).
         sam_every: take a SAM step every ``k`` steps (steps 0, k, 2k, ...); the steps in between are plain base
             steps with one forward/backward (in :meth:`step` and :func:`~sharpscope.optim.training_step`).
+        model: the module these parameters belong to. With it, :meth:`step` runs the closure's perturbed pass
+            under :func:`~sharpscope.optim.frozen_bn_stats`, so BatchNorm running statistics (and
+            ``num_batches_tracked``) come from the clean pass only, as in the paper's code. Without it the
+            optimizer cannot see the model's buffers and the closure's second call moves them too.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ``weight_decay``, ``betas``, ...).
 
     Raises:
@@ -66,8 +72,8 @@ class SAM(Optimizer):
     * ``sharpscope.optim.training_step(model, optimizer, loss_fn, x, y)``: both passes, BatchNorm statistics from
       the clean pass only, m-sharpness, AMP and clipping handled.
     * ``optimizer.step(closure)``: ``closure`` zeroes nothing and returns ``loss_fn(model(x), y)`` after calling
-      ``backward()`` on it. It runs once at ``w`` and once at ``w + eps``; wrap the second call's forward in
-      :func:`~sharpscope.optim.frozen_bn_stats` when :attr:`is_perturbed` is true to keep BatchNorm stats clean.
+      ``backward()`` on it. It runs once at ``w`` and once at ``w + eps``; construct with ``model=model`` to keep
+      BatchNorm statistics clean (``SAM(model.parameters(), torch.optim.SGD, model=model, lr=0.1)``).
     * by hand: backward at ``w``; ``first_step(zero_grad=True)``; backward at ``w + eps``; ``second_step()``.
     """
 
@@ -82,6 +88,7 @@ class SAM(Optimizer):
         eta: float = 0.01,
         rho_schedule: str = "constant",
         sam_every: int = 1,
+        model: torch.nn.Module | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)):
@@ -96,7 +103,10 @@ class SAM(Optimizer):
         defaults = dict(
             rho=rho, p=p, adaptive=adaptive, eta=eta, rho_schedule=rho_schedule, **base_kwargs
         )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise SharpscopeError(f"model must be the torch.nn.Module the parameters belong to, got {model!r}")
         self.sam_every = sam_every
+        self.model = model  # whose normalization statistics the perturbed closure pass must not move
         self._sam_steps = 0  # steps taken (SAM or plain), drives sam_every; saved in state_dict
         self._perturbed: list[Tensor] = []  # parameters currently at w + eps
         self._backups: list[Tensor] = []  # their exact old values, same order
@@ -219,7 +229,8 @@ class SAM(Optimizer):
             self._sam_steps += 1
             return loss
         self.first_step(zero_grad=True)
-        with torch.enable_grad():
+        clean_stats = frozen_bn_stats(self.model) if self.model is not None else contextlib.nullcontext()
+        with torch.enable_grad(), clean_stats:
             closure()
         self.second_step()
         return loss

@@ -80,3 +80,39 @@ def test_uninitialized_lazy_batchnorm_is_skipped():
     with frozen_bn_stats(model):
         model(torch.randn(4, 3))
     assert model[0].num_batches_tracked.item() == 0
+
+
+def test_step_closure_with_model_keeps_running_stats_from_the_clean_pass():
+    """SAM(..., model=model).step(closure): the closure's perturbed call leaves BatchNorm statistics alone, so
+    they equal one clean forward's; without ``model=`` the optimizer cannot see the buffers (documented)."""
+    from sharpscope.optim import SAM
+
+    x, y = batch()
+    results = {}
+    for with_model in (True, False):
+        model = tiny_mlp(bn=True)
+        clean_only = tiny_mlp(bn=True)
+        optimizer = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1,
+                        model=model if with_model else None)
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            clean_only(x)  # train mode: one update of the running statistics at the original weights
+        results[with_model] = [torch.equal(a, b) for a, b in
+                               zip(running_stat_buffers(model), running_stat_buffers(clean_only))]
+        assert model[1].num_batches_tracked.item() == (1 if with_model else 2)
+    assert all(results[True]), results[True]
+    assert not all(results[False])  # the perturbed pass moved running_mean/var: what model= prevents
+
+
+def test_sam_refuses_a_model_that_is_not_a_module():
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.optim import SAM
+
+    with pytest.raises(SharpscopeError, match="model must be the torch.nn.Module"):
+        SAM(tiny_mlp().parameters(), torch.optim.SGD, lr=0.1, model="mlp")
