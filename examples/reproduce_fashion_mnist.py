@@ -31,6 +31,7 @@ from pathlib import Path
 OPTIMIZERS = ("sgd", "sam")
 SHARPNESS_M = (8, 128)  # samples per chunk of m-sharpness (Foret et al. section 4.1)
 SHARPNESS_RHO = 0.05
+SHARPNESS_STEPS = 20  # projected-ascent steps of the worst-case estimate (Andriushchenko et al. 2023 use 20)
 
 
 def run(cmd: list[str]) -> None:
@@ -72,7 +73,7 @@ def analyse_all(folders: dict[str, list[Path]], results: Path, data_dir: str | N
     if not (results / "sharpness" / "sharpness.json").exists() or _missing(results / "sharpness" / "sharpness.json",
                                                                             finals):
         run(sharpscope("sharpness", *finals, "--measure", "worst", "--m", ",".join(map(str, SHARPNESS_M)),
-                       "--rho", str(SHARPNESS_RHO), "--max-chunks", "32", *extra, "--out", str(results / "sharpness")))
+                       "--rho", str(SHARPNESS_RHO), "--steps", str(SHARPNESS_STEPS), "--max-chunks", "32", *extra, "--out", str(results / "sharpness")))
     if not (results / "report" / "report.html").exists():
         pair = [str(folders[name][0]) for name in OPTIMIZERS]
         run(sharpscope("report", *pair, *extra, "--out", str(results / "report")))
@@ -117,7 +118,7 @@ def tabulate(folders: dict[str, list[Path]], results: Path, epochs: int, seeds: 
                     f"{_mean_std(column[f'sharpness_m{m_large}'], 4)} | {per_epoch:.0f} |")
     note = (f"\nFashion-MNIST, convnet, {epochs} epochs, seeds {','.join(map(str, seeds))}; mean ± std over seeds. "
             f"λ_max and trace (Hutch++) of the training loss Hessian and worst-case m-sharpness (ρ = {SHARPNESS_RHO}, "
-            f"5 ascent steps) on the first 1024 training samples, each final model in eval mode.\n")
+            f"{SHARPNESS_STEPS} ascent steps) on the first 1024 training samples, each final model in eval mode.\n")
     markdown = "\n".join(rows) + "\n" + note
 
     from sharpscope.io import write_json, write_text
