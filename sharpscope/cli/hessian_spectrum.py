@@ -11,6 +11,7 @@ import click
 from sharpscope.cli.options import (
     device_option,
     eval_set_options,
+    model_spec_option,
     out_options,
     resolve_device,
     seed_option,
@@ -44,8 +45,7 @@ TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
 @click.option("--per-layer", is_flag=True, help="Also the top eigenvalue of each layer's own Hessian block.")
 @click.option("--warm-start/--no-warm-start", default=True,
               help="Start each checkpoint's Lanczos run from the previous checkpoint's eigenvectors (same run).")
-@click.option("--model", "model_spec", default=None, metavar="SPEC",
-              help="For plain state_dict files: NAME[:key=value,...] or package.module:factory.")
+@model_spec_option
 @eval_set_options
 @device_option
 @seed_option

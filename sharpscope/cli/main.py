@@ -3,7 +3,7 @@
 Subcommands live one per module in ``sharpscope.cli`` and are imported only when run, so ``sharpscope --help``
 does not import torch. A :class:`~sharpscope.errors.SharpscopeError` (or an ``OSError``: disk full, permission
 denied) raised by any command is printed as one ``Error: ...`` line with exit code 1; bad usage (click's own
-checks) exits with 2.
+checks, and a :class:`~sharpscope.errors.UsageError` such as an unknown dataset name) exits with 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import click
 
 from sharpscope import __version__
-from sharpscope.errors import SharpscopeError
+from sharpscope.errors import SharpscopeError, UsageError
 
 #: command name -> (module, one-line help). Order is the order of a study.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -55,7 +55,7 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except SharpscopeError as exc:
             click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            sys.exit(2 if isinstance(exc, UsageError) else 1)
         except OSError as exc:  # the environment, not a bug: a full disk, a path too long, a folder not readable
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)

@@ -128,6 +128,14 @@ def eval_set_options(f: Callable) -> Callable:
     )(f)
 
 
+def model_spec_option(f: Callable) -> Callable:
+    """``--model SPEC``: which model a plain ``state_dict`` file (saved by other code) holds."""
+    return click.option("--model", "model_spec", default=None, metavar="SPEC",
+                        help="For plain state_dict files saved by other code: a registered NAME[:key=value,...] "
+                             "(e.g. resnet20) or package.module:factory[:key=value,...]; sharpscope checkpoints "
+                             "need none.")(f)
+
+
 def device_option(f: Callable) -> Callable:
     """``--device``: cpu, cuda, cuda:1, ... [default: cuda when available]."""
     return click.option("--device", default=None, metavar="DEVICE",
@@ -152,20 +160,20 @@ def resolve_device(device: str | None) -> "torch.device":  # noqa: F821
     """Turn ``--device`` into a torch.device, with a clear error for unusable ones."""
     import torch
 
-    from sharpscope.errors import SharpscopeError
+    from sharpscope.errors import UsageError
 
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise SharpscopeError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SharpscopeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SharpscopeError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise SharpscopeError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+        raise UsageError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
     return dev
 
 

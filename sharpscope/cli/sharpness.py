@@ -21,6 +21,7 @@ from sharpscope.cli.options import (
     IntList,
     device_option,
     eval_set_options,
+    model_spec_option,
     out_options,
     resolve_device,
     seed_option,
@@ -94,13 +95,14 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 @click.option("--keskar-eps", type=FloatList(positive=True), default="0.001,0.0005",
               help="Box sizes of keskar (Keskar et al. 2017 use 1e-3 and 5e-4).")
 @click.option("--pacbayes-draws", type=click.IntRange(min=1), default=10, help="Noise draws per sigma of pacbayes.")
+@model_spec_option
 @eval_set_options
 @seed_option
 @device_option
 @out_options
 @click.pass_context
 def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_values, p, steps, num_draws, eta,
-            max_chunks, keskar_eps, pacbayes_draws, dataset, split, num_samples, batch_size, data_dir, seed,
+            max_chunks, keskar_eps, pacbayes_draws, model_spec, dataset, split, num_samples, batch_size, data_dir, seed,
             device, out, overwrite):
     """Sharpness of checkpoints: m-sharpness grids, Keskar and PAC-Bayes measures, and their Kendall tau with
     the generalization gap.
@@ -134,7 +136,8 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
         pacbayes_draws=pacbayes_draws, seed=seed, batch_size=batch_size,
     )
     full_config = {"suite": config.to_dict(),
-                   "eval": {"dataset": dataset, "split": split, "num_samples": num_samples, "data_dir": data_dir}}
+                   "eval": {"dataset": dataset, "split": split, "num_samples": num_samples, "data_dir": data_dir,
+                            **({"model_spec": model_spec} if model_spec else {})}}
     paths = list(dict.fromkeys(expand_checkpoints(list(checkpoints))))
     out = Path(out)
     json_path = out / "sharpness.json"
@@ -159,7 +162,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
     try:
         _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
-             dataset, split, num_samples, batch_size, data_dir)
+             dataset, split, num_samples, batch_size, data_dir, model_spec)
     finally:
         if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
             distributed.barrier()
@@ -167,7 +170,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
 
 
 def _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
-         dataset, split, num_samples, batch_size, data_dir) -> None:
+         dataset, split, num_samples, batch_size, data_dir, model_spec) -> None:
     """The body of the command (after the arguments are checked), on every rank."""
     import numpy as np
     import torch
@@ -204,7 +207,8 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
         checkpoint = data = None
         if todo or record is None:
             checkpoint, data = analysis_inputs(path, dataset=dataset, split=split, num_samples=num_samples,
-                                               batch_size=batch_size, device=dev, data_dir=data_dir)
+                                               batch_size=batch_size, device=dev, data_dir=data_dir,
+                                               model_spec=model_spec)
             check_finite_loss(checkpoint.model, loss_fn, data, path)
             record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics,
                       "generalization_gap": checkpoint.generalization_gap, "num_eval_samples": data.num_samples}

@@ -56,7 +56,7 @@ def missing_files_error(name: str, wanted: str, dirs: Sequence[Path], *,
                         apt_package: str | None = None) -> SharpscopeError:
     """One line: which files are missing, where we looked, and the ways to get them."""
     ways = [f"`apt-get install {apt_package}`"] if apt_package else []
-    ways += [f"pass download=True (CLI: `sharpscope train --dataset {name} --download`)",
+    ways += [f"run `sharpscope train --dataset {name} --download` (download=True in Python)",
              f"or put them in {cache_dir(name)} (or --data-dir / $SHARPSCOPE_DATA)"]
     return SharpscopeError(
         f"dataset {name!r}: {wanted} not found; looked in {', '.join(str(d) for d in dirs)}. "

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from sharpscope.errors import SharpscopeError, unknown_name_error
+from sharpscope.errors import SharpscopeError, UsageError, unknown_name_error
 
 Factory = Callable[..., nn.Module]
 SHAPE_ARGS = ("in_channels", "num_classes", "image_size")
@@ -93,11 +93,11 @@ def create_model(name: str, *, in_channels: int, num_classes: int, image_size: i
     unknown = sorted(set(kwargs) - set(entry.options))
     if unknown:
         takes = ", ".join(entry.options) or "no options"
-        raise SharpscopeError(f"model {name!r} does not take {', '.join(unknown)} (it takes: {takes})")
+        raise UsageError(f"model {name!r} does not take {', '.join(unknown)} (it takes: {takes})")
     try:
         return entry.factory(in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
     except SharpscopeError:
         raise
     except (TypeError, ValueError) as exc:  # a key=value of the wrong type, e.g. mlp:hidden=1.5
-        raise SharpscopeError(f"model {name!r} cannot be built with {kwargs} ({exc}); fix the key=value "
+        raise UsageError(f"model {name!r} cannot be built with {kwargs} ({exc}); fix the key=value "
                               "arguments after its name") from None

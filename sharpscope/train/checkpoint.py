@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import os
 import pickle
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from sharpscope import __version__
-from sharpscope.errors import SharpscopeError
+from sharpscope.errors import SharpscopeError, UsageError
 from sharpscope.io import save_torch
 
 FORMAT = "sharpscope-checkpoint"
@@ -134,7 +136,9 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "Weights only load failed" in str(exc) or "Unsupported global" in str(exc):
+        # an opcode the safe unpickler does not know means damaged bytes, not a pickled object
+        damaged = "Unsupported operand" in str(exc)
+        if not damaged and ("Weights only load failed" in str(exc) or "Unsupported global" in str(exc)):
             raise SharpscopeError(
                 f"checkpoint {str(path)!r} holds pickled Python objects, not just tensors; sharpscope refuses to "
                 "load it because unpickling can run code. Re-save it as a plain state_dict "
@@ -209,6 +213,11 @@ def load_checkpoint(
             state = payload["model_state"]
         except KeyError as exc:
             raise SharpscopeError(f"checkpoint {str(path)!r} is missing its {exc.args[0]!r} entry; re-create it") from None
+        except (TypeError, ValueError):  # model_kwargs that is not a mapping: a hand-edited or foreign file
+            raise SharpscopeError(
+                f"checkpoint {str(path)!r} has a malformed 'model_kwargs' entry (expected a dict of the model's "
+                f"arguments, got {type(payload['model_kwargs']).__name__}); re-create it"
+            ) from None
         if model_spec is not None:
             model_name, model_kwargs = _parse_model_spec(model_spec, dataset or payload.get("dataset"))
         model = _build_model(model_name, model_kwargs)
@@ -272,7 +281,7 @@ def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, An
     kwargs: dict[str, Any] = {}
     for item in filter(None, arg_text.split(",")):
         if "=" not in item:
-            raise SharpscopeError(f"model spec {spec!r}: expected key=value arguments after ':', got {item!r}")
+            raise UsageError(f"model spec {spec!r}: expected key=value arguments after ':', got {item!r}")
         key, value = item.split("=", 1)
         kwargs[key.strip()] = _parse_value(value.strip())
     if ":" not in name and dataset is not None:
@@ -284,20 +293,34 @@ def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, An
     return name, kwargs
 
 
+def _import_from_here(module_name: str) -> Any:
+    """Import ``module_name`` as ``python -m`` would: also from the current folder. The ``sharpscope`` console
+    script does not put the current folder on ``sys.path``, so ``--model mynets:make_net`` run next to
+    ``mynets.py`` would otherwise fail where ``python -m sharpscope`` succeeds."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, here)
+        return importlib.import_module(module_name)
+
+
 def _build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if ":" in name:
         module_name, factory_name = name.split(":", 1)
         try:
-            module = importlib.import_module(module_name)
+            module = _import_from_here(module_name)
         except (ImportError, ValueError, TypeError) as exc:  # ValueError: empty name; TypeError: relative name
-            raise SharpscopeError(f"model factory {name!r}: cannot import {module_name!r} ({exc})") from None
+            raise UsageError(f"model factory {name!r}: cannot import {module_name!r} ({exc})") from None
         factory = getattr(module, factory_name, None)
         if not callable(factory):
-            raise SharpscopeError(f"model factory {name!r}: {module_name} has no callable {factory_name!r}")
+            raise UsageError(f"model factory {name!r}: {module_name} has no callable {factory_name!r}")
         try:
             model = factory(**kwargs)
         except TypeError as exc:  # wrong or missing key=value arguments
-            raise SharpscopeError(f"model factory {name!r} rejected its arguments {kwargs} ({exc}); fix the "
+            raise UsageError(f"model factory {name!r} rejected its arguments {kwargs} ({exc}); fix the "
                                   "key=value list after its name") from None
         if not isinstance(model, nn.Module):
             raise SharpscopeError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")

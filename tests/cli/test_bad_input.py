@@ -339,7 +339,7 @@ def test_a_damaged_member_header_is_refused(workspace, tmp_path, where, offset, 
 def test_train_with_a_badly_typed_model_argument_is_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["-q", "train", "--model", "mlp:hidden=1.5", "--epochs", "1",
                                       "--out", str(tmp_path / "run")])
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), repr(result.exception)
 
 
 @pytest.mark.parametrize(("spec", "message"), [

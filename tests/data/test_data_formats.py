@@ -96,7 +96,8 @@ def test_missing_files_message_names_the_apt_package():
     assert "\n" not in str(error)
     with pytest.raises(SharpscopeError, match=r"'fashion-mnist': train-images-idx3-ubyte\[\.gz\] not found; looked in "
                                               r"/nowhere\. To get them: `apt-get install dataset-fashion-mnist`, "
-                                              r"pass download=True"):
+                                              r"run `sharpscope train --dataset fashion-mnist --download` "
+                                              r"\(download=True in Python\)"):
         raise error
 
 
