@@ -36,8 +36,13 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--weight-decay", type=float, default=1e-4, help="Weight decay of the base optimizer.")
 @click.option("--rho", type=float, default=0.05, help="SAM/ASAM radius (ASAM usually 0.5-2).")
 @click.option("--p", "p", type=float, default=2.0, help="SAM norm p >= 1 (2 = the paper; inf = sign).")
-@click.option("--m", "m", type=click.IntRange(min=1), default=None,
-              help="m-sharpness: micro-batch size with its own perturbation [default: the whole batch].")
+@click.option("--eta", type=float, default=0.01, help="ASAM's offset in T = |w| + eta (Kwon et al. 2021).")
+@click.option("--rho-schedule", type=click.Choice(["constant", "lr"]), default="constant",
+              help="SAM/ASAM radius over training: constant, or lr: rho * lr_t / --lr (GSAM, Zhuang et al. 2022).")
+@click.option("--m", "--micro-batch-size", "m", type=click.IntRange(min=1), default=None,
+              help="m-sharpness: micro-batch size with its own perturbation [default: the whole batch]. "
+                   "Under torchrun use --micro-batch-size (torchrun takes --m for an abbreviation of its own "
+                   "options).")
 @click.option("--sam-every", type=click.IntRange(min=1), default=1, help="SAM step every k steps.")
 @click.option("--sync-perturbation", is_flag=True,
               help="Under torchrun: perturb with the gradient averaged over ranks (m = global batch) instead of "
@@ -53,8 +58,9 @@ def _parse_model(value: str) -> tuple[str, dict]:
               help="Seed for init, shuffling, augmentation.")
 @click.option("--save-every", type=click.IntRange(min=0), default=1,
               help="Write a trajectory checkpoint every k epochs (0: final.pt only).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = float16 autocast with a GradScaler "
+                   "(dynamic loss scaling, one update per step).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the dataset files.")
 @click.option("--download", is_flag=True, help="Fetch cifar10/cifar100/svhn/mnist/fashion-mnist if missing.")
@@ -62,9 +68,9 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--out", required=True, type=OutDir(), help="Run folder (resumed if it holds an unfinished run).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
-def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, m, sam_every,
-            sync_perturbation, epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm, seed, save_every,
-            precision, compile_, data_dir, download, device, out, overwrite):
+def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
+            sam_every, sync_perturbation, epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm,
+            seed, save_every, precision, compile_, data_dir, download, device, out, overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
     \b
@@ -73,10 +79,13 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
       sharpscope train --optimizer sam --rho 0.05 --out runs/sam
       sharpscope train --dataset fashion-mnist --model convnet --optimizer sam --epochs 10 --out runs/fm-sam
       sharpscope train --optimizer sam --m 16 --base-optimizer adamw --lr 1e-3 --out runs/msam
+      sharpscope train --optimizer sam --rho-schedule lr --precision fp16 --device cuda --out runs/gsam-fp16
+      torchrun --nproc_per_node=2 -m sharpscope train --optimizer sam --micro-batch-size 16 --out runs/ddp
 
     Writes config.json, metrics.jsonl, ckpt-epochNNN.pt (every --save-every epochs, from the initialisation)
     and final.pt into --out. Rerunning the same command after an interruption resumes the run.
     """
+    from sharpscope import distributed
     from sharpscope.data import load_dataset
     from sharpscope.data import list_datasets
     from sharpscope.errors import unknown_name_error
@@ -93,16 +102,20 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     for name, value in (("--lr", lr), ("--rho", rho)):
         if not value > 0 or value == float("inf"):
             raise click.BadParameter(f"must be a positive number, got {value}", param_hint=name)
-    for name, value in (("--momentum", momentum), ("--weight-decay", weight_decay)):
+    for name, value in (("--momentum", momentum), ("--weight-decay", weight_decay), ("--eta", eta)):
         if not value >= 0 or value == float("inf"):
             raise click.BadParameter(f"must be a number >= 0, got {value}", param_hint=name)
     if m is not None and m > batch_size:
         raise click.BadParameter(f"the micro-batch size must be <= --batch-size {batch_size}, got {m}",
-                                 param_hint="--m")
+                                 param_hint=["--m", "--micro-batch-size"])
+    if rho_schedule != "constant" and optimizer == "sgd":
+        raise click.BadParameter(f"{rho_schedule!r} schedules the SAM radius; it needs --optimizer sam or asam",
+                                 param_hint="--rho-schedule")
     config = TrainConfig(
         dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
-        base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, m=m,
-        sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs,
+        base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, eta=eta,
+        rho_schedule=rho_schedule, m=m, sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs,
+        batch_size=batch_size, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
         save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
     )
@@ -110,6 +123,8 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
         load_dataset(dataset, data_dir=data_dir, download=True)
     result = train(config, out_dir=out, device=resolve_device(device), overwrite=overwrite,
                    progress=show_progress(ctx))
+    if not distributed.info().is_main:  # under torchrun: rank 0 speaks for the job
+        return
     last = result.metrics[-1]
     click.echo(f"{optimizer} {model_name} on {dataset}: test accuracy {last['test_acc']:.2%} "
                f"(train {last['train_acc']:.2%}) after {last['epoch']} epochs")

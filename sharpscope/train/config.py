@@ -24,7 +24,8 @@ class TrainConfig:
     weight_decay: float = 1e-4  # L2 / decoupled weight decay of the base optimizer
     rho: float = 0.05  # SAM radius (Foret et al. 2021: 0.05 for CIFAR/Fashion-MNIST); ASAM typically 0.5-2
     p: float = 2.0  # SAM norm p >= 1 (2 = the paper, inf = sign perturbation)
-    eta: float = 0.01  # ASAM offset in T = |w| + eta (Kwon et al. 2021)
+    eta: float = 0.01  # ASAM offset in T = |w| + eta (Kwon et al. 2021); plain SAM ignores it
+    rho_schedule: str = "constant"  # constant | lr: rho_t = rho * lr_t / lr (GSAM, Zhuang et al. 2022)
     m: int | None = None  # m-sharpness micro-batch size (None = whole batch, plain SAM)
     sam_every: int = 1  # take the SAM step every k steps, a plain base step otherwise
     sync_perturbation: bool = False  # under torchrun: perturb with the all-reduced gradient (m = global batch)
@@ -36,7 +37,7 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip the (SAM) gradient to this global norm
     seed: int = 0  # seeds initialisation, shuffling and augmentation
     save_every: int = 1  # write ckpt-epochNNN.pt every k epochs (0: only final.pt)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)
     channels_last: bool | None = None  # None = on for CUDA conv nets
     compile: bool = False  # torch.compile the model
     data_dir: str | None = None  # where the dataset files are (None: search the default places)
@@ -59,9 +60,14 @@ class TrainConfig:
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0,
              f"max grad norm must be > 0, got {self.max_grad_norm}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
             (self.optimizer in ("sgd", "sam", "asam"),
              f"optimizer must be sgd, sam or asam, got {self.optimizer!r}"),
+            (self.rho_schedule in ("constant", "lr"),
+             f"rho schedule must be constant or lr, got {self.rho_schedule!r}"),
+            (self.optimizer != "sgd" or self.rho_schedule == "constant",
+             f"rho schedule {self.rho_schedule!r} needs optimizer sam or asam, got sgd; use the constant schedule"),
         ]
         for ok, message in checks:
             if not ok:

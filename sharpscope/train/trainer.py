@@ -8,6 +8,9 @@
     last.pt                the resume point (model, optimizer, scheduler, RNG), rewritten atomically each epoch
     final.pt               the trained model (with optimizer state), written last
 
+With ``precision="fp16"`` the ``torch.amp.GradScaler`` state (loss scale, growth tracker) of ``last.pt`` and
+``final.pt`` is stored under ``scheduler_state["grad_scaler_state"]`` and restored on resume.
+
 On the CPU the same config and seed give bit-identical metrics and weights; a killed run started again with
 the same command resumes from ``last.pt`` and ends exactly where an uninterrupted run would.
 """
@@ -20,6 +23,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,10 @@ from sharpscope.train.config import TrainConfig
 
 class TrainingDiverged(SharpscopeError):
     """The training loss became NaN or infinite."""
+
+
+_NO_STEP = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in the on-device first-bad-step record
+_GRAD_SCALER_KEY = "grad_scaler_state"  # where last.pt / final.pt keep the fp16 GradScaler state
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,13 @@ def train(
 
     Resumes automatically when ``out_dir`` holds an unfinished run with the same config; refuses to touch a
     finished or different run unless ``overwrite``.
+
+    Raises:
+        TrainingDiverged: a loss became NaN/inf. Each step records on the device the first step (counted over the
+            run, from 1) whose loss was not finite; it is read every 20 steps and at the end of each epoch (no host
+            sync per step), and the message names that step, its lr (and rho) and the newest checkpoint written
+            before its epoch, which is left in place.
+        SharpscopeError: a refused ``out_dir``, or ``precision="fp16"`` where torch has no fp16 autocast.
     """
     from sharpscope.data import DeviceLoader, eval_batches, load_dataset
     from sharpscope.models import create_model
@@ -122,6 +137,7 @@ def train(
     is_main = dist_info.is_main
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
     progress = progress and is_main
+    grad_scaler = _fp16_grad_scaler(device) if config.precision == "fp16" else None  # refused before any write
     out = Path(out_dir)
     resume_payload = _check_out_dir(out, config, overwrite=overwrite)
     distributed.barrier()
@@ -135,13 +151,13 @@ def train(
     channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" and has_conv)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": None}.get(
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
         config.precision, torch.bfloat16 if device.type == "cuda" else None)
 
     optimizer = create_optimizer(
         model.parameters(), name=config.optimizer, base=config.base_optimizer, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay, rho=config.rho, p=config.p, eta=config.eta,
-        sam_every=config.sam_every,
+        sam_every=config.sam_every, rho_schedule=config.rho_schedule,
     )
     loader = DeviceLoader(
         dataset.train_images, dataset.train_labels, batch_size=config.batch_size, mean=dataset.mean,
@@ -152,8 +168,9 @@ def train(
     test_batches = eval_batches(dataset, split="test", batch_size=1000, device=device)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch)))
+    lr_factor = cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    resume_state = _SchedulerAndScaler(scheduler, grad_scaler)  # what last.pt / final.pt store as scheduler_state
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     train_model = model
     if dist_info.enabled:
@@ -170,7 +187,7 @@ def train(
     if resume_payload is not None:
         model.load_state_dict(resume_payload["model_state"])
         optimizer.load_state_dict(resume_payload["optimizer_state"])
-        scheduler.load_state_dict(resume_payload["scheduler_state"])
+        resume_state.load_state_dict(resume_payload["scheduler_state"])
         torch.set_rng_state(resume_payload["rng_state"]["torch"])
         resumed_from = int(resume_payload["epoch"])
         start_epoch, step = resumed_from + 1, int(resume_payload["step"])
@@ -192,23 +209,31 @@ def train(
         loader.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        # the first step whose loss was not finite, recorded on the device (no host sync per step)
+        step_on_device = torch.full((), step, dtype=torch.int64, device=device)
+        first_bad_step = torch.full((), _NO_STEP, dtype=torch.int64, device=device)
         seen = 0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for batch_index, (images, labels) in enumerate(bar):
             result = training_step(train_model, optimizer, loss_fn, images, labels, micro_batch_size=config.m,
-                                   autocast_dtype=autocast_dtype, max_grad_norm=config.max_grad_norm,
-                                   sync_perturbation=config.sync_perturbation)
+                                   autocast_dtype=autocast_dtype, grad_scaler=grad_scaler,
+                                   max_grad_norm=config.max_grad_norm, sync_perturbation=config.sync_perturbation)
             scheduler.step()
             step += 1
+            step_on_device += 1
+            first_bad_step = torch.where(torch.isfinite(result.loss), first_bad_step,
+                                         torch.minimum(first_bad_step, step_on_device))
             loss_sum += result.loss.double() * len(labels)
             correct += result.correct
             seen += len(labels)
             if batch_index % 20 == 19 or batch_index == steps_per_epoch - 1:  # one host sync per 20 steps
-                mean_loss = float(loss_sum) / seen
-                if not _finite_everywhere(mean_loss, dist_info.enabled, device):
-                    _diverged(out, config, epoch, step, optimizer)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{float(correct) / seen:.3f}", refresh=False)
+                bad_step = _first_bad_step_everywhere(first_bad_step, dist_info.enabled)
+                if bad_step is not None:
+                    _diverged(out, config, bad_step, steps_per_epoch, lr_factor)
+                if progress:
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
+                                    refresh=False)
         bar.close()
         if dist_info.enabled:
             totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
@@ -216,8 +241,6 @@ def train(
             torch.distributed.all_reduce(totals)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
         train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen
-        if not math.isfinite(train_loss):
-            _diverged(out, config, epoch, step, optimizer)
         test_loss, test_acc = evaluate(model, test_batches, autocast_dtype=autocast_dtype)
         record = {
             "epoch": epoch, "step": step, "train_loss": train_loss, "train_acc": train_acc,
@@ -233,11 +256,11 @@ def train(
             f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({record['seconds']:.1f}s)")
         if epoch == config.epochs:
             save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=scheduler, **meta)
+                            optimizer=optimizer, scheduler=resume_state, **meta)
             (out / "last.pt").unlink(missing_ok=True)
         else:
             save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=scheduler, **meta)
+                            optimizer=optimizer, scheduler=resume_state, **meta)
 
     distributed.barrier()
     return TrainResult(
@@ -304,22 +327,88 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _finite_everywhere(value: float, distributed_run: bool, device: torch.device) -> bool:
-    """Whether ``value`` is finite on every rank (all ranks must agree before one of them stops)."""
-    finite = math.isfinite(value)
+def _fp16_grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler for fp16 autocast on ``device`` (torch's defaults: scale 2**16, halved on overflow, doubled
+    after 2000 clean steps), or a one-line error where this torch build has no fp16 autocast there."""
+    reason = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns and disables autocast for a dtype it lacks
+            with torch.autocast(device.type, dtype=torch.float16):
+                if not torch.is_autocast_enabled(device.type):
+                    reason = f"autocast to float16 is disabled on {device.type}"
+        if reason is None:
+            return torch.amp.GradScaler(device.type)
+    except RuntimeError as exc:  # torch refuses fp16 autocast or a scaler on this device type
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    raise SharpscopeError(
+        f"--precision fp16 needs CUDA: torch {torch.__version__} has no fp16 autocast with a GradScaler on "
+        f"{device.type} ({reason}); use --precision bf16 on the CPU"
+    )
+
+
+class _SchedulerAndScaler:
+    """The LR scheduler's ``state_dict`` with the fp16 GradScaler's (if any) under ``"grad_scaler_state"``, so a
+    resumed fp16 run continues with the loss scale it had (the checkpoint format has no slot of its own for it)."""
+
+    def __init__(self, scheduler: Any, grad_scaler: torch.amp.GradScaler | None) -> None:
+        self.scheduler, self.grad_scaler = scheduler, grad_scaler
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.scheduler.state_dict()
+        if self.grad_scaler is not None:
+            state[_GRAD_SCALER_KEY] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        scaler_state = state.pop(_GRAD_SCALER_KEY, None)
+        self.scheduler.load_state_dict(state)
+        if self.grad_scaler is not None and scaler_state is not None:
+            self.grad_scaler.load_state_dict(scaler_state)
+
+
+def _first_bad_step_everywhere(first_bad_step: torch.Tensor, distributed_run: bool) -> int | None:
+    """The earliest step (1-based, counted over the run) with a non-finite loss on any rank, or None (one host
+    sync; under torchrun one all-reduce, so all ranks agree before one of them stops)."""
     if distributed_run:
-        flag = torch.tensor([0.0 if finite else 1.0], device=device)
-        torch.distributed.all_reduce(flag)
-        finite = float(flag) == 0.0
-    return finite
+        first_bad_step = first_bad_step.clone()
+        torch.distributed.all_reduce(first_bad_step, op=torch.distributed.ReduceOp.MIN)
+    value = int(first_bad_step)
+    return None if value == _NO_STEP else value
 
 
-def _diverged(out: Path, config: TrainConfig, epoch: int, step: int, optimizer) -> None:
-    lr = optimizer.param_groups[0]["lr"]
-    cause = f"lr {lr:.3g}" + (f", rho {config.rho:g}" if config.optimizer != "sgd" else "")
-    good = out / "last.pt" if (out / "last.pt").exists() else None
-    kept = f"the last good checkpoint is {good}" if good else "no epoch had finished, so no checkpoint was kept"
+def _last_good_checkpoint(out: Path, before_epoch: int) -> tuple[Path, int] | None:
+    """The newest checkpoint in ``out`` from an epoch before ``before_epoch`` (a trajectory file if one is as new
+    as ``last.pt``), with its epoch; None if there is none."""
+    found = []
+    for path in out.glob("ckpt-epoch*.pt"):
+        number = path.stem[len("ckpt-epoch"):]
+        if number.isdigit() and int(number) < before_epoch:
+            found.append((int(number), 1, path))
+    if (out / "last.pt").exists():  # rewritten after every finished epoch, so it is from the one before
+        found.append((before_epoch - 1, 0, out / "last.pt"))
+    if not found:
+        return None
+    epoch, _, path = max(found)
+    return path, epoch
+
+
+def _diverged(out: Path, config: TrainConfig, bad_step: int, steps_per_epoch: int,
+              lr_factor: Callable[[int], float]) -> None:
+    """Raise :class:`TrainingDiverged` naming the step, the lr (and rho) it ran with and the last good checkpoint."""
+    epoch = (bad_step - 1) // steps_per_epoch + 1
+    factor = lr_factor(bad_step - 1)  # the scheduler's factor during step bad_step
+    cause = f"lr {config.lr * factor:.3g}"
+    if config.optimizer != "sgd":
+        cause += f", rho {config.rho * (factor if config.rho_schedule == 'lr' else 1.0):.3g}"
+    good = _last_good_checkpoint(out, epoch)
+    if good is None:
+        kept = "no checkpoint was written before it" + ("" if config.save_every else " (--save-every 0)")
+    else:
+        path, good_epoch = good
+        kept = f"the last good checkpoint is {path} (epoch {good_epoch}{'' if good_epoch else ', the initialisation'})"
     raise TrainingDiverged(
-        f"training diverged: the loss became NaN/inf in epoch {epoch} by step {step} ({cause}); "
+        f"training diverged: the loss became NaN/inf at step {bad_step} (epoch {epoch}; {cause}); "
         f"lower --lr{' or --rho' if config.optimizer != 'sgd' else ''} or add --max-grad-norm; {kept}"
     )

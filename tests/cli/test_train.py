@@ -42,16 +42,22 @@ def test_train_sgd_then_sam_prints_where_outputs_went(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [
-        (["--dataset", "digts"], "unknown dataset 'digts'; did you mean 'digits'", 1),
-        (["--model", "resnet2"], "unknown model 'resnet2'; did you mean", 1),
+        (["--dataset", "digts"], "unknown dataset 'digts'; did you mean 'digits'", 2),
+        (["--model", "resnet2"], "unknown model 'resnet2'; did you mean", 2),
         (["--optimizer", "adam"], "'adam' is not one of 'sgd', 'sam', 'asam'", 2),
         (["--rho", "0"], "Invalid value for", 2),
         (["--rho", "-0.05"], "Invalid value for", 2),
         (["--lr", "nan"], "--lr", 2),
         (["--m", "1000"], "micro-batch size must be <= --batch-size", 2),
+        (["--micro-batch-size", "1000"], "'--m' / '--micro-batch-size': the micro-batch size must be <=", 2),
+        (["--eta", "-1"], "Invalid value for --eta: must be a number >= 0", 2),
+        (["--eta", "nan"], "Invalid value for --eta", 2),
+        (["--rho-schedule", "lr"], "'lr' schedules the SAM radius; it needs --optimizer sam or asam", 2),
+        (["--rho-schedule", "cosine"], "'cosine' is not one of 'constant', 'lr'", 2),
+        (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16', 'fp16'", 2),
         (["--epochs", "0"], "Invalid value for '--epochs'", 2),
         (["--model", "mlp:hidden"], "expected NAME[:key=value", 2),
-        (["--device", "cuda:7"], "--device cuda:7", 1),
+        (["--device", "cuda:7"], "--device cuda:7", 2),
         (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "cifar", 1),
     ],
 )
@@ -62,6 +68,19 @@ def test_bad_input_one_line_no_traceback(tmp_path, args, message, code):
     assert "Traceback" not in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_micro_batch_size_is_the_m_option_and_the_sam_options_reach_the_optimizer(tmp_path):
+    """``--micro-batch-size`` (the spelling torchrun leaves alone) sets m; --eta and --rho-schedule reach SAM."""
+    out = tmp_path / "run"
+    result = invoke("-q", *FAST, "--epochs", "1", "--optimizer", "asam", "--rho", "0.5", "--eta", "0.2",
+                    "--rho-schedule", "lr", "--micro-batch-size", "16", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["m"], config["eta"], config["rho_schedule"]) == (16, 0.2, "lr")
+    group = torch.load(out / "final.pt", weights_only=True)["optimizer_state"]["param_groups"][0]
+    assert (group["adaptive"], group["eta"], group["rho_schedule"], group["rho"]) == (True, 0.2, "lr", 0.5)
+    assert "--micro-batch-size" in invoke("train", "--help").output
 
 
 def _train_cmd(out, epochs):
@@ -81,7 +100,7 @@ def test_kill_9_mid_run_then_rerun_resumes_bit_identically(tmp_path):
     while not (tmp_path / "killed" / "ckpt-epoch002.pt").exists() and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, f"exit status {proc.returncode}: the run ended before the kill"
     assert not (tmp_path / "killed" / "final.pt").exists(), "killed too late to test resume"
     rerun = subprocess.run(_train_cmd(tmp_path / "killed", epochs), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
