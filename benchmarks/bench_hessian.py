@@ -2,7 +2,7 @@
 
     python benchmarks/bench_hessian.py [--threads 1] [--quick] [--out bench_hessian.json]
 
-Workloads (CPU, float32 models as users run them, the CLI's default evaluation set: the first 1000 digits training
+Workloads (CPU, float32 models as users run them, the first 1000 digits training
 images in 2 batches of 500):
 
 * ``mlp``: the registry's ``mlp:hidden=32`` (2,410 parameters), trained 5 epochs with SGD. Truth: the dense

@@ -64,7 +64,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
 
     CHECKPOINTS are checkpoint files or run folders (their ckpt-epoch*.pt and final.pt). They are grouped by
     run (the parent folder's name) and sorted by epoch. The Hessian is that of the mean loss over a fixed
-    evaluation set: by default the first 1000 training samples in batches of 500, model in eval mode.
+    evaluation set: by default the first 1024 training samples in batches of 500, model in eval mode.
 
     Writes spectrum.json (per checkpoint: run, epoch, top eigenvalues, residuals, Hessian-vector products,
     convergence, trace +- stderr, density summary), the arrays in spectrum.npz, top_eigenvalues.png (one panel
@@ -76,7 +76,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
     import torch
     from tqdm import tqdm
 
-    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints
+    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints, run_names
     from sharpscope.errors import SharpscopeError
     from sharpscope.hessian import analyze_checkpoint
     from sharpscope.io import prepare_out_dir, save_figure, save_torch
@@ -119,10 +119,15 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         seen.add(path.resolve())
         payload, sha256 = read_checkpoint_file(path)
         epoch = payload.get("epoch") if isinstance(payload, dict) else None
-        entries.append({"path": path, "sha256": sha256, "run": path.resolve().parent.name,
-                        "epoch": epoch if isinstance(epoch, int) else None})
+        entries.append({"path": path, "sha256": sha256, "epoch": epoch if isinstance(epoch, int) else None})
         del payload
-    entries.sort(key=lambda e: (e["run"], e["epoch"] if e["epoch"] is not None else float("inf"), e["path"].name))
+    # runs are named by their folder (lengthened where two folders share a name: seed0/sgd, seed1/sgd) and kept
+    # in the order they were given; within a run, checkpoints go in epoch order
+    for entry, run in zip(entries, run_names([e["path"].parent for e in entries])):
+        entry["run"] = run
+    run_order = {run: i for i, run in enumerate(dict.fromkeys(e["run"] for e in entries))}
+    entries.sort(key=lambda e: (run_order[e["run"]], e["epoch"] if e["epoch"] is not None else float("inf"),
+                                e["path"].name))
     keys: set[str] = set()
     for entry in entries:
         key = base = _safe(f"{entry['run']}_{entry['path'].stem}")
@@ -200,7 +205,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
             if warm_start:  # saved before the record that makes it reusable; the run's older one removed after
                 save_torch({"sha256": entry["sha256"], "eigenvectors": result.top.eigenvectors.cpu()},
                            _warm_start_path(out_dir, entry))
-            _write(out_dir, config, records, arrays, made_by)
+            _write(out_dir, config, records, arrays, made_by, run_order)
             if warm_start:
                 for old in out_dir.glob(f".warm-start.{_safe(entry['run'])}.*.pt"):
                     if old != _warm_start_path(out_dir, entry):
@@ -212,9 +217,9 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         distributed.teardown()
     if not rank_info.is_main:
         return
-    _write(out_dir, config, records, arrays, made_by)
+    _write(out_dir, config, records, arrays, made_by, run_order)
 
-    records.sort(key=_order)
+    records.sort(key=lambda r: _order(r, run_order))
     runs: dict[str, list] = {}
     for index, record in enumerate(records):
         runs.setdefault(record["run"], []).append(
@@ -287,9 +292,9 @@ def _load_warm_start(out_dir: Path, entry: dict[str, Any]):
     return vectors if isinstance(vectors, torch.Tensor) and vectors.ndim == 2 else None
 
 
-def _order(record: dict[str, Any]) -> tuple:
-    """Records are grouped by run, then in epoch order (unknown epochs last)."""
-    return (record["run"], record["epoch"] if record["epoch"] is not None else float("inf"), record["key"])
+def _order(record: dict[str, Any], run_order: dict[str, int]) -> tuple:
+    """Records are grouped by run (in the order the runs were given), then in epoch order (unknown epochs last)."""
+    return (run_order.get(record["run"], len(run_order)), record["run"], record["epoch"] if record["epoch"] is not None else float("inf"), record["key"])
 
 
 class _StoredDensity:
@@ -369,11 +374,11 @@ def _record(entry: dict[str, Any], checkpoint, result) -> tuple[dict[str, Any], 
 
 
 def _write(out_dir: Path, config: dict[str, Any], records: list[dict[str, Any]], arrays: dict[str, Any],
-           made_by: dict[str, Any]) -> None:
+           made_by: dict[str, Any], run_order: dict[str, int]) -> None:
     """Rewrite spectrum.npz and spectrum.json (atomically) with every record so far (by run, then epoch)."""
     from sharpscope.io import write_json, write_npz
 
-    records.sort(key=_order)
+    records.sort(key=lambda r: _order(r, run_order))
     live = {r["key"] for r in records}
     kept = {name: value for name, value in arrays.items() if name.rsplit("__", 1)[0] in live}  # drop replaced
     write_npz(out_dir / NPZ_NAME, **kept)

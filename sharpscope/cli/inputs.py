@@ -98,3 +98,27 @@ def expand_checkpoints(paths: list[str]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
+
+
+def run_names(folders: list[Path]) -> list[str]:
+    """A display name per run folder: its own name, lengthened by parent folders until distinct folders get
+    distinct names (``seed0/sgd`` and ``seed1/sgd`` rather than two ``sgd``). The same folder, however it was
+    written, gets the same name.
+
+    >>> run_names([Path("/r/seed0/sgd"), Path("/r/seed1/sgd"), Path("/r/seed0/sam")])
+    ['seed0/sgd', 'seed1/sgd', 'sam']
+    """
+    resolved = [Path(f).resolve() for f in folders]
+    distinct = list(dict.fromkeys(resolved))
+    names: dict[Path, str] = {}
+    for folder in distinct:
+        depth = 1
+        while True:
+            name = "/".join(folder.parts[-depth:]) if len(folder.parts) > 1 else str(folder)
+            clash = [other for other in distinct if other != folder
+                     and "/".join(other.parts[-depth:]) == name]
+            if not clash or depth >= len(folder.parts) - 1:
+                names[folder] = name
+                break
+            depth += 1
+    return [names[f] for f in resolved]

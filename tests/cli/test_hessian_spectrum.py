@@ -39,12 +39,12 @@ def spectrum(runs, tmp_path_factory):
     return out, result.output
 
 
-def test_writes_results_sorted_by_run_then_epoch(spectrum):
+def test_writes_results_by_run_in_the_given_order_then_epoch(spectrum):
     out, output = spectrum
     data = json.loads((out / "spectrum.json").read_text())
     records = data["checkpoints"]
-    assert [(r["run"], r["epoch"]) for r in records] == [("sam", 0), ("sam", 1), ("sam", 2),
-                                                         ("sgd", 0), ("sgd", 1), ("sgd", 2)]
+    assert [(r["run"], r["epoch"]) for r in records] == [("sgd", 0), ("sgd", 1), ("sgd", 2),
+                                                         ("sam", 0), ("sam", 1), ("sam", 2)]
     arrays = np.load(out / "spectrum.npz")
     for r in records:
         assert len(r["top_eigenvalues"]) == 2 and r["top_eigenvalues"][0] >= r["top_eigenvalues"][1] > 0
@@ -62,6 +62,23 @@ def test_writes_results_sorted_by_run_then_epoch(spectrum):
     for name in ("top_eigenvalues.png", "density.png", "spectrum.json", "spectrum.npz"):
         assert f"wrote {out / name}" in output
     assert "lambda_1" in output and "sgd" in output and "sam" in output
+
+
+def test_runs_in_folders_of_the_same_name_stay_apart(runs, tmp_path):
+    """seed0/sgd and seed1/sgd are two runs (two panels, no warm start across them), not one zig-zag "sgd"."""
+    import shutil
+
+    for seed in ("seed0", "seed1"):
+        (tmp_path / seed / "sgd").mkdir(parents=True)
+        shutil.copy(runs / "sgd" / "final.pt", tmp_path / seed / "sgd" / "final.pt")
+    out = tmp_path / "out"
+    result = invoke("hessian-spectrum", tmp_path / "seed1" / "sgd", tmp_path / "seed0" / "sgd", "--top-k", 1,
+                    "--num-samples", 64, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "spectrum.json").read_text())["checkpoints"]
+    assert [r["run"] for r in records] == ["seed1/sgd", "seed0/sgd"]
+    assert len({r["key"] for r in records}) == 2
+    assert records[0]["top_eigenvalues"] == records[1]["top_eigenvalues"]  # same file, same cold start
 
 
 def test_top_eigenvalues_agree_with_scipy_eigsh(spectrum, runs):
