@@ -1,8 +1,9 @@
 """``sharpscope sharpness``: sharpness measures of checkpoints, and how well they rank generalization.
 
 A thin shell over :func:`sharpscope.sharpness.run_measure`: load each checkpoint and its fixed evaluation set,
-run every ``--measure``, write after each (checkpoint, measure) so an interrupted run resumes, then write the
-arrays, the figures and (for several checkpoints) Kendall's tau with the generalization gap.
+measure its generalization gap (:func:`sharpscope.sharpness.generalization_gap`) and run every ``--measure``,
+writing after each (checkpoint, measure) so an interrupted run resumes; then write the arrays, the figures and
+(for several checkpoints) Kendall's tau with the gap.
 """
 
 from __future__ import annotations
@@ -53,8 +54,21 @@ class MeasureList(click.ParamType):
         return names
 
 
-def _label(path: Path) -> str:
-    return f"{path.parent.name}/{path.name}"
+def _labels(paths: list[Path]) -> dict[Path, str]:
+    """``run/file`` per checkpoint, with run names that tell distinct folders apart (``seedA/sgd/final.pt`` and
+    ``seedB/sgd/final.pt``, not two ``sgd/final.pt``): the labels key the figure's panels."""
+    from sharpscope.cli.inputs import run_names
+
+    names = run_names([path.parent for path in paths])
+    return {path: f"{name}/{path.name}" for path, name in zip(paths, names)}
+
+
+def _same_config(old: dict, new: dict) -> bool:
+    """Whether a previous sharpness.json's config matches; one written before the gap was measured (no "gap"
+    settings) matches on the rest: its entries stay valid, and each checkpoint's gap is measured and added."""
+    if "gap" not in old:
+        new = {key: value for key, value in new.items() if key != "gap"}
+    return old == new
 
 
 def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -95,6 +109,9 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 @click.option("--keskar-eps", type=FloatList(positive=True), default="0.001,0.0005",
               help="Box sizes of keskar (Keskar et al. 2017 use 1e-3 and 5e-4).")
 @click.option("--pacbayes-draws", type=click.IntRange(min=1), default=10, help="Noise draws per sigma of pacbayes.")
+@click.option("--gap-samples", type=click.IntRange(min=1), default=None,
+              help="Measure the generalization gap on the first N samples of each of the train and test splits "
+                   "(bounds its cost on big datasets; more than a split has = all of it) [default: whole splits].")
 @model_spec_option
 @eval_set_options
 @seed_option
@@ -102,8 +119,8 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 @out_options
 @click.pass_context
 def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_values, p, steps, num_draws, eta,
-            max_chunks, keskar_eps, pacbayes_draws, model_spec, dataset, split, num_samples, batch_size, data_dir, seed,
-            device, out, overwrite):
+            max_chunks, keskar_eps, pacbayes_draws, gap_samples, model_spec, dataset, split, num_samples, batch_size,
+            data_dir, seed, device, out, overwrite):
     """Sharpness of checkpoints: m-sharpness grids, Keskar and PAC-Bayes measures, and their Kendall tau with
     the generalization gap.
 
@@ -118,9 +135,14 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     cross-entropy (no label smoothing). Chunks of m samples are cut from a --seed shuffled copy of it; the last
     num-samples mod m samples are left out.
 
-    Writes into --out: sharpness.json (config, provenance, per checkpoint/measure/m/rho: value, stderr, steps,
-    and each checkpoint's generalization gap = test error - train error from its metrics), sharpness.npz,
-    sharpness_vs_rho.png and, with two or more checkpoints that have metrics, kendall_tau.json/.png.
+    Each checkpoint's generalization gap = test error - train error is measured at its weights (eval mode, no
+    augmentation) on the train and test splits of its dataset (--dataset): whole splits, or the first
+    --gap-samples of each. (The metrics' train_acc a trainer logs is a running average over an epoch of moving
+    weights and augmented data, so the gap it gives is biased; it is kept as metrics_generalization_gap.)
+
+    Writes into --out: sharpness.json (config, provenance, per checkpoint: train_error, test_error,
+    generalization_gap; per checkpoint/measure/m/rho: value, stderr, steps), sharpness.npz,
+    sharpness_vs_rho.png and, with two or more checkpoints, kendall_tau.json/.png (also printed).
     sharpness.json is rewritten after each (checkpoint, measure): rerunning the same command resumes.
     """
     from sharpscope.cli.inputs import expand_checkpoints
@@ -137,7 +159,8 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     )
     full_config = {"suite": config.to_dict(),
                    "eval": {"dataset": dataset, "split": split, "num_samples": num_samples, "data_dir": data_dir,
-                            **({"model_spec": model_spec} if model_spec else {})}}
+                            **({"model_spec": model_spec} if model_spec else {})},
+                   "gap": {"num_samples": gap_samples}}
     paths = list(dict.fromkeys(expand_checkpoints(list(checkpoints))))
     out = Path(out)
     json_path = out / "sharpness.json"
@@ -147,7 +170,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
             previous = json.loads(json_path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = None
-        if previous is None or previous.get("config") != full_config:
+        if previous is None or not _same_config(previous.get("config") or {}, full_config):
             diff = _config_differences((previous or {}).get("config") or {}, full_config)
             raise SharpscopeError(
                 f"{json_path} holds results of a different configuration ({'; '.join(diff[:4]) or 'unreadable'}); "
@@ -162,7 +185,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
     shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
     try:
         _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
-             dataset, split, num_samples, batch_size, data_dir, model_spec)
+             dataset, split, num_samples, batch_size, data_dir, model_spec, gap_samples)
     finally:
         if rank_info.enabled:  # leave together: a rank exiting while gloo still talks to it aborts the job
             distributed.barrier()
@@ -170,7 +193,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
 
 
 def _run(ctx, paths, names, config, full_config, previous, out, json_path, overwrite, rank_info, shard, dev,
-         dataset, split, num_samples, batch_size, data_dir, model_spec) -> None:
+         dataset, split, num_samples, batch_size, data_dir, model_spec, gap_samples) -> None:
     """The body of the command (after the arguments are checked), on every rank."""
     import numpy as np
     import torch
@@ -179,13 +202,17 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
     from sharpscope.cli.inputs import analysis_inputs, check_finite_loss
     from sharpscope.io import write_json
     from sharpscope.results import file_sha256, provenance
+    from sharpscope.sharpness.generalization import generalization_gap
     from sharpscope.sharpness.suite import progress_total, run_measure
 
     if rank_info.is_main:
         for derived in OUTPUTS[1:]:  # rebuilt from sharpness.json at the end; stale ones must not outlive it
             (out / derived).unlink(missing_ok=True)
     done = {(e["sha256"], e["measure"]): e for e in (previous or {}).get("entries", [])}
-    known = {c["sha256"]: c for c in (previous or {}).get("checkpoints", [])}
+    # a record without a measured gap (written before it was measured) is rebuilt
+    known = {c["sha256"]: c for c in (previous or {}).get("checkpoints", []) if "train_error" in c}
+    labels = _labels(paths)
+    datasets: dict[str, Any] = {}  # name -> ImageDataset, loaded once for the gaps of all checkpoints
     loss_fn = torch.nn.CrossEntropyLoss()
     progress = show_progress(ctx) and rank_info.is_main
     records: list[dict] = []
@@ -210,9 +237,17 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
                                                batch_size=batch_size, device=dev, data_dir=data_dir,
                                                model_spec=model_spec)
             check_finite_loss(checkpoint.model, loss_fn, data, path)
-            record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics,
-                      "generalization_gap": checkpoint.generalization_gap, "num_eval_samples": data.num_samples}
-        record = {**record, "path": str(path), "label": _label(path), "sha256": sha}
+        if record is None:  # saved with the checkpoint's first entry (a failing first measure leaves no file)
+            train_batches, test_batches, total = _gap_batches(datasets, dataset or checkpoint.dataset, data_dir,
+                                                              gap_samples, batch_size, dev)
+            # every rank measures the whole gap (one pass over both splits: cheap next to the measures)
+            with tqdm(total=total, desc=f"{labels[path]} gap", unit="sample", leave=False, disable=not progress,
+                      file=sys.stderr) as bar:
+                gap = generalization_gap(checkpoint.model, loss_fn, train_batches, test_batches, progress=bar.update)
+            record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics, **gap.to_dict(),
+                      "metrics_generalization_gap": checkpoint.generalization_gap,
+                      "num_eval_samples": data.num_samples}
+        record = {**record, "path": str(path), "label": labels[path], "sha256": sha}
         records.append(record)
         for name in names:
             if (sha, name) in done:
@@ -221,7 +256,7 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
                 continue
             total = progress_total(name, config, record["num_eval_samples"])
             started = time.perf_counter()
-            with tqdm(total=total, desc=f"{_label(path)} {name}", unit="chunk" if total else "it", leave=False,
+            with tqdm(total=total, desc=f"{labels[path]} {name}", unit="chunk" if total else "it", leave=False,
                       disable=not progress, file=sys.stderr) as bar:
                 result = run_measure(name, checkpoint.model, loss_fn, data, config, progress=bar.update, shard=shard)
             entries.append({"checkpoint": str(path), "sha256": sha, "measure": name,
@@ -236,10 +271,37 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
     figure = _write_sharpness_figure(out, records, entries)
     if figure:
         written.append(figure)
-    written += _write_kendall(out, records, entries)
-    _print_summary(records, entries, reused)
+    table = _kendall_table(records, entries)
+    if table is not None:
+        written += _write_kendall(out, records, table)
+    _print_summary(records, entries, table, reused)
     for path in written:
         click.echo(f"wrote {path}")
+
+
+def _gap_batches(datasets: dict, name: str, data_dir: str | None, gap_samples: int | None, batch_size: int,
+                 device) -> tuple[Any, Any, int]:
+    """``(train batches, test batches, samples in both)`` the generalization gap is measured on: the first
+    ``gap_samples`` (all when None or more) of each split of dataset ``name``, normalised as in training, no
+    augmentation, in the stored order; built one batch at a time (a whole normalised split can be large)."""
+    from sharpscope.data import load_dataset, normalize
+
+    if name not in datasets:
+        datasets[name] = load_dataset(name, data_dir=data_dir)  # analysis_inputs just read it: no error here
+    data = datasets[name]
+
+    def batches(images, labels):
+        for start in range(0, len(labels), batch_size):
+            window = slice(start, start + batch_size)
+            yield normalize(images[window].to(device), data.mean, data.std), labels[window].to(device)
+
+    splits = []
+    for split in ("train", "test"):
+        images, labels = data.split(split)
+        count = len(labels) if gap_samples is None else min(gap_samples, len(labels))
+        splits.append((images[:count], labels[:count]))
+    total = sum(len(labels) for _, labels in splits)
+    return batches(*splits[0]), batches(*splits[1]), total
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -275,8 +337,8 @@ def _write_arrays(out: Path, config, records: list[dict], entries: list[dict], n
     n = len(records)
     arrays: dict[str, Any] = {
         "checkpoints": np.array([r["path"] for r in records]),
-        "generalization_gap": np.array([np.nan if r["generalization_gap"] is None else r["generalization_gap"]
-                                        for r in records], dtype=np.float64),
+        **{key: np.array([r[key] for r in records], dtype=np.float64)
+           for key in ("train_error", "test_error", "generalization_gap")},
         "m_values": np.array(config.m_values), "rho_values": np.array(config.rho_values),
         "adaptive_rho_values": np.array(config.adaptive_rho_values), "keskar_eps": np.array(config.keskar_eps),
     }
@@ -321,37 +383,44 @@ def _write_sharpness_figure(out: Path, records: list[dict], entries: list[dict])
     return save_figure(sharpness_vs_rho(panels), out / "sharpness_vs_rho.png")
 
 
-def _write_kendall(out: Path, records: list[dict], entries: list[dict]) -> list[Path]:
-    """Kendall tau of every scalar measure with the gap, over checkpoints whose metrics give one (>= 2 needed)."""
-    from sharpscope.io import save_figure, write_json
-    from sharpscope.plots.sharpness import kendall_tau_bars
+def _kendall_table(records: list[dict], entries: list[dict]) -> dict[str, float] | None:
+    """Kendall tau of every scalar measure (:func:`~sharpscope.sharpness.ranking_values`) with the measured gaps
+    across the checkpoints, NaN where a checkpoint lacks the measure; None for fewer than 2 checkpoints."""
     from sharpscope.sharpness.correlation import kendall_tau
     from sharpscope.sharpness.suite import ranking_values
 
-    with_gap = [r for r in records if r["generalization_gap"] is not None]
-    if len(with_gap) < 2:
-        return []
+    if len(records) < 2:
+        return None
     columns: dict[str, dict[str, float]] = {}
     for entry in entries:
         for label, value in ranking_values(entry["measure"], entry["result"]).items():
             columns.setdefault(label, {})[entry["checkpoint"]] = value
-    gaps = [r["generalization_gap"] for r in with_gap]
+    gaps = [r["generalization_gap"] for r in records]
     table = {}
     for label, values in columns.items():
-        column = [values.get(r["path"], math.nan) for r in with_gap]
+        column = [values.get(r["path"], math.nan) for r in records]
         table[label] = kendall_tau(column, gaps) if all(math.isfinite(v) for v in column) else math.nan
-    document = {"num_checkpoints": len(with_gap), "checkpoints": [r["path"] for r in with_gap],
-                "generalization_gap": gaps, "tau": table,
-                "definition": "Kendall tau-b between each measure and test error - train error across checkpoints"}
+    return table
+
+
+def _write_kendall(out: Path, records: list[dict], table: dict[str, float]) -> list[Path]:
+    """kendall_tau.json and kendall_tau.png of :func:`_kendall_table`'s table."""
+    from sharpscope.io import save_figure, write_json
+    from sharpscope.plots.sharpness import kendall_tau_bars
+
+    document = {"num_checkpoints": len(records), "checkpoints": [r["path"] for r in records],
+                "generalization_gap": [r["generalization_gap"] for r in records], "tau": table,
+                "definition": "Kendall tau-b between each measure and the generalization gap (test error - train "
+                              "error, measured at each checkpoint's weights) across checkpoints"}
     paths = [write_json(out / "kendall_tau.json", document)]
-    paths.append(save_figure(kendall_tau_bars(table, num_models=len(with_gap)), out / "kendall_tau.png"))
+    paths.append(save_figure(kendall_tau_bars(table, num_models=len(records)), out / "kendall_tau.png"))
     return paths
 
 
-def _print_summary(records: list[dict], entries: list[dict], reused: int) -> None:
+def _print_summary(records: list[dict], entries: list[dict], table: dict[str, float] | None, reused: int) -> None:
     for record in records:
-        gap = record["generalization_gap"]
-        click.echo(f"{record['label']}" + (f"  (generalization gap {gap:+.4f})" if gap is not None else ""))
+        click.echo(f"{record['label']}  (train error {record['train_error']:.4f}, test error "
+                   f"{record['test_error']:.4f}, generalization gap {record['generalization_gap']:+.4f})")
         for entry in (e for e in entries if e["checkpoint"] == record["path"]):
             result, name = entry["result"], entry["measure"]
             if result["kind"] == "grid":
@@ -366,5 +435,10 @@ def _print_summary(records: list[dict], entries: list[dict], reused: int) -> Non
             else:
                 flag = "" if result["bracketed"] else " (at the end of the search range)"
                 click.echo(f"  {name:<9} sigma'={result['sigma']:.4g}  1/sigma'^2={result['measure']:.4g}{flag}")
+    if table is not None:
+        click.echo(f"Kendall tau with the generalization gap ({len(records)} checkpoints):")
+        width = max(map(len, table))
+        for label, tau in table.items():
+            click.echo(f"  {label:<{width}}  {'n/a' if math.isnan(tau) else format(tau, '+.3f')}")
     if reused:
         click.echo(f"reused {reused} result(s) from a previous run with the same configuration")

@@ -29,7 +29,7 @@ def _measure_label(result: Any) -> str:
     p = "inf" if result.p == math.inf else f"{result.p:g}"
     kind = {"worst": "worst-case", "average": "average-case"}.get(result.measure, result.measure)
     adaptive = "adaptive " if result.adaptive else ""
-    unit = "steps" if result.measure == "worst" else "draws"
+    unit = ("step" if result.measure == "worst" else "draw") + ("" if result.steps == 1 else "s")
     return f"{adaptive}{kind} (p={p}, {result.steps} {unit})"
 
 

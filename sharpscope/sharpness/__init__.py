@@ -9,12 +9,14 @@ the model evaluated in eval mode on a fixed evaluation set, cut into disjoint ch
 * :func:`average_case_sharpness`: ``E_B E_delta L_B(w + rho c xi) - L_B(w)``, Gaussian or uniform ``xi``;
 * :func:`keskar_sharpness`: Keskar et al. 2017's epsilon-sharpness;
 * :func:`pac_bayes_flatness`: Jiang et al. 2020's PAC-Bayes ``sigma'`` and ``1/sigma'^2``;
+* :func:`generalization_gap`: the gap those are ranked against, test error - train error measured at ``w``;
 * :func:`kendall_tau` / :func:`kendall_tau_table`: rank correlation of a measure with the generalization gap;
 * :func:`run_measure` with a :class:`SuiteConfig`: any of the above by name, as a JSON-ready record.
 """
 
 from sharpscope.sharpness.average_case import average_case_sharpness
 from sharpscope.sharpness.correlation import kendall_tau, kendall_tau_table
+from sharpscope.sharpness.generalization import GeneralizationGap, generalization_gap
 from sharpscope.sharpness.keskar import keskar_sharpness
 from sharpscope.sharpness.pac_bayes import pac_bayes_flatness, top1_accuracy
 from sharpscope.sharpness.result import PacBayesResult, SharpnessEstimate, SharpnessResult
@@ -30,6 +32,8 @@ __all__ = [
     "pac_bayes_flatness",
     "top1_accuracy",
     # correlation with generalization
+    "generalization_gap",
+    "GeneralizationGap",
     "kendall_tau",
     "kendall_tau_table",
     # several measures of one model (what the CLI runs)

@@ -47,6 +47,15 @@ def test_sharpness_vs_rho_accepts_plain_results_and_marks_missing_panels(grids):
     assert "not computed" in axes[1, 0].texts[0].get_text()
 
 
+def test_panel_titles_say_step_and_draw_in_the_singular_for_one(grids):
+    model, data = tiny_mlp(n=16)
+    one = {"worst": m_sharpness(model, CE, data, m_values=[8], rho_values=[0.1], steps=1),
+           "average": m_sharpness(model, CE, data, m_values=[8], rho_values=[0.1], measure="average", num_draws=1)}
+    titles = [ax.get_title() for ax in sharpness_vs_rho({"one": one, "sgd": grids["sgd"]}).axes]
+    assert "worst-case (p=2, 1 step)" in titles[0] and "worst-case (p=2, 2 steps)" in titles[1]
+    assert "average-case (p=2, 1 draw)" in titles[2]  # rows: worst, average, adaptive
+
+
 def test_kendall_tau_bars_fixed_axis_and_labels():
     fig = kendall_tau_bars({"a": 0.5, "b": -1.0, "c": float("nan")}, num_models=5)
     ax = fig.axes[0]
