@@ -3,6 +3,7 @@
     python benchmarks/bench_landscape.py                # ~2-4 min on 2 shared CPU cores, 1 torch thread
     python benchmarks/bench_landscape.py --quick        # smoke run (seconds)
     python benchmarks/bench_landscape.py --json out.json
+    python benchmarks/bench_landscape.py --fixtures cnn --no-ll --repeats 5   # the CNN rows alone
 
 Every method evaluates the same model on the same 1,024 samples at the same grid points along the same two
 filter-normalised directions; values are compared point by point against the serial reference. Fixtures:
@@ -13,7 +14,7 @@ filter-normalised directions; values are compared point by point against the ser
 * ``mlp``: sharpscope's ``mlp`` (64-128-10) on 1,000 digits training samples: a cheap forward, so per-point
   overhead dominates.
 
-Methods (grid points per second, best of ``--repeats`` interleaved runs, one torch thread):
+Methods (grid points per second, best and median of ``--repeats`` interleaved runs, one torch thread):
 
 * ``forward-only``: the bound: one inference pass over the evaluation set per point, nothing else (weights not
   even changed). Every method evaluates each point with one such pass, so none can beat it.
@@ -25,7 +26,8 @@ Methods (grid points per second, best of ``--repeats`` interleaved runs, one tor
 * ``reference (pre-batched)``: the same loop over the same pre-built batch tensors sharpscope uses: isolates what
   the weight-update path and the data path each cost.
 * ``sharpscope``: :func:`sharpscope.landscape.loss_surface` (bs 128, and the whole set as one batch of 1,024;
-  ``channels_last`` on/off for the CNN).
+  ``channels_last`` on/off for the CNN; the default layout, ``channels_last=None``, as the CLI runs it; and
+  ``compile=True``, ``sharpscope landscape --compile``, whose first call compiles and is timed apart).
 * ``loss-landscapes 3.0.6``: ``planar_interpolation`` with end points ``w0 - d1 - d2 + 2 d1`` and
   ``w0 - d1 - d2 + 2 d2`` so it walks the same plane; its ``Loss`` metric (one forward over all inputs,
   ``.item()``). It steps in place on a staggered grid (reference/landscape.md section 2); its values are compared
@@ -156,10 +158,11 @@ def forward_only(model, xs, ys, x, y, batch_size: int = 128, channels_last: bool
     return out
 
 
-def sharpscope_surface(model, directions, xs, ys, x, y, *, batch_size: int, channels_last: bool) -> np.ndarray:
+def sharpscope_surface(model, directions, xs, ys, x, y, *, batch_size: int, channels_last: bool | None,
+                       compile: bool = False) -> np.ndarray:
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
     s = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=directions, coords=(xs, ys),
-                     channels_last=channels_last, check_determinism=False)
+                     channels_last=channels_last, compile=compile, check_determinism=False)
     return s.loss
 
 
@@ -191,7 +194,10 @@ def loss_landscapes_plane(model, directions, steps, x, y):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool) -> dict:
+COMPILE_ROW = "sharpscope bs 128 --compile (torch.compile)"
+
+
+def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool, with_compile: bool = True) -> dict:
     model, x, y = fx.model, fx.x, fx.y
     directions = random_directions(model, dim=2, seed=0)
     xs = ys = grid(-1, 1, n)
@@ -206,11 +212,16 @@ def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool) -> dict:
                                                         channels_last=False),
         "sharpscope bs 1024 (one batch)": lambda: sharpscope_surface(model, directions, xs, ys, x, y,
                                                                      batch_size=len(y), channels_last=False),
+        "sharpscope bs 128 default (loss_surface as the CLI calls it)": lambda: sharpscope_surface(
+            model, directions, xs, ys, x, y, batch_size=128, channels_last=None),
     }
+    if with_compile:
+        methods[COMPILE_ROW] = lambda: sharpscope_surface(model, directions, xs, ys, x, y, batch_size=128,
+                                                          channels_last=None, compile=True)
     if x.dim() == 4:
         methods["forward-only channels_last (bound)"] = lambda: forward_only(model, xs, ys, x, y,
                                                                             channels_last=True)
-        methods["sharpscope bs 128 channels_last (default for convnets)"] = lambda: sharpscope_surface(
+        methods["sharpscope bs 128 channels_last (default on CUDA only)"] = lambda: sharpscope_surface(
             model, directions, xs, ys, x, y, batch_size=128, channels_last=True)
     ll_error = None
     if with_ll:
@@ -222,6 +233,11 @@ def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool) -> dict:
     times: dict[str, list[float]] = {k: [] for k in methods}
     values: dict[str, np.ndarray] = {}
     ll_coords = None
+    compile_first_s = None
+    if COMPILE_ROW in methods:  # the first call compiles (once per process): timed apart, not in the repeats
+        t0 = time.perf_counter()
+        methods[COMPILE_ROW]()
+        compile_first_s = time.perf_counter() - t0
     for _ in range(repeats):
         for name, fn in methods.items():
             t0 = time.perf_counter()
@@ -234,10 +250,14 @@ def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool) -> dict:
     ref = values["reference (TG: deepcopy + load_state_dict + DataLoader)"]
     ref_best = min(times["reference (TG: deepcopy + load_state_dict + DataLoader)"])
     rows = []
+    ref_median = float(np.median(times["reference (TG: deepcopy + load_state_dict + DataLoader)"]))
     for name in methods:
-        best = min(times[name])
-        row = {"method": name, "points": points, "best_s": best, "points_per_s": points / best,
-               "ms_per_point": 1e3 * best / points, "speedup_vs_reference": ref_best / best}
+        best, median = min(times[name]), float(np.median(times[name]))
+        row = {"method": name, "points": points, "best_s": best, "median_s": median, "points_per_s": points / best,
+               "points_per_s_median": points / median, "ms_per_point": 1e3 * best / points,
+               "speedup_vs_reference": ref_best / best, "speedup_vs_reference_median": ref_median / median}
+        if name == COMPILE_ROW:
+            row["first_call_s"] = compile_first_s
         if name.startswith("forward-only"):
             row["max_abs_diff_vs_reference"] = None
         elif name.startswith("loss-landscapes"):
@@ -262,7 +282,8 @@ def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool) -> dict:
 def print_table(result: dict) -> None:
     print(f"\n## {result['fixture']}: {result['params']:,} parameters, {result['samples']} samples, "
           f"grid {result['grid']}")
-    print("| method | ms/point | points/s | vs reference (TG) | max abs diff vs reference |")
+    print("| method | ms/point | points/s best (median) | vs reference (TG) best (median) | "
+          "max abs diff vs reference |")
     print("|---|---|---|---|---|")
     for r in result["rows"]:
         diff = r.get("max_abs_diff_vs_reference")
@@ -270,8 +291,12 @@ def print_table(result: dict) -> None:
             diff_text = f"{r['max_abs_diff_vs_sharpscope_at_its_points']:.1e} (at its own points)"
         else:
             diff_text = "-" if diff is None else f"{diff:.1e}"
-        print(f"| {r['method']} | {r['ms_per_point']:.2f} | {r['points_per_s']:.1f} | "
-              f"{r['speedup_vs_reference']:.2f}x | {diff_text} |")
+        print(f"| {r['method']} | {r['ms_per_point']:.2f} | {r['points_per_s']:.1f} ({r['points_per_s_median']:.1f}) | "
+              f"{r['speedup_vs_reference']:.2f}x ({r['speedup_vs_reference_median']:.2f}x) | {diff_text} |")
+    for r in result["rows"]:
+        if r.get("first_call_s") is not None:
+            print(f"{r['method']}: the first call, which compiles, took {r['first_call_s']:.1f} s "
+                  f"({result['grid']} grid; not in the repeats)")
     if result["loss_landscapes_note"]:
         print(f"loss-landscapes: {result['loss_landscapes_note']}")
 
@@ -283,23 +308,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--no-ll", action="store_true", help="skip loss-landscapes")
     parser.add_argument("--fixtures", default="cnn,mlp")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--cnn-grid", type=int, default=None, help="points per axis of the cnn grid [9]")
+    parser.add_argument("--mlp-grid", type=int, default=None, help="points per axis of the mlp grid [21]")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     repeats = 1 if args.quick else args.repeats
-    sizes = {"cnn": 3 if args.quick else 9, "mlp": 5 if args.quick else 21}
+    sizes = {"cnn": args.cnn_grid or (3 if args.quick else 9), "mlp": args.mlp_grid or (5 if args.quick else 21)}
     results = {"env": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "loadavg_start": list(os.getloadavg())},
                "fixtures": []}
     for name in args.fixtures.split(","):
         fx = cnn_fixture() if name == "cnn" else mlp_fixture()
-        result = run_fixture(fx, n=sizes[name], repeats=repeats, with_ll=not args.no_ll)
+        result = run_fixture(fx, n=sizes[name], repeats=repeats, with_ll=not args.no_ll,
+                             with_compile=not args.no_compile)
         results["fixtures"].append(result)
         print_table(result)
         sys.stdout.flush()
     results["env"]["loadavg_end"] = list(os.getloadavg())
     print(f"\nload average {results['env']['loadavg_start']} -> {results['env']['loadavg_end']} "
-          f"(2 shared cores); best of {repeats} interleaved runs")
+          f"(2 shared cores); best (median) of {repeats} interleaved runs")
     if args.json:
         from sharpscope.io import write_json
 

@@ -1,8 +1,13 @@
 """The study report: one self-contained HTML page comparing training runs (SGD vs SAM ...).
 
-This module only *assembles*: it reads run folders (``config.json``, ``metrics.jsonl``) and the figures and JSON
-results that the analysis commands wrote, and lays them out. Figures are embedded as base64 PNGs so the page is
-one file that opens offline; the interactive plotly surfaces are linked next to it.
+This module computes nothing: it reads run folders (``config.json``, ``metrics.jsonl``) and the results that the
+analysis commands wrote into the report folder (``spectrum/``, ``spectrum-final/``, ``sharpness/`` JSON and
+arrays, ``landscape/`` and ``interpolation/`` figures), draws the report's own figures from those results, and lays
+everything out. So a report can be re-rendered from the analyses on disk at any time.
+
+Every figure and table lists the runs in one order, the order they were given (the command line's). Figures are
+embedded as base64 PNGs so the page is one file that opens offline; the interactive plotly surfaces are linked
+next to it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from sharpscope.errors import SharpscopeError
 
+#: Kendall's tau is shown only over at least this many checkpoints: over two it is +-1 whatever the measure (it
+#: only says whether the sharper of the two models has the larger gap), which reads as a perfect correlation.
+MIN_KENDALL_CHECKPOINTS = 3
+
+#: The rho of the summary table's m-sharpness column (the seed experiment's SAM rho, DESIGN.md section 9); the
+#: nearest computed rho when this one was not.
+SUMMARY_RHO = 0.05
 
 @dataclass(frozen=True)
 class Run:
@@ -38,6 +52,13 @@ class Run:
         if c.get("optimizer") in ("sam", "asam"):
             text += f" rho={c.get('rho')}" + (f" m={c['m']}" if c.get("m") else "")
         return f"{text}, {c.get('model')} on {c.get('dataset')}, {len(self.metrics)} epochs, seed {c.get('seed')}"
+
+    @cached_property
+    def final_sha256(self) -> str:
+        """SHA-256 of ``final.pt``: how the analyses' result files name the checkpoint (their paths are as typed)."""
+        from sharpscope.results import file_sha256
+
+        return file_sha256(self.path / "final.pt")
 
 
 def read_run(path: str | Path) -> Run:
@@ -120,3 +141,222 @@ def _relative(path: Path, start: Path) -> str:
     import os
 
     return os.path.relpath(path.resolve(), start.resolve())
+
+
+# ------------------------------------------------------------------------------------------------ from the analyses
+
+
+@dataclass(frozen=True)
+class Analyses:
+    """The analysis results in a report folder, as their commands wrote them (``None`` where missing/unreadable)."""
+
+    out_dir: Path  # the report folder
+    spectrum: dict[str, Any] | None  # spectrum/spectrum.json: top eigenvalues over each trajectory
+    spectrum_final: dict[str, Any] | None  # spectrum-final/spectrum.json: trace and density of each final.pt
+    spectrum_final_arrays: dict[str, Any]  # spectrum-final/spectrum.npz, the density grids and values
+    sharpness: dict[str, Any] | None  # sharpness/sharpness.json: m-sharpness grids of each final.pt
+    kendall: dict[str, Any] | None  # sharpness/kendall_tau.json: tau of each measure with the gap
+
+
+def read_analyses(out_dir: str | Path) -> Analyses:
+    """Read the analysis results under ``out_dir`` (the folders ``sharpscope report`` computes)."""
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    arrays: dict[str, Any] = {}
+    npz = out_dir / "spectrum-final" / "spectrum.npz"
+    if npz.is_file():
+        try:
+            with np.load(npz) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError):  # damaged: the densities are left out, the rest of the report stands
+            arrays = {}
+    return Analyses(out_dir=out_dir, spectrum=_read_json(out_dir / "spectrum" / "spectrum.json"),
+                    spectrum_final=_read_json(out_dir / "spectrum-final" / "spectrum.json"),
+                    spectrum_final_arrays=arrays, sharpness=_read_json(out_dir / "sharpness" / "sharpness.json"),
+                    kendall=_read_json(out_dir / "sharpness" / "kendall_tau.json"))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _final_record(document: dict | None, run: Run) -> dict | None:
+    """The record of ``run``'s final.pt in a result file's ``checkpoints`` (matched by content hash)."""
+    for record in (document or {}).get("checkpoints", []):
+        if record.get("sha256") == run.final_sha256:
+            return record
+    return None
+
+
+def top_eigenvalue_points(analyses: Analyses, run: Run) -> list[tuple[float, list[float]]]:
+    """``[(epoch, top eigenvalues descending), ...]`` over ``run``'s trajectory, from spectrum/spectrum.json
+    (checkpoints of unknown epoch are placed after the others)."""
+    records = [r for r in (analyses.spectrum or {}).get("checkpoints", []) if r.get("run") == run.label]
+    known = sorted((r for r in records if r.get("epoch") is not None), key=lambda r: r["epoch"])
+    unknown = [r for r in records if r.get("epoch") is None]
+    after = known[-1]["epoch"] + 1 if known else 0
+    epochs = [r["epoch"] for r in known] + list(range(after, after + len(unknown)))
+    return [(float(epoch), list(r.get("top_eigenvalues") or [])) for epoch, r in zip(epochs, known + unknown)]
+
+
+def final_spectrum(analyses: Analyses, run: Run) -> tuple[float | None, float | None]:
+    """λ_max and ``tr(H)`` of ``run``'s final.pt from spectrum-final/spectrum.json (``None`` where missing)."""
+    record = _final_record(analyses.spectrum_final, run)
+    if record is None:
+        return None, None
+    top = record.get("top_eigenvalues") or [None]
+    return top[0], (record.get("trace") or {}).get("value")
+
+
+def sharpness_grids(analyses: Analyses, run: Run) -> dict[str, Any]:
+    """``{measure: SharpnessResult}`` of ``run``'s final.pt from sharpness/sharpness.json (grid measures only)."""
+    from sharpscope.sharpness.result import SharpnessResult
+
+    record = _final_record(analyses.sharpness, run)
+    if record is None:
+        return {}
+    return {e["measure"]: SharpnessResult.from_dict(e["result"]) for e in analyses.sharpness.get("entries", [])
+            if e.get("checkpoint") == record.get("path") and e.get("result", {}).get("kind") == "grid"}
+
+
+def summary_sharpness(analyses: Analyses, run: Run, *, rho: float = SUMMARY_RHO) -> str:
+    """Worst-case m-sharpness of ``run``'s final.pt at ``rho`` (or the nearest computed rho) for the smallest m,
+    as ``"value ± stderr (m=.., rho=..)"``; ``"-"`` when not computed."""
+    result = sharpness_grids(analyses, run).get("worst")
+    if result is None or not result.m_values:
+        return "-"
+    i = result.m_values.index(min(result.m_values))
+    j = min(range(len(result.rho_values)), key=lambda k: abs(math.log(result.rho_values[k] / rho)))
+    value, stderr = float(result.values[i, j]), float(result.stderr[i, j])
+    if not math.isfinite(value):
+        return "-"
+    error = f" ± {stderr:.2g}" if math.isfinite(stderr) else ""
+    return f"{value:.4g}{error} (m={result.m_values[i]}, rho={result.rho_values[j]:g})"
+
+
+def generalization_gap(analyses: Analyses, run: Run) -> float:
+    """Test error − train error of ``run``'s final.pt: as the sharpness analysis measured it (eval mode, fixed
+    weights, the train and test splits), else from the training log, whose train accuracy is a running average
+    over the last epoch (moving weights, augmented data), so biased low: the logged gap reads too small."""
+    record = _final_record(analyses.sharpness, run) or {}
+    if record.get("train_error") is not None and record.get("generalization_gap") is not None:
+        return float(record["generalization_gap"])
+    return run.final.get("train_acc", math.nan) - run.final.get("test_acc", math.nan)
+
+
+def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
+    """One row per run: label, description, test accuracy (%), generalization gap (:func:`generalization_gap`,
+    percentage points), λ_max, trace, m-sharpness (:func:`summary_sharpness`)."""
+    rows = []
+    for run in runs:
+        test = run.final.get("test_acc", math.nan)
+        top, trace = final_spectrum(analyses, run)
+        rows.append([run.label, run.description, f"{100 * test:.2f}", f"{100 * generalization_gap(analyses, run):.2f}",
+                     f"{top:.4g}" if top is not None else "-", f"{trace:.4g}" if trace is not None else "-",
+                     summary_sharpness(analyses, run)])
+    return rows
+
+
+def kendall_shown(analyses: Analyses) -> bool:
+    """Whether the Kendall tau table is meaningful: computed over >= :data:`MIN_KENDALL_CHECKPOINTS`."""
+    return bool(analyses.kendall) and analyses.kendall.get("num_checkpoints", 0) >= MIN_KENDALL_CHECKPOINTS
+
+
+def report_figures(runs: list[Run], analyses: Analyses) -> dict[str, Any]:
+    """The report's own figures, drawn from the runs and the analyses, every one with the runs in ``runs``' order:
+    ``{file name: matplotlib Figure}`` for learning_curves.png, top_eigenvalues.png, density.png,
+    sharpness_vs_rho.png and (when :func:`kendall_shown`) kendall_tau.png; a figure whose analysis is missing is
+    left out."""
+    from sharpscope.plots.curves import learning_curves
+    from sharpscope.plots.sharpness import kendall_tau_bars, sharpness_vs_rho
+    from sharpscope.plots.spectrum import plot_densities, plot_top_eigenvalues
+
+    figures: dict[str, Any] = {"learning_curves.png": learning_curves({r.label: r.metrics for r in runs})}
+    top = {r.label: top_eigenvalue_points(analyses, r) for r in runs}
+    if any(top.values()):
+        figures["top_eigenvalues.png"] = plot_top_eigenvalues({label: p for label, p in top.items() if p})
+    densities, labels = [], []
+    for run in runs:
+        record = _final_record(analyses.spectrum_final, run)
+        names = ((record or {}).get("density") or {}).get("arrays") or []
+        grid = next((n for n in names if n.endswith("__density_grid")), None)
+        values = next((n for n in names if n.endswith("__density")), None)
+        if grid in analyses.spectrum_final_arrays and values in analyses.spectrum_final_arrays:
+            densities.append(_Density(analyses.spectrum_final_arrays[grid], analyses.spectrum_final_arrays[values]))
+            labels.append(run.label)
+    if densities:
+        figures["density.png"] = plot_densities(densities, labels, title="Hessian eigenvalue densities at final.pt")
+    panels = {r.label: grids for r in runs if (grids := sharpness_grids(analyses, r))}
+    if panels:
+        figures["sharpness_vs_rho.png"] = sharpness_vs_rho(panels)
+    if kendall_shown(analyses):
+        taus = {k: math.nan if v is None else float(v) for k, v in analyses.kendall["tau"].items()}  # null = NaN
+        figures["kendall_tau.png"] = kendall_tau_bars(taus, num_models=analyses.kendall["num_checkpoints"])
+    return figures
+
+
+@dataclass(frozen=True)
+class _Density:
+    grid: Any  # (points,) eigenvalues
+    density: Any  # (points,) density at them
+
+
+def landscape_figures(runs: list[Run], out_dir: Path) -> list[Path]:
+    """The landscape and interpolation figures to embed, in ``runs``' order: the side-by-side comparison (one
+    run: its filled contours), each run's 3-D surface, then the interpolation curve. A surface is matched to its
+    run by the checkpoint hash in its JSON; figures that match no run come last."""
+    folder = out_dir / "landscape"
+    figures = [folder / ("comparison.png" if len(runs) > 1 else "contourf.png")]
+    by_hash: dict[str, list[Path]] = {}
+    for record_path in sorted(folder.glob("surface*.json")):
+        record = _read_json(record_path) or {}
+        for checkpoint in (record.get("provenance") or {}).get("checkpoints", []):
+            figure = folder / f"surface3d{record_path.stem[len('surface'):]}.png"
+            by_hash.setdefault(checkpoint.get("sha256"), []).append(figure)
+    for run in runs:
+        figures.extend(by_hash.get(run.final_sha256, []))
+    figures.extend(p for p in sorted(folder.glob("surface3d*.png")) if p not in figures)
+    figures.extend(sorted((out_dir / "interpolation").glob("curve*.png")))
+    return [p for p in figures if p.is_file()]
+
+
+def report_sections(runs: list[Run], analyses: Analyses, figures: dict[str, Path]) -> list[Section]:
+    """The report's sections, from the runs, the analyses and the report's figures (``{file name: path}`` as
+    written from :func:`report_figures`)."""
+    out_dir = analyses.out_dir
+    count = (analyses.kendall or {}).get("num_checkpoints", len(runs))
+    if kendall_shown(analyses):
+        kendall_text = (f"Below it, Kendall's tau between each measure and the generalization gap over the {count} "
+                        "final checkpoints (Jiang et al. 2020): +1 when a measure ranks the models as their gaps do.")
+    else:
+        trivial = f"over {count} checkpoints it is ±1" if count >= 2 else f"over {count} checkpoint it is undefined"
+        kendall_text = (f"Kendall's tau with the generalization gap is omitted: {trivial} whatever the measure; it "
+                        f"needs at least {MIN_KENDALL_CHECKPOINTS} runs.")
+    figure = figures.get
+    return [
+        Section("Summary", "Generalization gap = train accuracy − test accuracy of final.pt (percentage points), "
+                "measured in eval mode by the sharpness analysis (from the training log where it was not). λ_max and "
+                "the trace are those of the Hessian of the training loss on the evaluation set at final.pt; "
+                f"sharpness is worst-case m-sharpness at rho = {SUMMARY_RHO:g} (or the nearest rho computed) for "
+                "the smallest m.",
+                tables=[html_table(["run", "what", "test acc (%)", "gap (pp)", "λ_max", "trace", "m-sharpness"],
+                                   summary_rows(runs, analyses))]),
+        Section("Learning curves", figures=[p for p in [figure("learning_curves.png")] if p]),
+        Section("Loss landscapes", "Filter-normalized random directions (Li et al. 2018), the same seed for every "
+                "model, biases and BatchNorm unperturbed; panels share axes and colour scale.",
+                figures=landscape_figures(runs, out_dir),
+                links=[out_dir / "landscape" / "surface.html", out_dir / "interpolation" / "surface.html"]),
+        Section("Hessian spectrum", "Top eigenvalues by Lanczos over each training trajectory, and the spectral "
+                "density of the final checkpoints by stochastic Lanczos quadrature (Ghorbani et al. 2019).",
+                figures=[p for p in [figure("top_eigenvalues.png"), figure("density.png")] if p]),
+        Section("Sharpness", "Worst-case m-sharpness (Foret et al. 2021 section 4.1) against rho, one line per m. "
+                + kendall_text,
+                figures=[p for p in [figure("sharpness_vs_rho.png"), figure("kendall_tau.png")] if p]),
+        Section("Configurations", tables=[
+            f"<details><summary>{html.escape(r.label)}</summary><pre>{html.escape(json.dumps(r.config, indent=2))}"
+            "</pre></details>" for r in runs]),
+    ]

@@ -12,6 +12,9 @@ from sharpscope.errors import SharpscopeError
 
 
 STAGE_FILE = "stage.json"  # in each analysis folder: the command that computed it, to reuse it only for the same
+RECORD_FILE = "report.json"  # next to report.html: the settings it was made with, to re-render it only for the same
+REPORT_FIGURES = ("learning_curves.png", "top_eigenvalues.png", "density.png", "sharpness_vs_rho.png",
+                  "kendall_tau.png")  # drawn by the report itself (sharpscope.report.report_figures)
 
 
 def _comparable(args: list[str]) -> list[str]:
@@ -30,6 +33,41 @@ def _check_stage_settings(stage_out: Path, args: list[str]) -> None:
         changed = sorted({a for a in now if a not in (before or [])} | {a for a in (before or []) if a not in now})
         raise SharpscopeError(f"{stage_out}/ holds an analysis computed with other settings ({' '.join(changed)} "
                               "differ); pass --overwrite to recompute it or choose another --out")
+
+
+def _report_is_current(out: Path, settings: dict) -> bool:
+    """True when ``out`` holds a report.html made with ``settings`` (it is then re-rendered from the analyses);
+    False when it holds none, or one that recorded no settings (refused by ``prepare_out_dir`` without
+    --overwrite); an error when it holds one made with other settings."""
+    if not (out / "report.html").is_file() or not (out / RECORD_FILE).is_file():
+        return False
+    try:
+        before = json.loads((out / RECORD_FILE).read_text()).get("settings", {})
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    changed = _changes(before, settings)
+    if changed:
+        raise SharpscopeError(f"{out}/ holds a report.html made with other settings ({'; '.join(changed)}); pass "
+                              "--overwrite to recompute its analyses and replace it, or choose another --out")
+    return True
+
+
+def _changes(before: dict, now: dict) -> list[str]:
+    """What differs between two report settings, briefly: the runs, their weights, or the analyses' arguments."""
+    if before.get("runs") != now["runs"]:
+        return [f"runs {' '.join(before.get('runs') or [])} -> {' '.join(now['runs'])}"]
+    changes = []
+    if before.get("final.pt sha256") != now["final.pt sha256"]:
+        retrained = [run for run, old, new in zip(now["runs"], before.get("final.pt sha256") or [],
+                                                   now["final.pt sha256"]) if old != new]
+        changes.append(f"final.pt of {', '.join(retrained) or 'the runs'} changed (retrained?)")
+    old_args = {a for args in (before.get("analyses") or {}).values() for a in args}
+    new_args = {a for args in now["analyses"].values() for a in args}
+    if old_args != new_args:
+        changes.append(f"{' '.join(sorted(old_args ^ new_args))} differ")
+    elif before.get("analyses") != now["analyses"]:
+        changes.append("the analyses' settings differ")
+    return changes
 
 
 def _run_stage(ctx: click.Context, args: list[str]) -> None:
@@ -74,12 +112,17 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     For the RUNS (folders written by `sharpscope train`) it computes, or reuses when already in --out:
     landscape/ (2D filter-normalized surfaces around each final.pt, side by side), interpolation/ (1D, from the
     first run's final.pt to the last's), spectrum/ (Hessian top eigenvalues over each trajectory),
-    spectrum-final/ (trace and spectral density of each final.pt) and sharpness/ (worst-case m-sharpness of each final.pt). Then it writes
-    report.html (figures embedded; opens offline) and learning_curves.png.
+    spectrum-final/ (trace and spectral density of each final.pt) and sharpness/ (worst-case m-sharpness of
+    each final.pt). Then it draws its own figures from those results (learning_curves.png, top_eigenvalues.png,
+    density.png, sharpness_vs_rho.png, and kendall_tau.png with 3 runs or more), every one with the runs in the
+    order given, and writes report.html (figures embedded; opens offline) and report.json (its settings).
+
+    Run again with the same RUNS and settings, it reuses every analysis and re-renders the report; with other
+    settings it refuses unless --overwrite (which recomputes everything).
     """
     from sharpscope.io import prepare_out_dir, save_figure, write_json, write_text
-    from sharpscope.plots.curves import learning_curves
-    from sharpscope.report import Section, html_table, read_run, render_report
+    from sharpscope.report import read_analyses, read_run, render_report, report_figures, report_sections, summary_rows
+    from sharpscope.results import provenance
 
     # validated above (before hours of stages), passed on to the stages as text
     grid = f"{grid[0]!r}:{grid[1]!r}:{grid[2]}"
@@ -91,7 +134,6 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     for run in run_list:
         if not (run.path / "final.pt").exists():
             raise SharpscopeError(f"{run.path} has no final.pt: the run has not finished; rerun its train command")
-    out_dir = prepare_out_dir(out, outputs=["report.html"], overwrite=overwrite)
     finals = [str(r.path / "final.pt") for r in run_list]
     common = ["--num-samples", str(num_samples), "--seed", str(seed)] + (["--device", device] if device else [])
     common += ["--data-dir", data_dir] if data_dir else []
@@ -107,60 +149,44 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     }
     if len(run_list) < 2:
         del stages["interpolation"]
+    stages = {name: [*args, *common] for name, args in stages.items()}
     done_marker = {"landscape": "comparison.png" if len(run_list) > 1 else "contour.png",
                    "interpolation": "curve.png", "spectrum": "spectrum.json", "spectrum-final": "density.png",
                    "sharpness": "sharpness.json"}
+    # everything a report depends on: the runs (and their final weights) and the settings of every analysis
+    settings = {"runs": _comparable([str(r.path) for r in run_list]),
+                "final.pt sha256": [r.final_sha256[:12] for r in run_list],
+                "analyses": {name: _comparable(args) for name, args in stages.items()}}
+    out = Path(out)
+    reused = {name for name in stages if not overwrite and (out / name / done_marker[name]).exists()}
+    # every check before any work: a refused report leaves --out as it was
+    current = not overwrite and _report_is_current(out, settings)
+    for name in sorted(reused, key=list(stages).index):
+        _check_stage_settings(out / name, stages[name])
+    out_dir = prepare_out_dir(out, outputs=["report.html"], overwrite=overwrite or current)
+    if current:
+        click.echo(f"{out_dir}/report.html was made with these settings: re-rendering it from the analyses", err=True)
     for name, args in stages.items():
         stage_out = out_dir / name
-        args = [*args, *common]
-        if (stage_out / done_marker[name]).exists() and not overwrite:
-            _check_stage_settings(stage_out, args)
+        if name in reused:
             click.echo(f"reusing {stage_out}/", err=True)
             continue
         click.echo(f"computing {name} -> {stage_out}/", err=True)
         _run_stage(ctx, [*args, "--out", str(stage_out), *(["--overwrite"] if overwrite else [])])
         write_json(stage_out / STAGE_FILE, {"command": _comparable(args)})
 
-    curves = save_figure(learning_curves({r.label: r.metrics for r in run_list}), out_dir / "learning_curves.png")
-    spectrum = _read_json(out_dir / "spectrum-final" / "spectrum.json")
-    sharpness = _read_json(out_dir / "sharpness" / "sharpness.json")
-    summary_rows = []
-    for run in run_list:
-        final = run.final
-        top, trace = _final_spectrum(spectrum, run.label)
-        summary_rows.append([
-            run.label, run.description, f"{100 * final.get('test_acc', float('nan')):.2f}",
-            f"{100 * (final.get('train_acc', float('nan')) - final.get('test_acc', float('nan'))):.2f}",
-            f"{top:.4g}" if top is not None else "-", f"{trace:.4g}" if trace is not None else "-",
-            _sharpness_value(sharpness, run.path / "final.pt", rho=0.05),
-        ])
-    sections = [
-        Section("Summary", "Generalization gap = train accuracy − test accuracy (percentage points). λ_max and the "
-                "trace are those of the Hessian of the training loss on the evaluation set at final.pt; "
-                "sharpness is worst-case m-sharpness at rho = 0.05 for the smallest m.",
-                tables=[html_table(["run", "what", "test acc (%)", "gap (pp)", "λ_max", "trace",
-                                    "m-sharpness"], summary_rows)]),
-        Section("Learning curves", figures=[curves]),
-        Section("Loss landscapes", "Filter-normalized random directions (Li et al. 2018), the same seed for every "
-                "model, biases and BatchNorm unperturbed; panels share axes and colour scale.",
-                figures=sorted((out_dir / "landscape").glob("comparison*.png"))
-                + sorted((out_dir / "landscape").glob("surface3d*.png"))
-                + sorted((out_dir / "interpolation").glob("curve*.png")),
-                links=[out_dir / "landscape" / "surface.html", out_dir / "interpolation" / "surface.html"]),
-        Section("Hessian spectrum", "Top eigenvalues by Lanczos over each training trajectory, and the spectral "
-                "density of the final checkpoints by stochastic Lanczos quadrature (Ghorbani et al. 2019).",
-                figures=[out_dir / "spectrum" / "top_eigenvalues.png", out_dir / "spectrum-final" / "density.png"]),
-        Section("Sharpness", "Worst-case m-sharpness (Foret et al. 2021 section 4.1) against rho, one line per m.",
-                figures=[out_dir / "sharpness" / "sharpness_vs_rho.png", out_dir / "sharpness" / "kendall_tau.png"]),
-        Section("Configurations", tables=[
-            "<details><summary>" + f"{r.label}</summary><pre>{json.dumps(r.config, indent=2)}</pre></details>"
-            for r in run_list]),
-    ]
-    page = render_report("sharpscope report: " + " vs ".join(labels), sections, out_dir=out_dir,
-                         subtitle=f"{len(run_list)} runs: " + "; ".join(r.description for r in run_list))
+    analyses = read_analyses(out_dir)
+    figures = {name: save_figure(fig, out_dir / name) for name, fig in report_figures(run_list, analyses).items()}
+    for name in REPORT_FIGURES:  # one an earlier report drew that this one does not (kendall_tau.png: fewer runs)
+        if name not in figures:
+            (out_dir / name).unlink(missing_ok=True)
+    page = render_report("sharpscope report: " + " vs ".join(labels), report_sections(run_list, analyses, figures),
+                         out_dir=out_dir, subtitle=f"{len(run_list)} runs: " + "; ".join(r.description for r in run_list))
+    write_json(out_dir / RECORD_FILE, {"settings": settings, "provenance": provenance(finals)})
     report_path = write_text(out_dir / "report.html", page)
-    click.echo(_text_table(summary_rows))
-    click.echo(f"wrote {report_path} (open it in a browser), {curves} and the analyses in {out_dir}/")
+    click.echo(_text_table(summary_rows(run_list, analyses)))
+    click.echo(f"wrote {report_path} (open it in a browser), its figures "
+               f"({', '.join(figures)}) and the analyses in {out_dir}/")
 
 
 def _text_table(rows: list[list[str]]) -> str:
@@ -168,35 +194,3 @@ def _text_table(rows: list[list[str]]) -> str:
     table = [header] + [[r[0], *r[2:]] for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except json.JSONDecodeError:
-        return None
-
-
-def _final_spectrum(spectrum: dict | None, run_label: str) -> tuple[float | None, float | None]:
-    """λ_max and trace of the run's last checkpoint in spectrum.json."""
-    if not spectrum:
-        return None, None
-    records = [r for r in spectrum.get("checkpoints", []) if r.get("run") == run_label]
-    if not records:
-        return None, None
-    last = max(records, key=lambda r: (r.get("epoch") is not None, r.get("epoch") or 0))
-    top = last.get("top_eigenvalues") or [None]
-    trace = (last.get("trace") or {}).get("value")
-    return top[0], trace
-
-
-def _sharpness_value(sharpness: dict | None, checkpoint: Path, *, rho: float) -> str:
-    if not sharpness:
-        return "-"
-    rows = [r for r in sharpness.get("rows", []) if r.get("measure") == "worst" and r.get("rho") == rho
-            and Path(r.get("checkpoint", "")).resolve() == checkpoint.resolve()]
-    if not rows:
-        return "-"
-    row = min(rows, key=lambda r: r["m"])
-    error = f" ± {row['stderr']:.2g}" if row.get("stderr") is not None else ""
-    return f"{row['value']:.4g}{error} (m={row['m']})"

@@ -6,7 +6,9 @@
     surface.loss[j, i]                                            # L(w0 + xs[i] d1 + ys[j] d2)
 
 Other cuts: :func:`interpolate` (two checkpoints), :func:`plane_through` (three), :func:`trajectory_pca`
-(the PCA plane of a training run), :func:`hessian_directions` / :func:`directions_from_vectors`.
+(the PCA plane of a training run), :func:`hessian_directions` / :func:`directions_from_vectors`. Directions are
+saved and reloaded with :func:`save_directions` / :func:`load_directions`; a raw seeded draw (:func:`gaussian_draw`)
+is normalised against any model of the same architecture with :func:`normalize_draw` (comparable cuts).
 """
 
 from sharpscope.landscape.directions import (
@@ -14,11 +16,15 @@ from sharpscope.landscape.directions import (
     Direction,
     difference_direction,
     directions_from_vectors,
+    gaussian_draw,
     hessian_directions,
     load_direction,
+    load_directions,
     normalize_direction,
+    normalize_draw,
     random_direction,
     random_directions,
+    save_directions,
     trainable_parameters,
 )
 from sharpscope.landscape.interpolation import PlaneBasis, interpolate, plane_through
@@ -26,6 +32,7 @@ from sharpscope.landscape.surface import (
     ChunkDone,
     Evaluation,
     Surface,
+    covering_grid,
     evaluate,
     grid,
     load_surface,
@@ -42,18 +49,23 @@ __all__ = [
     "Surface",
     "TrajectoryPCA",
     "difference_direction",
+    "covering_grid",
     "directions_from_vectors",
     "evaluate",
+    "gaussian_draw",
     "grid",
     "hessian_directions",
     "interpolate",
     "load_direction",
+    "load_directions",
     "load_surface",
     "loss_surface",
     "normalize_direction",
+    "normalize_draw",
     "plane_through",
     "random_direction",
     "random_directions",
+    "save_directions",
     "trainable_parameters",
     "trajectory_pca",
 ]

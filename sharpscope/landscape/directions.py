@@ -27,8 +27,11 @@ Comparable directions for two models: the Gaussian draw depends only on the seed
 shapes, so ``random_directions(model_a, seed=s)`` and ``random_directions(model_b, seed=s)`` use the same draw,
 each normalised to its own model's weights (the filter-normalised directions themselves differ because the
 weights differ, which is the point of filter normalisation: scale-invariant comparisons, paper section 4).
-Alternatively save the directions of one model (:meth:`Direction.save`) and load them for the other, which
-reuses the *normalised* tensors (only meaningful when both models have similar filter norms).
+The draw itself can be saved (``save_directions(path, gaussian_draw(model, seed=s))``) and normalised against any
+model of the same architecture later (``normalize_draw(other, load_directions(path))``), which is what ``sharpscope
+landscape --directions-from`` does with the ``directions.pt`` of an earlier run. Alternatively save the directions
+of one model (:meth:`Direction.save`) and load them for the other, which reuses the *normalised* tensors (only
+meaningful when both models have similar filter norms).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpscope.errors import SharpscopeError, unknown_name_error
-from sharpscope.io import save_torch, write_npz
+from sharpscope.io import save_torch, to_json, write_npz
 
 NORMS = ("filter", "layer", "none")
 _EPS = 1e-10  # the paper code's guard against a zero direction norm (net_plotter.py l.112)
@@ -62,7 +66,7 @@ class Direction:
     """
 
     tensors: dict[str, Tensor]  # name (as in named_parameters / named_buffers) -> tensor of that tensor's shape
-    kind: str = "custom"  # how it was made: random, interpolate, plane, pca, hessian, custom
+    kind: str = "custom"  # how it was made: random, draw (raw, unnormalised), interpolate, plane, pca, hessian, custom
     norm: str = "none"  # normalisation applied: filter, layer or none (random directions)
     seed: int | None = None  # generator seed of a random direction
     ignore_bias_bn: bool = True  # whether dim <= 1 tensors were given a zero direction (random directions)
@@ -161,13 +165,77 @@ def load_direction(path: str | os.PathLike) -> Direction:
         meta, tensors = payload.get("meta", {}), dict(payload["tensors"])
     else:
         raise SharpscopeError(f"direction file {str(path)!r}: expected a .npz or .pt suffix, got {path.suffix!r}")
+    return _direction_from(meta, tensors)
+
+
+_SET_FORMAT = "sharpscope.directions"  # the "format" entry of a file of several directions
+_SET_META_KEY = "__directions_meta__"
+
+
+def save_directions(
+    path: str | os.PathLike, directions: Sequence[Direction], *, about: Mapping[str, Any] | None = None
+) -> Path:
+    """Write the directions of one cut (``(d1,)`` or ``(d1, d2)``) to one file, atomically: ``.pt`` (a dict
+    loadable with ``torch.load(weights_only=True)``: ``format``, ``about``, ``directions``: a list of ``{"meta",
+    "tensors"}``) or ``.npz`` (numpy alone: tensor ``name`` of direction ``i`` under ``"i/name"``, the metadata as
+    JSON under ``__directions_meta__``; float32/float64 tensors only). ``about``: JSON-able facts about how the
+    directions were made (provenance), stored, not read back by :func:`load_directions`."""
+    path = Path(path)
+    directions = tuple(directions)
+    if not directions or not all(isinstance(d, Direction) for d in directions):
+        raise SharpscopeError("save_directions: expected a non-empty sequence of Direction objects")
+    # plain JSON types only (torch.__version__ is a str subclass that weights_only loading refuses)
+    metas = json.loads(to_json([{k: v for k, v in d.metadata().items() if k not in ("num_tensors", "numel",
+                                                                                    "norm_value")}
+                                for d in directions]))
+    header = {"format": _SET_FORMAT, "version": 1, "about": json.loads(to_json(dict(about or {})))}
+    if path.suffix == ".pt":
+        return save_torch({**header, "directions": [
+            {"meta": meta, "tensors": {n: t.detach().cpu() for n, t in d.tensors.items()}}
+            for meta, d in zip(metas, directions)]}, path)
+    if path.suffix == ".npz":
+        arrays = {f"{i}/{n}": t.detach().cpu().numpy() for i, d in enumerate(directions) for n, t in d.tensors.items()}
+        return write_npz(path, **arrays, **{_SET_META_KEY: np.array(json.dumps({**header, "directions": metas}))})
+    raise SharpscopeError(f"directions file {str(path)!r}: expected a .pt or .npz suffix, got {path.suffix!r}")
+
+
+def load_directions(path: str | os.PathLike) -> tuple[Direction, ...]:
+    """Read the directions written by :func:`save_directions` (or the single direction of a
+    :meth:`Direction.save` file, as a 1-tuple), on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise SharpscopeError(f"directions file {str(path)!r} does not exist")
+    if path.suffix not in (".pt", ".npz"):
+        raise SharpscopeError(f"directions file {str(path)!r}: expected a .pt or .npz suffix, got {path.suffix!r}")
+    try:
+        if path.suffix == ".pt":
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(payload, dict) and payload.get("format") == _SET_FORMAT:
+                entries = [(e.get("meta", {}), dict(e["tensors"])) for e in payload["directions"]]
+                return tuple(_direction_from(meta, tensors) for meta, tensors in entries)
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                if _SET_META_KEY in data.files:
+                    metas = json.loads(str(data[_SET_META_KEY]))["directions"]
+                    tensors: list[dict[str, Tensor]] = [{} for _ in metas]
+                    for key in data.files:
+                        if key != _SET_META_KEY:
+                            index, name = key.split("/", 1)
+                            tensors[int(index)][name] = torch.from_numpy(data[key].copy())
+                    return tuple(_direction_from(meta, t) for meta, t in zip(metas, tensors))
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise SharpscopeError(f"directions file {str(path)!r} cannot be read ({exc})") from None
+    return (load_direction(path),)
+
+
+def _direction_from(meta: Mapping[str, Any], tensors: dict[str, Tensor]) -> Direction:
     return Direction(
         tensors=tensors,
         kind=meta.get("kind", "custom"),
         norm=meta.get("norm", "none"),
         seed=meta.get("seed"),
         ignore_bias_bn=meta.get("ignore_bias_bn", True),
-        info=meta.get("info", {}),
+        info=dict(meta.get("info", {})),
     )
 
 
@@ -203,6 +271,67 @@ def normalize_direction(direction: Tensor, weight: Tensor, norm: str) -> Tensor:
     return d * (w.norm() / (d.norm() + _EPS))
 
 
+def gaussian_draw(model: nn.Module, *, dim: int = 2, seed: int = 0) -> tuple[Direction, ...]:
+    """The raw standard Gaussian draw behind :func:`random_directions`, before any normalisation: ``dim`` (1 or 2)
+    directions of ``kind="draw"`` with one float32 CPU tensor per trainable parameter (``model.named_parameters()``
+    order), drawn from a CPU ``torch.Generator`` seeded with ``seed``; direction ``i`` is drawn after direction
+    ``i - 1``.
+
+    The draw depends only on the seed and the parameter names and shapes, not on the weights: save it
+    (:func:`save_directions`) and :func:`normalize_draw` it against any model of the same architecture to cut
+    that model along the comparable direction (the filter-normalised directions themselves differ per model).
+    """
+    if dim not in (1, 2):
+        raise SharpscopeError(f"random directions: expected dim 1 or 2, got {dim}")
+    params = trainable_parameters(model)
+    if not params:
+        raise SharpscopeError("the model has no trainable parameters (requires_grad=True); nothing to perturb")
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return tuple(
+        Direction({name: torch.randn(p.shape, generator=generator, dtype=torch.float32) for name, p in params.items()},
+                  kind="draw", norm="none", seed=int(seed), ignore_bias_bn=False, info={"index": index})
+        for index in range(dim)
+    )
+
+
+def normalize_draw(
+    model: nn.Module, draw: Sequence[Direction], *, norm: str = "filter", ignore_bias_bn: bool = True
+) -> tuple[Direction, ...]:
+    """Random directions for ``model`` from a raw draw (:func:`gaussian_draw`, or one loaded from a file): every
+    tensor moved to its parameter's device and dtype, then normalised (:func:`normalize_direction`); tensors with
+    ``dim() <= 1`` become zero when ``ignore_bias_bn``. ``normalize_draw(model, gaussian_draw(model, dim=k,
+    seed=s))`` is ``random_directions(model, dim=k, seed=s)`` exactly. The draw must name every trainable
+    parameter of ``model`` with its shape (the same architecture)."""
+    if norm not in NORMS:
+        raise unknown_name_error("direction normalization", norm, NORMS)
+    if len(draw) not in (1, 2):
+        raise SharpscopeError(f"random directions: expected a draw of 1 or 2 directions, got {len(draw)}")
+    params = trainable_parameters(model)
+    directions: list[Direction] = []
+    for index, raw in enumerate(draw):
+        missing = [n for n in params if n not in raw.tensors]
+        if missing:
+            raise SharpscopeError(
+                f"the direction draw has no tensor {missing[0]!r} ({len(missing)} of the model's {len(params)} "
+                "parameters missing); it was drawn for another architecture: draw one for this model"
+            )
+        tensors: dict[str, Tensor] = {}
+        for name, p in params.items():
+            if tuple(raw.tensors[name].shape) != tuple(p.shape):
+                raise SharpscopeError(
+                    f"the direction draw's tensor {name!r} has shape {tuple(raw.tensors[name].shape)} but the "
+                    f"model's has {tuple(p.shape)}; it was drawn for another architecture: draw one for this model"
+                )
+            d = raw.tensors[name].to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
+            tensors[name] = torch.zeros_like(d) if p.dim() <= 1 and ignore_bias_bn else normalize_direction(d, p, norm)
+        info: dict[str, Any] = {"index": index}
+        direction = Direction(tensors, kind="random", norm=norm, seed=raw.seed, ignore_bias_bn=ignore_bias_bn)
+        if directions:
+            info["cosine_to_previous"] = direction.cosine(directions[-1])
+        directions.append(replace(direction, info=info))
+    return tuple(directions)
+
+
 def random_directions(
     model: nn.Module,
     *,
@@ -219,32 +348,14 @@ def random_directions(
     ``dim() <= 1`` become zero when ``ignore_bias_bn``. Direction ``i`` of ``dim`` is drawn after direction
     ``i - 1``. Directions are returned on the parameters' devices and dtypes. They are not orthogonalised (the
     paper's code does not either; in high dimension two Gaussian directions are nearly orthogonal, the cosine is
-    recorded in ``info["cosine_to_previous"]``).
+    recorded in ``info["cosine_to_previous"]``). The same as ``normalize_draw(model, gaussian_draw(model, dim=dim,
+    seed=seed), norm=norm, ignore_bias_bn=ignore_bias_bn)``.
     """
     if dim not in (1, 2):
         raise SharpscopeError(f"random directions: expected dim 1 or 2, got {dim}")
     if norm not in NORMS:
         raise unknown_name_error("direction normalization", norm, NORMS)
-    params = trainable_parameters(model)
-    if not params:
-        raise SharpscopeError("the model has no trainable parameters (requires_grad=True); nothing to perturb")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    directions: list[Direction] = []
-    for index in range(dim):
-        tensors: dict[str, Tensor] = {}
-        for name, p in params.items():
-            draw = torch.randn(p.shape, generator=generator, dtype=torch.float32)
-            draw = draw.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
-            if p.dim() <= 1 and ignore_bias_bn:
-                tensors[name] = torch.zeros_like(draw)
-            else:
-                tensors[name] = normalize_direction(draw, p, norm)
-        info: dict[str, Any] = {"index": index}
-        direction = Direction(tensors, kind="random", norm=norm, seed=int(seed), ignore_bias_bn=ignore_bias_bn)
-        if directions:
-            info["cosine_to_previous"] = direction.cosine(directions[-1])
-        directions.append(replace(direction, info=info))
-    return tuple(directions)
+    return normalize_draw(model, gaussian_draw(model, dim=dim, seed=seed), norm=norm, ignore_bias_bn=ignore_bias_bn)
 
 
 def random_direction(

@@ -58,6 +58,38 @@ def grid(start: float, stop: float, num: int) -> np.ndarray:
     return coords
 
 
+def covering_grid(values: Any, *, num: int = 21, margin: float = 0.25) -> np.ndarray:
+    """``num`` evenly spaced coordinates covering ``values`` and 0, with ``margin`` times their span added on each
+    side, placed so that 0 is a grid point (the unperturbed model is evaluated): the coordinates are ``k * step``
+    for ``k = -a .. num - 1 - a``, with the split ``a`` that gives the smallest ``step`` reaching both
+    ``min(values, 0) - margin * span`` and ``max(values, 0) + margin * span`` (``span = max - min``; values all
+    0 count as -0.5..0.5). Used for planes whose interesting points are known: the projected path of a PCA plane,
+    the three checkpoints of a plane through them."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise SharpscopeError(f"covering_grid: expected finite values, got {values.tolist()[:5]}")
+    if int(num) < 3:
+        raise SharpscopeError(f"covering_grid: expected at least 3 points (0 and both sides of it), got {num}")
+    if not margin >= 0:
+        raise SharpscopeError(f"covering_grid: expected a margin >= 0, got {margin}")
+    num = int(num)
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    if not high > low:  # every value is 0
+        low, high = -0.5, 0.5
+    span = high - low
+    low, high = low - margin * span, high + margin * span
+    best: tuple[float, int] | None = None
+    for below in range(num):  # grid points below 0
+        above = num - 1 - below
+        need_below = -low / below if below else (0.0 if low >= 0 else math.inf)
+        need_above = high / above if above else (0.0 if high <= 0 else math.inf)
+        step = max(need_below, need_above)
+        if step > 0 and math.isfinite(step) and (best is None or step < best[0]):
+            best = (step, below)
+    step, below = best  # num >= 3 and low < 0 < high or a side is empty: some split has a finite step
+    return grid(-below * step, (num - 1 - below) * step, num)
+
+
 @dataclass(frozen=True)
 class Surface:
     """A loss curve (1-D) or surface (2-D) on a grid; ``loss[j, i] = L(w0 + xs[i] d1 + ys[j] d2)``.
@@ -321,11 +353,14 @@ class _Evaluator:
 def _wants_channels_last(
     channels_last: bool | None, batches: list[tuple[Tensor, Tensor]], model: nn.Module
 ) -> bool:
-    """Default: on for 4-D inputs to a model with 2-D convolutions (an MLP would only pay for copies in
-    ``flatten``)."""
+    """Default: on for 4-D inputs on a CUDA device to a model with 2-D convolutions (an MLP would only pay for
+    copies in ``flatten``). Off on the CPU: there it did not reliably help (``benchmarks/bench_landscape.py`` and
+    paired runs on 2 shared cores, 1-2 threads: 0.5-1.8x of the contiguous speed on the anchor CNN depending on the
+    load, the contiguous layout ahead in the best times; the convnet on digits 0.9-1.06x)."""
     if channels_last is None:
         images = isinstance(batches[0][0], Tensor) and batches[0][0].dim() == 4
-        return images and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        on_cuda = images and batches[0][0].device.type == "cuda"
+        return on_cuda and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return bool(channels_last)
 
 
@@ -506,10 +541,10 @@ def loss_surface(
         chunk_size: points per chunk (resume-file write / host sync); default one grid row (2-D) or 10 (1-D).
         shard: ``(rank, world_size)``: compute only the flat grid indices ``k`` (row-major) with
             ``k % world_size == rank``; combine the shards with :meth:`Surface.merge`.
-        channels_last: store 4-D inputs and conv kernels channels-last during the call [default: when the inputs
-            are 4-D and the model has ``nn.Conv2d`` layers]. Measured on CPU, 1 thread: 1.06-1.5x faster forward
-            passes (convnet, resnet20, the anchor CNN); values differ from the contiguous layout by float rounding
-            only (~1e-7 relative).
+        channels_last: store 4-D inputs and conv kernels channels-last during the call [default: on a CUDA device
+            when the inputs are 4-D and the model has ``nn.Conv2d`` layers; off on the CPU, where it measured
+            0.5-1.8x of the contiguous speed depending on the load, not a reliable gain]; values differ from the
+            contiguous layout by float rounding only (~1e-7 relative).
         precision: ``"fp32"`` (exact, the default) or ``"bf16"``: forward passes under bf16 autocast (on GPUs
             with bf16 tensor cores several times faster; losses differ by ~1e-2 relative, so surfaces of the two
             precisions are not mixed: the precision is part of the resume fingerprint).

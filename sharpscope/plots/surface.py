@@ -10,7 +10,8 @@ levels and ``vmin``/``vmax`` over all panels, one colour bar, so a flatter basin
 
 ``log_scale=True`` draws ``log10(loss)`` for 2-D figures (labelled so) and a log y axis for curves; losses that
 explode towards the edge of a grid otherwise flatten the interesting basin into one colour. Points not computed
-(NaN) are left blank.
+(NaN) are left blank. 2-D figures draw either quantity a surface holds (``quantity="loss"`` or ``"accuracy"``, in
+percent, another colour map so the two are not confused; log scale applies to the loss only).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import numpy as np
 from sharpscope.errors import SharpscopeError
 
 _CMAP = "viridis"
+_ACCURACY_CMAP = "cividis"
 _LEVELS = 20
+QUANTITIES = ("loss", "accuracy")
 
 
 def _as_list(surfaces: Any) -> list:
@@ -41,13 +44,36 @@ def _labels(surfaces: list, labels: Sequence[str] | None) -> list[str]:
     return list(labels)
 
 
-def _values(surface, log_scale: bool) -> np.ndarray:
-    z = np.where(surface.done, surface.loss, np.nan).astype(np.float64)
+def _check_quantity(quantity: str) -> None:
+    if quantity not in QUANTITIES:
+        from sharpscope.errors import unknown_name_error
+
+        raise unknown_name_error("quantity", quantity, QUANTITIES)
+
+
+def _values(surface, log_scale: bool, quantity: str = "loss") -> np.ndarray:
+    """What is drawn: the loss (``log10`` with ``log_scale``) or the accuracy in percent; NaN where not computed
+    or not finite."""
+    _check_quantity(quantity)
+    source = surface.loss if quantity == "loss" else 100.0 * np.asarray(surface.accuracy, dtype=np.float64)
+    z = np.where(surface.done, source, np.nan).astype(np.float64)
     z[~np.isfinite(z)] = np.nan
-    if log_scale:
+    if log_scale and quantity == "loss":
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log10(np.where(z > 0, z, np.nan))
     return z
+
+
+def has_accuracy(surface: Any) -> bool:
+    """Whether ``surface`` holds a finite accuracy anywhere (classification; NaN for other outputs)."""
+    return bool(np.isfinite(np.where(surface.done, surface.accuracy, np.nan)).any())
+
+
+def shared_range(surfaces: Any, *, log_scale: bool = False, quantity: str = "loss") -> tuple[float, float]:
+    """``(lo, hi)``: the smallest and largest finite value drawn over all ``surfaces`` (``log10`` loss with
+    ``log_scale``; accuracy in percent): the colour limits and z range that comparison panels share. Pass them as
+    ``vmin``/``vmax`` to single-surface figures shown next to each other."""
+    return _range([_values(s, log_scale, quantity) for s in _as_list(surfaces)], None, None)
 
 
 def _require_dim(surface, dim: int, what: str) -> None:
@@ -64,8 +90,20 @@ def _range(zs: list[np.ndarray], vmin: float | None, vmax: float | None) -> tupl
     return lo, hi
 
 
-def _zlabel(log_scale: bool) -> str:
+def _zlabel(log_scale: bool, quantity: str = "loss") -> str:
+    if quantity == "accuracy":
+        return "accuracy (%)"
     return "log10 loss" if log_scale else "loss"
+
+
+def _cmap(cmap: str | None, quantity: str) -> str:
+    return cmap if cmap is not None else (_ACCURACY_CMAP if quantity == "accuracy" else _CMAP)
+
+
+def _centre_text(surface, quantity: str) -> str:
+    if quantity == "accuracy":
+        return f"centre accuracy {100 * surface.center_accuracy:.2f}%"
+    return f"centre loss {surface.center_loss:.4g}"
 
 
 def _axis_labels(surface) -> tuple[str, str]:
@@ -182,29 +220,53 @@ def plot_contour(
     surface: Any,
     *,
     kind: str = "contour",
+    quantity: str = "loss",
     log_scale: bool = False,
     levels: int | Sequence[float] = _LEVELS,
     vmin: float | None = None,
     vmax: float | None = None,
-    cmap: str = _CMAP,
+    cmap: str | None = None,
     title: str | None = None,
+    points: Any = None,
+    point_labels: Sequence[str] | None = None,
 ) -> Any:
     """One 2-D surface as ``contour`` lines (labelled), ``contourf`` (filled, with thin lines) or ``heatmap``
-    (cells centred on the grid points); the unperturbed model is a red star. Returns a matplotlib ``Figure``."""
+    (cells centred on the grid points) of the loss or the accuracy (``quantity``, in percent); the unperturbed model
+    is a red star. ``points`` (``(k, 2)`` coordinates, e.g. the checkpoints a plane passes through) are marked and
+    labelled with ``point_labels``, each label placed inside the axes. Returns a matplotlib ``Figure``."""
     from matplotlib.figure import Figure
 
     _require_dim(surface, 2, "plot_contour")
-    z = _values(surface, log_scale)
+    z = _values(surface, log_scale, quantity)
     lo, hi = _range([z], vmin, vmax)
     fig = Figure(figsize=(5.6, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    mappable = _draw_2d(ax, surface, z, kind=kind, levels=_levels(lo, hi, levels), vmin=lo, vmax=hi, cmap=cmap)
-    fig.colorbar(mappable, ax=ax, label=_zlabel(log_scale))
+    mappable = _draw_2d(ax, surface, z, kind=kind, levels=_levels(lo, hi, levels), vmin=lo, vmax=hi,
+                        cmap=_cmap(cmap, quantity))
+    fig.colorbar(mappable, ax=ax, label=_zlabel(log_scale, quantity))
     xl, yl = _axis_labels(surface)
     ax.set_xlabel(xl)
     ax.set_ylabel(yl)
-    ax.set_title(title or f"{surface.label}: centre loss {surface.center_loss:.4g}")
+    ax.set_title(title or f"{surface.label}: {_centre_text(surface, quantity)}")
+    if points is not None:
+        _mark_points(ax, np.asarray(points, dtype=np.float64).reshape(-1, 2), point_labels)
     return fig
+
+
+def _mark_points(ax, points: np.ndarray, labels: Sequence[str] | None) -> None:
+    """Mark points and label each on the side that faces the middle of the axes, so a point at an edge keeps its
+    label inside the axes (clear of the title and the tick labels)."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    names = list(labels) if labels is not None else [""] * len(points)
+    for (x, y), name in zip(points, names):
+        ax.plot([x], [y], "o", color="crimson", mec="white", ms=6, zorder=6)
+        if not name:
+            continue
+        right = (x - x0) / (x1 - x0) > 0.7 if x1 != x0 else False
+        top = (y - y0) / (y1 - y0) > 0.75 if y1 != y0 else False
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6 if right else 6, -7 if top else 7),
+                    ha="right" if right else "left", va="top" if top else "bottom", fontsize=8, color="crimson",
+                    zorder=7, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75})
 
 
 def plot_surface_3d(
@@ -252,13 +314,15 @@ def plot_comparison(
     levels: int | Sequence[float] = _LEVELS,
     vmin: float | None = None,
     vmax: float | None = None,
-    cmap: str = _CMAP,
+    cmap: str | None = None,
     accuracy: bool = False,
     title: str | None = None,
 ) -> Any:
     """Several models side by side. 2-D: one panel per surface, shared x/y axes, the same contour levels and
-    colour limits (``vmin``/``vmax`` over all panels unless given), one colour bar. 1-D: the curves overlaid
-    (:func:`plot_curves`). Returns a matplotlib ``Figure``."""
+    colour limits (``vmin``/``vmax`` over all panels unless given), one colour bar; with ``accuracy`` a second row
+    of the accuracy (percent), its own shared colour scale and bar (left out when no surface has an accuracy).
+    1-D: the curves overlaid (:func:`plot_curves`), the accuracy dashed on a second axis with ``accuracy``.
+    Returns a matplotlib ``Figure``."""
     from matplotlib.figure import Figure
 
     items = _as_list(surfaces)
@@ -268,19 +332,23 @@ def plot_comparison(
     if dims == {1}:
         return plot_curves(items, labels=labels, accuracy=accuracy, log_scale=log_scale, title=title)
     names = _labels(items, labels)
-    zs = [_values(s, log_scale) for s in items]
-    lo, hi = _range(zs, vmin, vmax)
-    lv = _levels(lo, hi, levels)
+    quantities = ["loss"] + (["accuracy"] if accuracy and any(has_accuracy(s) for s in items) else [])
     n = len(items)
-    fig = Figure(figsize=(4.4 * n + 1.2, 4.4), layout="constrained")
-    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False)[0]
-    mappable = None
-    for ax, s, z, name in zip(axes, items, zs, names):
-        mappable = _draw_2d(ax, s, z, kind=kind, levels=lv, vmin=lo, vmax=hi, cmap=cmap)
-        ax.set_title(f"{name}: centre {s.center_loss:.4g}", fontsize=10)
-        ax.set_xlabel(_axis_labels(s)[0], fontsize=8)
-    axes[0].set_ylabel(_axis_labels(items[0])[1], fontsize=8)
-    fig.colorbar(mappable, ax=list(axes), label=_zlabel(log_scale) + " (shared scale)")
+    fig = Figure(figsize=(4.4 * n + 1.2, 4.4 * len(quantities)), layout="constrained")
+    grid_axes = fig.subplots(len(quantities), n, sharex=True, sharey=True, squeeze=False)
+    for row, (quantity, axes) in enumerate(zip(quantities, grid_axes)):
+        zs = [_values(s, log_scale, quantity) for s in items]
+        lo, hi = _range(zs, vmin, vmax) if quantity == "loss" else _range(zs, None, None)
+        lv = _levels(lo, hi, levels)
+        mappable = None
+        for ax, s, z, name in zip(axes, items, zs, names):
+            mappable = _draw_2d(ax, s, z, kind=kind, levels=lv, vmin=lo, vmax=hi, cmap=_cmap(cmap, quantity))
+            centre = (f"{100 * s.center_accuracy:.2f}%" if quantity == "accuracy" else f"{s.center_loss:.4g}")
+            ax.set_title(f"{name}: centre {centre}", fontsize=10)
+            if row == len(quantities) - 1:
+                ax.set_xlabel(_axis_labels(s)[0], fontsize=8)
+        axes[0].set_ylabel(_axis_labels(items[0])[1], fontsize=8)
+        fig.colorbar(mappable, ax=list(axes), label=_zlabel(log_scale, quantity) + " (shared scale)")
     if title:
         fig.suptitle(title)
     return fig
@@ -332,15 +400,63 @@ def plot_trajectory(
 # interactive
 
 
+def _cells(surface, z: np.ndarray, points: np.ndarray):
+    """For each point: the four values around it ``(z00, z10, z01, z11)`` (x then y) and its position ``(tx, ty)``
+    in that cell; NaN outside the grid."""
+    xs, ys = surface.xs, surface.ys
+    corners = np.full((len(points), 4), np.nan)
+    t = np.zeros((len(points), 2))
+    inside = (xs[0] <= points[:, 0]) & (points[:, 0] <= xs[-1]) & (ys[0] <= points[:, 1]) & (points[:, 1] <= ys[-1])
+    i = np.clip(np.searchsorted(xs, points[:, 0]) - 1, 0, xs.size - 2)
+    j = np.clip(np.searchsorted(ys, points[:, 1]) - 1, 0, ys.size - 2)
+    t[:, 0] = (points[:, 0] - xs[i]) / (xs[i + 1] - xs[i])
+    t[:, 1] = (points[:, 1] - ys[j]) / (ys[j + 1] - ys[j])
+    corners[inside] = np.stack([z[j, i], z[j, i + 1], z[j + 1, i], z[j + 1, i + 1]], axis=1)[inside]
+    return corners, t
+
+
+def surface_height(surface: Any, points: Any, *, log_scale: bool = False) -> np.ndarray:
+    """The drawn surface (loss, ``log10`` loss with ``log_scale``) at arbitrary ``(k, 2)`` coordinates by bilinear
+    interpolation between the four grid points around each; NaN outside the grid or next to a point not computed.
+    Used to draw a projected path on the surface (a checkpoint's own loss differs from the plane's where the
+    checkpoint lies off the plane)."""
+    _require_dim(surface, 2, "surface_height")
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    (z00, z10, z01, z11), (tx, ty) = (c.T for c in _cells(surface, _values(surface, log_scale), points))
+    return (1 - tx) * (1 - ty) * z00 + tx * (1 - ty) * z10 + (1 - tx) * ty * z01 + tx * ty * z11
+
+
+def _rendered_top(surface, z: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The highest of the bilinear value and the two ways of splitting a cell into triangles (a 3-D renderer
+    draws one of them): a line drawn there is never hidden inside the drawn surface."""
+    (z00, z10, z01, z11), (tx, ty) = (c.T for c in _cells(surface, z, points))
+    bilinear = (1 - tx) * (1 - ty) * z00 + tx * (1 - ty) * z10 + (1 - tx) * ty * z01 + tx * ty * z11
+    main = np.where(tx >= ty, z00 + tx * (z10 - z00) + ty * (z11 - z10), z00 + ty * (z01 - z00) + tx * (z11 - z01))
+    anti = np.where(tx + ty <= 1, z00 + tx * (z10 - z00) + ty * (z01 - z00),
+                    z11 + (1 - tx) * (z01 - z11) + (1 - ty) * (z10 - z11))
+    return np.max(np.stack([bilinear, main, anti]), axis=0)
+
+
+def _nullable(values: Any) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+_PLOTLY_HEIGHT = 640  # px: the HTML page fills the window's width, at this height
+
+
 def plotly_figure(
     surfaces: Any,
     *,
     labels: Sequence[str] | None = None,
     log_scale: bool = False,
     title: str | None = None,
+    path: Any = None,
+    path_labels: Sequence[str] | None = None,
 ) -> Any:
-    """An interactive plotly figure: 3-D surfaces side by side with one shared colour scale (2-D), or overlaid
-    curves (1-D)."""
+    """An interactive plotly figure: 3-D surfaces side by side with one shared colour scale and z range (2-D; the
+    accuracy is shown on hover), or overlaid curves (1-D). ``path`` (``(T, 2)`` coordinates of the first surface,
+    e.g. the projected trajectory of a PCA plane) is drawn as a line on the first surface, at the surface's height
+    (:func:`surface_height`), with a marker per point (hover: ``path_labels``)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -353,29 +469,68 @@ def plotly_figure(
         fig = go.Figure()
         for s, name in zip(items, names):
             y = np.where(s.done, s.loss, np.nan)
-            fig.add_trace(go.Scatter(x=s.xs.tolist(), y=[None if not np.isfinite(v) else float(v) for v in y],
-                                     mode="lines+markers", name=name))
+            fig.add_trace(go.Scatter(x=s.xs.tolist(), y=_nullable(y), mode="lines+markers", name=name))
         fig.update_layout(title=title or "loss along the cut", xaxis_title=_axis_labels(items[0])[0],
-                          yaxis_title="loss", yaxis_type="log" if log_scale else "linear")
+                          yaxis_title="loss", yaxis_type="log" if log_scale else "linear",
+                          margin={"l": 70, "r": 30, "t": 70, "b": 70}, height=_PLOTLY_HEIGHT)
         return fig
     zs = [_values(s, log_scale) for s in items]
     lo, hi = _range(zs, None, None)
-    fig = make_subplots(rows=1, cols=len(items), specs=[[{"type": "surface"}] * len(items)],
-                        subplot_titles=[f"{n}: centre {s.center_loss:.4g}" for s, n in zip(items, names)])
+    n = len(items)
+    fig = make_subplots(rows=1, cols=n, specs=[[{"type": "surface"}] * n], horizontal_spacing=0.02,
+                        subplot_titles=[f"{name}: centre {s.center_loss:.4g}" for s, name in zip(items, names)])
     xl, yl = _axis_labels(items[0])
+    zl = _zlabel(log_scale)
     for k, (s, z, name) in enumerate(zip(items, zs, names)):
-        zlist = [[None if not np.isfinite(v) else float(v) for v in row] for row in z]
+        accuracy = 100 * np.where(s.done, s.accuracy, np.nan)
         fig.add_trace(
-            go.Surface(x=s.xs.tolist(), y=s.ys.tolist(), z=zlist, cmin=lo, cmax=hi, colorscale="Viridis",
-                       showscale=(k == len(items) - 1), name=name, colorbar={"title": _zlabel(log_scale)}),
+            go.Surface(x=s.xs.tolist(), y=s.ys.tolist(), z=[_nullable(row) for row in z], cmin=lo, cmax=hi,
+                       colorscale="Viridis", showscale=(k == n - 1), name=name,
+                       colorbar={"title": {"text": zl}, "len": 0.75, "thickness": 18},
+                       customdata=[_nullable(row) for row in accuracy],
+                       hovertemplate=(f"{name}<br>x %{{x:.3g}}, y %{{y:.3g}}<br>{zl} %{{z:.4g}}"
+                                      + ("<br>accuracy %{customdata:.2f}%" if has_accuracy(s) else "")
+                                      + "<extra></extra>")),
             row=1, col=k + 1,
         )
-    scene = {"xaxis_title": xl, "yaxis_title": yl, "zaxis_title": _zlabel(log_scale), "zaxis": {"range": [lo, hi]}}
-    fig.update_scenes(**scene)
-    fig.update_layout(title=title or "loss surface", height=600, width=max(700, 600 * len(items)))
+    if path is not None:
+        path = np.asarray(path, dtype=np.float64)
+        if path.ndim != 2 or path.shape[1] != 2 or len(path) < 1:
+            raise SharpscopeError(f"path: expected a (T, 2) array of coordinates, got shape {path.shape}")
+        lift = 0.01 * (hi - lo)  # just above the drawn surface, so the line is not hidden in it
+        steps = np.linspace(0.0, 1.0, 17)[:-1, None]
+        dense = np.concatenate([a + steps * (b - a) for a, b in zip(path[:-1], path[1:])] + [path[-1:]])
+        fig.add_trace(go.Scatter3d(x=dense[:, 0].tolist(), y=dense[:, 1].tolist(),
+                                   z=_nullable(_rendered_top(items[0], zs[0], dense) + lift),
+                                   mode="lines", line={"color": "crimson", "width": 7}, name="projected path",
+                                   hoverinfo="skip"), row=1, col=1)
+        texts = list(path_labels) if path_labels is not None else [f"point {i}" for i in range(len(path))]
+        colors = ["crimson"] * len(path)
+        colors[0], colors[-1] = "white", "gold"
+        fig.add_trace(go.Scatter3d(x=path[:, 0].tolist(), y=path[:, 1].tolist(),
+                                   z=_nullable(_rendered_top(items[0], zs[0], path) + lift),
+                                   customdata=_nullable(surface_height(items[0], path, log_scale=log_scale)),
+                                   mode="markers", marker={"size": 5, "color": colors,
+                                                           "line": {"color": "black", "width": 1}},
+                                   text=texts, name="checkpoints (white: first, gold: final)",
+                                   hovertemplate=f"%{{text}}<br>x %{{x:.3g}}, y %{{y:.3g}}<br>{zl} on the plane "
+                                                 "%{customdata:.4g}<extra></extra>"), row=1, col=1)
+    # a zoomed-out camera and fixed proportions keep every axis title inside its scene; a path (PCA: the first
+    # checkpoint has coordinates >= 0) is seen from the negative side, where it runs up the far wall, not behind
+    # the near one
+    side = -1.0 if path is not None else 1.0
+    fig.update_scenes(xaxis_title=xl, yaxis_title=yl, zaxis_title=zl, zaxis={"range": [lo, hi]},
+                      aspectmode="manual", aspectratio={"x": 1, "y": 1, "z": 0.7},
+                      camera={"eye": {"x": 1.45 * side, "y": 1.45 * side, "z": 1.2}})
+    fig.update_layout(title=title or "loss surface", height=_PLOTLY_HEIGHT,
+                      margin={"l": 10, "r": 10, "t": 80, "b": 10},
+                      legend={"x": 0.0, "y": 0.0, "xanchor": "left", "yanchor": "bottom"})
     return fig
 
 
 def plotly_html(surfaces: Any, **kwargs: Any) -> str:
-    """A self-contained HTML page of :func:`plotly_figure` (plotly.js embedded: opens offline)."""
-    return plotly_figure(surfaces, **kwargs).to_html(include_plotlyjs=True, full_html=True)
+    """A self-contained HTML page of :func:`plotly_figure` (plotly.js embedded: opens offline), as wide as the
+    browser window."""
+    return plotly_figure(surfaces, **kwargs).to_html(include_plotlyjs=True, full_html=True, default_width="100%",
+                                                     default_height=f"{_PLOTLY_HEIGHT}px",
+                                                     config={"responsive": True})

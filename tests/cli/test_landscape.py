@@ -73,6 +73,8 @@ def test_compare_two_models_2d(runs, tmp_path):
         for kind in ("contour", "contourf", "heatmap", "surface3d"):
             _png_ok(out / f"{kind}-{label}.png")
     _png_ok(out / "comparison.png")
+    assert not (out / "accuracy.png").exists()  # with --compare the accuracy is the comparison's second row
+    assert f"wrote {out}/directions.pt" in result.output  # one raw draw for both models
     html = (out / "surface.html").read_text()
     assert "plotly" in html and len(html) > 1_000_000
     assert not list(out.glob(".*partial*"))  # resume files are removed once the results are written
@@ -152,6 +154,81 @@ def test_hessian_directions(runs, tmp_path):
     assert meta[0]["norm_value"] == pytest.approx(1.0, rel=1e-5)  # unit eigenvectors
 
 
+def test_saved_directions_cut_another_run_the_same_way(runs, tmp_path):
+    from sharpscope.landscape import load_directions
+
+    first = tmp_path / "first"
+    result = invoke("landscape", str(runs / "sam" / "final.pt"), "--compare", str(runs / "sgd" / "final.pt"),
+                    "--norm", "layer", "--seed", "4", "--x", "-1:1:5", "--y", "-0.5:0.5:3", *EVAL, "--out", str(first))
+    assert result.exit_code == 0, result.output
+    draw = load_directions(first / "directions.pt")  # the raw seeded draw, shared by both models
+    assert [d.kind for d in draw] == ["draw", "draw"] and draw[0].seed == 4
+    assert draw[0].info["normalize"] == {"norm": "layer", "ignore_bias_bn": True}
+    assert draw[1].info["grid"] == [-0.5, 0.5, 3]
+    assert json.loads((first / "surface-sgd.json").read_text())["directions_file"] == "directions.pt"
+
+    # no --x/--y/--norm/--seed: the saved run's grid and normalisation, the draw normalised to sgd's weights
+    second = tmp_path / "second"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--directions-from", str(first / "directions.pt"),
+                    *EVAL, "--out", str(second))
+    assert result.exit_code == 0, result.output
+    before, after = np.load(first / "surface-sgd.npz"), np.load(second / "surface.npz")
+    for key in ("xs", "ys", "loss", "accuracy"):
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    config = json.loads((second / "surface.json").read_text())["config"]
+    assert config["norm"] == "layer" and config["seed"] == 4 and config["directions_from"].endswith("directions.pt")
+    _png_ok(second / "accuracy.png")  # one model, 2-D: its accuracy figure
+    assert [d.fingerprint() for d in load_directions(second / "directions.pt")] == [d.fingerprint() for d in draw]
+
+    for args, message, code in [
+        (["--dim", "1"], "holds 2 direction(s)", 1),
+        (["--directions", "hessian"], "holds draw directions, which decide the cut", 2),
+        (["--seed", "4"], "the directions come from", 2),
+    ]:
+        bad = CliRunner().invoke(cli, ["landscape", str(runs / "sgd" / "final.pt"), "--directions-from",
+                                       str(first / "directions.pt"), *args, *EVAL, "--out", str(tmp_path / "x")])
+        assert bad.exit_code == code and message in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_saved_interpolation_direction_is_used_as_saved(runs, tmp_path):
+    sgd, sam = runs / "sgd" / "final.pt", runs / "sam" / "final.pt"
+    first = tmp_path / "first"
+    result = invoke("landscape", str(sgd), "--compare", str(sam), "--directions", "interpolate", "--x", "-0.5:1.5:5",
+                    *EVAL, "--out", str(first))
+    assert result.exit_code == 0, result.output
+    again = invoke("landscape", str(sgd), "--directions-from", str(first / "directions.pt"), *EVAL,
+                   "--out", str(tmp_path / "again"))
+    assert again.exit_code == 0, again.output
+    np.testing.assert_array_equal(np.load(tmp_path / "again" / "surface.npz")["loss"],
+                                  np.load(first / "surface.npz")["loss"])
+    bad = CliRunner().invoke(cli, ["landscape", str(sgd), "--directions-from", str(first / "directions.pt"),
+                                   "--norm", "layer", *EVAL, "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "applies to a raw random draw only" in bad.output, bad.output
+
+
+def test_pca_grid_covers_the_path_and_html_draws_it(runs, tmp_path):
+    out = tmp_path / "pca"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--directions", "pca", *EVAL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data, traj = np.load(out / "surface.npz"), np.load(out / "trajectory.npz")
+    path = traj["path_coords"]
+    assert data["loss"].shape == (21, 21)  # the modest default of a PCA plane
+    for coords, values in ((data["xs"], path[:, 0]), (data["ys"], path[:, 1])):
+        span = values.max() - values.min()
+        assert 0.0 in coords  # the final model is a grid point
+        assert coords[0] <= values.min() - 0.2 * span and coords[-1] >= values.max() + 0.2 * span
+    # each checkpoint's own loss is recorded; the final one is the surface's centre
+    assert traj["checkpoint_loss"].shape == (3,) and traj["checkpoint_loss"][-1] == float(data["center_loss"])
+    html = (out / "surface.html").read_text()
+    assert "projected path" in html and "its own loss" in html
+    reach = float(np.abs(path[:, 0]).max())
+    narrow = invoke("landscape", str(runs / "sgd" / "final.pt"), "--directions", "pca", "--x",
+                    f"{-reach / 2}:{reach / 2}:3", *EVAL, "--out", str(tmp_path / "narrow"))
+    assert narrow.exit_code == 0, narrow.output
+    assert np.load(tmp_path / "narrow" / "surface.npz")["xs"][-1] == pytest.approx(reach / 2)  # kept as given
+    assert "outside --x" in narrow.output and "omit --x to cover it" in narrow.output
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [
@@ -164,6 +241,10 @@ def test_hessian_directions(runs, tmp_path):
         (["--directions", "hesian"], "'hesian' is not one of", 2),
         (["--norm", "filtr"], "'filtr' is not one of", 2),
         (["--compare", "{missing}"], "does not exist", 1),
+        (["--directions", "pca", "--norm", "layer"], "applies to random directions only, not --directions pca", 2),
+        (["--directions", "interpolate", "--compare", "{sam}", "--include-bias-bn"], "random directions only", 2),
+        (["--directions", "hessian", "--ignore-bias-bn"], "--ignore-bias-bn: applies to random", 2),
+        (["--directions-from", "{missing}"], "does not exist", 1),
     ],
 )
 def test_bad_input_one_line_no_traceback(runs, tmp_path, args, message, code):

@@ -25,12 +25,23 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-def test_report_fills_every_section_and_reuses_analyses(runs, tmp_path):
-    out = tmp_path / "report"
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    """``sharpscope report sgd sam`` (QUICK settings) into a fresh folder, and what it printed."""
+    out = tmp_path_factory.mktemp("report") / "report"
     result = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert f"wrote {out}/report.html" in result.output
+    return out, result.output
+
+
+def files_in(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_report_fills_every_section_in_the_order_the_runs_were_given(report):
+    out, output = report
+    assert f"wrote {out}/report.html" in output
     page = (out / "report.html").read_text()
     for title in ("Summary", "Learning curves", "Loss landscapes", "Hessian spectrum", "Sharpness", "Configurations"):
         assert f">{title}</h2>" in page, title
@@ -39,21 +50,91 @@ def test_report_fills_every_section_and_reuses_analyses(runs, tmp_path):
     rows = re.findall(r"<tr><td>(sgd|sam)</td>(.*?)</tr>", page)
     assert [r[0] for r in rows] == ["sgd", "sam"]
     assert all("<td>-</td>" not in r[1] for r in rows), rows  # λ_max, trace and sharpness all filled
-    refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
-    assert refused.exit_code == 1 and "already holds report.html" in refused.output
-    (out / "report.html").unlink()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    assert captions.index("surface3d sgd") < captions.index("surface3d sam"), captions
+    for name in ("learning_curves.png", "top_eigenvalues.png", "density.png", "sharpness_vs_rho.png", "report.json"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_report_figures_list_the_runs_in_the_order_given(runs, report):
+    from sharpscope.report import read_analyses, read_run, report_figures
+
+    out, _ = report
+    for order in (["sgd", "sam"], ["sam", "sgd"]):
+        figures = report_figures([read_run(runs / name) for name in order], read_analyses(out))
+        assert [ax.get_title() for ax in figures["top_eigenvalues.png"].axes] == order
+        assert [t.get_text() for t in figures["density.png"].axes[0].get_legend().get_texts()] == order
+        panels = [ax.get_title().split("\n")[0] for ax in figures["sharpness_vs_rho.png"].axes]
+        assert panels == order, panels
+
+
+@pytest.mark.slow
+def test_kendall_tau_is_shown_only_over_three_checkpoints_or_more(runs, report):
+    from dataclasses import replace
+
+    from sharpscope.report import read_analyses, read_run, report_figures, report_sections
+
+    out, _ = report
+    page = (out / "report.html").read_text()
+    assert "Kendall's tau with the generalization gap is omitted: over 2 checkpoints it is ±1" in page
+    assert "kendall tau" not in re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    assert not (out / "kendall_tau.png").exists()
+    run_list = [read_run(runs / name) for name in ("sgd", "sam")]
+    three = replace(read_analyses(out), kendall={"num_checkpoints": 3, "tau": {"worst m=64 rho=0.05": 1 / 3,
+                                                                               "constant": None}})
+    figures = report_figures(run_list, three)
+    assert "kendall_tau.png" in figures
+    sharpness = next(s for s in report_sections(run_list, three, {"kendall_tau.png": out / "k.png"})
+                     if s.title == "Sharpness")
+    assert "over the 3 final checkpoints" in sharpness.text and out / "k.png" in sharpness.figures
+
+
+@pytest.mark.slow
+def test_a_second_report_with_the_same_settings_reuses_every_analysis_and_rerenders(runs, report):
+    out, _ = report
+    images = (out / "report.html").read_text().count("data:image/png")
+    analyses = {name: data for name, data in files_in(out).items() if "/" in name}  # the stage folders
+    (out / "report.html").write_text("stale")
+    (out / "learning_curves.png").unlink()
     again = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
     assert again.exit_code == 0, again.output
+    assert "re-rendering it from the analyses" in again.output
     assert again.output.count("reusing") == 5, again.output  # nothing recomputed
-    assert (out / "report.html").read_text().count("data:image/png") == len(images)
-    refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
-    assert refused.exit_code == 1 and "already holds report.html" in refused.output
-    (out / "report.html").unlink()
+    assert {name: data for name, data in files_in(out).items() if "/" in name} == analyses  # not even rewritten
+    assert (out / "report.html").read_text().count("data:image/png") == images
+    assert (out / "learning_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_report_with_other_settings_is_refused_before_anything_is_written(runs, report):
+    out, _ = report
+    before = files_in(out)
     other_grid = [a if a != "-1:1:3" else "-2:2:3" for a in QUICK]
     refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *other_grid, "--out", str(out))
     assert refused.exit_code == 1, refused.output
-    assert f"{out}/landscape/ holds an analysis computed with other settings (-1.0:1.0:3 -2.0:2.0:3 differ)" in refused.output
-    assert not (out / "report.html").exists()
+    assert (f"{out}/ holds a report.html made with other settings (-1.0:1.0:3 -2.0:2.0:3 differ); pass --overwrite"
+            in refused.output)
+    reordered = invoke("report", str(runs / "sam"), str(runs / "sgd"), *QUICK, "--out", str(out))
+    assert reordered.exit_code == 1 and "made with other settings (runs " in reordered.output, reordered.output
+    assert files_in(out) == before
+    (out / "report.json").rename(out / "report.json.bak")  # a report that recorded no settings is never replaced
+    try:
+        refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
+        assert refused.exit_code == 1 and "already holds report.html" in refused.output, refused.output
+    finally:
+        (out / "report.json.bak").rename(out / "report.json")
+    html = (out / "report.html").read_bytes()
+    (out / "report.html").unlink()  # no report: the analyses' own records still refuse other settings
+    try:
+        refused = invoke("report", str(runs / "sgd"), str(runs / "sam"), *other_grid, "--out", str(out))
+        assert refused.exit_code == 1, refused.output
+        assert (f"{out}/landscape/ holds an analysis computed with other settings (-1.0:1.0:3 -2.0:2.0:3 differ)"
+                in refused.output)
+        assert not (out / "report.html").exists()
+    finally:
+        (out / "report.html").write_bytes(html)
+    assert files_in(out) == before
 
 
 def test_report_refuses_what_is_not_a_finished_run(runs, tmp_path):

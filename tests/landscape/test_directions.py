@@ -14,10 +14,14 @@ from sharpscope.landscape import (
     Direction,
     difference_direction,
     directions_from_vectors,
+    gaussian_draw,
     load_direction,
+    load_directions,
     normalize_direction,
+    normalize_draw,
     random_direction,
     random_directions,
+    save_directions,
 )
 from sharpscope.landscape.directions import check_directions
 
@@ -125,6 +129,72 @@ def test_direction_file_errors(tmp_path):
     bad = Direction({"__direction_meta__": torch.zeros(1)})
     with pytest.raises(SharpscopeError, match="reserve"):
         bad.save(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize(("norm", "ignore_bias_bn"), [("filter", True), ("layer", False), ("none", True)])
+def test_normalized_draw_is_random_directions_exactly(model_name, device, norm, ignore_bias_bn):
+    model = MODELS[model_name]().to(device)
+    draw = gaussian_draw(model, dim=2, seed=4)
+    assert [d.kind for d in draw] == ["draw", "draw"] and all(t.device.type == "cpu" for t in draw[0].tensors.values())
+    ours = normalize_draw(model, draw, norm=norm, ignore_bias_bn=ignore_bias_bn)
+    theirs = random_directions(model, dim=2, seed=4, norm=norm, ignore_bias_bn=ignore_bias_bn)
+    for a, b in zip(ours, theirs):
+        assert a.metadata() == b.metadata() and a.fingerprint() == b.fingerprint()
+        for name in b.names:
+            assert a.tensors[name].device == b.tensors[name].device
+            torch.testing.assert_close(a.tensors[name], b.tensors[name], rtol=0, atol=0)
+
+
+def test_a_saved_draw_cuts_another_model_along_its_own_normalised_directions(tmp_path):
+    first, second = tiny_convnet(seed=0), tiny_convnet(seed=1)
+    path = save_directions(tmp_path / "directions.pt", gaussian_draw(first, dim=2, seed=9))
+    for got, want in zip(normalize_draw(second, load_directions(path)), random_directions(second, dim=2, seed=9)):
+        assert got.fingerprint() == want.fingerprint()  # the comparable cut of the second model, bit for bit
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_save_load_directions_roundtrip(tmp_path, suffix):
+    model = tiny_convnet()
+    directions = random_directions(model, dim=2, seed=2)
+    about = {"torch": torch.__version__, "grid": np.float64(0.5)}  # str subclass and numpy scalar: stored plain
+    path = save_directions(tmp_path / f"dirs{suffix}", directions, about=about)
+    loaded = load_directions(path)
+    assert len(loaded) == 2
+    for a, b in zip(loaded, directions):
+        assert a.names == b.names and a.kind == "random" and a.seed == 2 and a.info["index"] == b.info["index"]
+        assert a.fingerprint() == b.fingerprint()
+    if suffix == ".pt":  # plain types only: loadable without trusting pickled classes
+        payload = torch.load(path, weights_only=True)
+        assert payload["format"] == "sharpscope.directions" and payload["about"]["torch"] == torch.__version__
+    (single,) = load_directions(directions[0].save(tmp_path / f"one{suffix}"))  # a Direction.save file
+    assert single.fingerprint() == directions[0].fingerprint()
+
+
+def test_directions_file_and_draw_errors(tmp_path):
+    model = tiny_convnet()
+    with pytest.raises(SharpscopeError, match="expected a .pt or .npz suffix"):
+        save_directions(tmp_path / "d.h5", random_directions(model, dim=1))
+    with pytest.raises(SharpscopeError, match="expected a non-empty sequence of Direction"):
+        save_directions(tmp_path / "d.pt", [])
+    with pytest.raises(SharpscopeError, match="does not exist"):
+        load_directions(tmp_path / "missing.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(SharpscopeError, match="cannot be read"):
+        load_directions(tmp_path / "broken.pt")
+    other = gaussian_draw(tiny_mlp(), dim=1)
+    with pytest.raises(SharpscopeError, match="drawn for another architecture"):
+        normalize_draw(model, other)
+    renamed = Direction({n: torch.zeros(1) for n in gaussian_draw(model, dim=1)[0].names}, kind="draw")
+    with pytest.raises(SharpscopeError, match=r"has shape \(1,\) but the model's has"):
+        normalize_draw(model, [renamed])
+    with pytest.raises(SharpscopeError, match="expected a draw of 1 or 2 directions, got 3"):
+        normalize_draw(model, gaussian_draw(model, dim=1) * 3)
+    with pytest.raises(SharpscopeError, match="unknown direction normalization 'flter'"):
+        normalize_draw(model, gaussian_draw(model, dim=1), norm="flter")
+    with pytest.raises(SharpscopeError, match="expected dim 1 or 2, got 0"):
+        gaussian_draw(model, dim=0)
+    with pytest.raises(SharpscopeError, match="no trainable parameters"):
+        gaussian_draw(tiny_mlp().requires_grad_(False))
 
 
 def test_random_direction_errors():

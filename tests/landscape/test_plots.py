@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.io import save_figure
 from sharpscope.landscape import Surface
 from sharpscope.plots.surface import (
+    has_accuracy,
     plot_comparison,
     plot_contour,
     plot_curves,
@@ -19,6 +21,8 @@ from sharpscope.plots.surface import (
     plot_trajectory,
     plotly_figure,
     plotly_html,
+    shared_range,
+    surface_height,
 )
 
 
@@ -113,6 +117,83 @@ def test_plotly_html_is_self_contained(tmp_path):
     assert fig.data[0].cmin == fig.data[1].cmin and fig.data[0].cmax == fig.data[1].cmax
     line = plotly_figure([_curve(1.0, label="a")], log_scale=True)
     assert line.layout.yaxis.type == "log" and line.data[0].y[-1] is None
+
+
+def test_3d_panels_share_one_z_range(tmp_path):
+    a, b = _bowl(1.0, label="sam"), _bowl(3.0, label="sgd")
+    lo, hi = shared_range([a, b])
+    assert (lo, hi) == (pytest.approx(0.1), pytest.approx(b.loss.max()))
+    figs = [plot_surface_3d(s, vmin=lo, vmax=hi) for s in (a, b)]
+    assert {fig.axes[0].get_zlim() for fig in figs} == {(lo, hi)}
+    assert {fig.axes[0].collections[0].get_clim() for fig in figs} == {(lo, hi)}
+    assert _not_blank(save_figure(figs[0], tmp_path / "a.png")) > 0.02
+
+
+def test_2d_accuracy_figures(tmp_path):
+    a, b = _bowl(1.0, label="sam"), _bowl(3.0, label="sgd")
+    fig = plot_contour(a, kind="contourf", quantity="accuracy")
+    panel, bar = fig.axes
+    assert bar.get_ylabel() == "accuracy (%)" and panel.get_title() == "sam: centre accuracy 100.00%"
+    lo, hi = panel.collections[0].get_clim()
+    assert (lo, hi) == (pytest.approx(100 * a.accuracy.min()), pytest.approx(100 * a.accuracy.max()))  # percent
+    assert _not_blank(save_figure(fig, tmp_path / "acc.png")) > 0.02
+    both = plot_comparison([a, b], kind="contourf", accuracy=True)
+    panels = [ax for ax in both.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 4 and len(both.axes) == 6  # loss row and accuracy row, one colour bar each
+    assert panels[0].get_shared_x_axes().joined(panels[0], panels[3])
+    loss_clims = {ax.collections[0].get_clim() for ax in panels[:2]}
+    accuracy_clims = {ax.collections[0].get_clim() for ax in panels[2:]}
+    assert len(loss_clims) == 1 and len(accuracy_clims) == 1 and loss_clims != accuracy_clims
+    assert _not_blank(save_figure(both, tmp_path / "both.png")) > 0.02
+    no_accuracy = replace(a, accuracy=np.full_like(a.loss, np.nan))
+    assert not has_accuracy(no_accuracy) and has_accuracy(a)
+    assert len(plot_comparison([no_accuracy, no_accuracy], accuracy=True).axes) == 3  # no empty accuracy row
+    with pytest.raises(SharpscopeError, match="unknown quantity 'acc'"):
+        plot_contour(a, quantity="acc")
+
+
+def test_point_labels_stay_inside_the_axes(tmp_path):
+    s = _bowl(1.0, label="plane")
+    fig = plot_contour(s, points=[[0.0, 0.0], [1.0, 0.0], [0.4, 1.0]], point_labels=["a", "b", "c"])
+    save_figure(fig, tmp_path / "p.png")  # draws: text extents are known
+    ax = fig.axes[0]
+    box = ax.get_window_extent()
+    labels = [t for t in ax.texts if t.get_text() in ("a", "b", "c")]
+    assert len(labels) == 3
+    for text in labels:  # "c" sits on the top edge and "b" on the right one: both labelled towards the middle
+        extent = text.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, text
+
+
+def test_surface_height_is_bilinear():
+    xs, ys = np.linspace(-1, 1, 5), np.linspace(-1, 2, 4)
+    loss = 2.0 + 0.5 * xs[None, :] - ys[:, None] + 0.25 * xs[None, :] * ys[:, None]  # bilinear: reproduced exactly
+    s = Surface(xs=xs, ys=ys, loss=loss, accuracy=np.zeros_like(loss), done=np.ones_like(loss, bool),
+                center_loss=2.0, center_accuracy=0.0, num_samples=1, metadata={})
+    points = np.array([[0.3, 0.7], [-1.0, 2.0], [0.99, -0.2], [1.5, 0.0]])
+    want = 2.0 + 0.5 * points[:, 0] - points[:, 1] + 0.25 * points[:, 0] * points[:, 1]
+    got = surface_height(s, points)
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-12)
+    assert np.isnan(got[3])  # outside the grid
+
+
+def test_plotly_draws_the_path_on_the_surface_and_keeps_titles_in_view():
+    s = _bowl(1.0, label="sgd")
+    path = np.array([[0.9, 0.5], [0.4, 0.2], [0.0, 0.0]])
+    fig = plotly_figure([s], path=path, path_labels=["epoch 0", "epoch 1", "final"])
+    line, markers = fig.data[1], fig.data[2]
+    assert line.type == markers.type == "scatter3d" and list(markers.text) == ["epoch 0", "epoch 1", "final"]
+    height = surface_height(s, path)
+    lift = 0.01 * (s.loss.max() - s.loss.min())
+    # on (just above) the surface: never below the bilinear height, never more than a cell's bend above it
+    assert np.all(np.asarray(markers.z) >= height + lift - 1e-12)
+    assert np.all(np.asarray(markers.z) <= height + lift + 0.1)
+    np.testing.assert_allclose(markers.customdata, height)  # the hover shows the interpolated loss itself
+    assert len(line.x) > len(path)  # densified: the line follows the surface between checkpoints
+    assert fig.layout.margin.b is not None and fig.layout.scene.aspectmode == "manual"
+    assert fig.layout.scene.zaxis.title.text == "loss"
+    with pytest.raises(SharpscopeError, match=r"expected a \(T, 2\) array"):
+        plotly_figure([s], path=np.zeros(3))
 
 
 def test_plot_errors():

@@ -12,6 +12,7 @@ from torch import nn
 from sharpscope.errors import SharpscopeError
 from sharpscope.landscape import (
     Direction,
+    covering_grid,
     evaluate,
     grid,
     load_surface,
@@ -43,6 +44,28 @@ def test_grid_has_exact_zero_and_errors():
         grid(1, -1, 5)
     with pytest.raises(SharpscopeError, match="at least 2 points"):
         grid(-1, 1, 1)
+
+
+@pytest.mark.parametrize("values", [[3.9, 0.8, 0.0], [-0.5, 0.2], [0.0, 0.0], [-2.0, -1.0], [1e-3, 2e-3]])
+def test_covering_grid_has_zero_and_covers_the_values_with_margin(values):
+    coords = covering_grid(values, num=21, margin=0.25)
+    lo, hi = min(min(values), 0.0), max(max(values), 0.0)
+    span = hi - lo if hi > lo else 1.0
+    assert coords.size == 21 and np.all(np.diff(coords) > 0)
+    assert np.count_nonzero(coords == 0.0) == 1  # exactly 0: the unperturbed model is a grid point
+    # float64 rounding of linspace: 1e-12 of the span
+    assert coords[0] <= lo - 0.25 * span + 1e-12 * span and coords[-1] >= hi + 0.25 * span - 1e-12 * span
+    # the smallest step that reaches both ends with 0 on the grid: at most one step wider than needed
+    assert coords[-1] - coords[0] <= 1.5 * span + 2 * (coords[1] - coords[0]), coords
+
+
+def test_covering_grid_errors():
+    with pytest.raises(SharpscopeError, match="at least 3 points"):
+        covering_grid([1.0], num=2)
+    with pytest.raises(SharpscopeError, match="expected finite values"):
+        covering_grid([np.nan, 1.0])
+    with pytest.raises(SharpscopeError, match="margin >= 0"):
+        covering_grid([1.0], margin=-0.1)
 
 
 def test_centre_equals_unperturbed_loss_exactly(model_name, device):
@@ -287,16 +310,30 @@ def test_channels_last_matches_contiguous_and_restores_layout():
     batches = image_batches()
     d1, d2 = random_directions(model, dim=2, seed=6)
     coords = (grid(-1, 1, 3), grid(-1, 1, 3))
-    fast = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords)
+    fast = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords,
+                        channels_last=True)
     plain = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords,
                          channels_last=False)
-    assert fast.metadata["channels_last"] and not plain.metadata["channels_last"]  # default: on for images
+    default = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=(d1, d2), coords=coords)
+    assert fast.metadata["channels_last"] and not plain.metadata["channels_last"]
+    assert not default.metadata["channels_last"]  # default: on for convnets on CUDA only, not on this CPU model
+    assert default.metadata["fingerprint"] == plain.metadata["fingerprint"]
     # same weights and data, another memory layout: only the conv reduction order differs (float32)
     np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-6)
     assert fast.metadata["fingerprint"] != plain.metadata["fingerprint"]  # never resumed into each other
     for name, p in model.named_parameters():
         assert p.is_contiguous() and p.data_ptr() == storage[name], name  # the caller's tensors are back
-    assert evaluate(model, nn.CrossEntropyLoss(), batches).loss == fast.center_loss
+    assert evaluate(model, nn.CrossEntropyLoss(), batches, channels_last=True).loss == fast.center_loss
+
+
+def test_channels_last_default_is_cuda_convnets_only(device):
+    from sharpscope.landscape.surface import _wants_channels_last
+
+    batches = [(x.to(device), y.to(device)) for x, y in image_batches()]
+    on_cuda = torch.device(device).type == "cuda"
+    assert _wants_channels_last(None, batches, tiny_convnet().to(device)) == on_cuda
+    assert not _wants_channels_last(None, batches, tiny_mlp().to(device))  # no convolutions: only copies to pay
+    assert _wants_channels_last(True, batches, tiny_mlp().to(device))  # an explicit choice is kept
 
 
 def test_bf16_autocast_is_close_to_fp32_and_never_resumed_into_it(tmp_path):
