@@ -1,6 +1,6 @@
 """Benchmark sharpscope.hessian against the dense truth and PyHessian 0.1 on small digits models.
 
-    python benchmarks/bench_hessian.py [--threads 1] [--quick] [--out bench_hessian.json]
+    python benchmarks/bench_hessian.py [--threads 1] [--quick] [--cost-only] [--models mlp,convnet] [--out FILE]
 
 Workloads (CPU, float32 models as users run them, the first 1000 digits training
 images in 2 batches of 500):
@@ -17,8 +17,15 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
   target is <= 1e-4), with the residual criterion at ``tol=1e-4`` and at its default ``1e-6``; SciPy ``eigsh`` on ``HessianOperator.to_scipy()``; PyHessian's deflated power iteration at its
   default ``tol=1e-3`` (and ``tol=1e-5``), multi-batch (``dataloader=``) path, HVPs counted by wrapping its
   ``dataloader_hv_product``.
-* HVP / gradient cost: median wall time of one full-data product against one full-data gradient, for one vector
-  and per vector of a batched ``H @ V`` (the gradient graph of a batch is reused across the columns).
+* HVP / gradient cost: wall time of one full-data product against one full-data gradient (``H.gradient()``),
+  medians of 15 rounds (5 with ``--quick``) in which every path runs once, interleaved so the load of other jobs on
+  a shared machine hits all paths alike. Paths: "before" (recomputed per product, native batch-norm kernels: the
+  operator before the graph cache), ``cache_graph=False`` (recomputed, affine eval-mode BatchNorm), the cached graph
+  (the default; also its first product, which builds the graphs), per vector of a 5-column ``H @ V``,
+  ``torch.func`` forward-over-reverse (``jvp(grad)`` per product, and ``linearize``, traced once per batch, with
+  its build time), and PyHessian's multi-batch HVP. The maximal relative difference of each path's product to the
+  old one is printed (float32 rounding). Then the wall time of top-5 Lanczos (``tol=1e-6``) on a fresh operator of
+  each kind, graph building included: medians of 5 interleaved rounds.
 * trace: Hutch++ with 99 products vs PyHessian's Hutchinson (default adaptive stop, tol=1e-3).
 * spectral density: SLQ with 90 Lanczos steps x 5 runs (Ghorbani et al. 2019) -- sharpscope advances the 5 runs
   in one batched product per step; PyHessian 0.1's ``density()`` calls ``torch.eig``, removed in torch 2, so
@@ -35,6 +42,7 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,7 +50,7 @@ import torch
 from torch import nn
 
 from sharpscope.data import eval_batches, load_dataset
-from sharpscope.hessian import HessianOperator, hutchpp_trace, lanczos_eigs, spectral_density
+from sharpscope.hessian import HessianOperator, eval_mode, hutchpp_trace, lanczos_eigs, spectral_density
 from sharpscope.hessian.reference import dense_hessian
 from sharpscope.models import create_model
 
@@ -98,16 +106,6 @@ def w1_over_range(nodes: np.ndarray, weights: np.ndarray, exact: np.ndarray) -> 
     return float(np.sum(np.abs(cdf_measure - cdf_exact)[:-1] * np.diff(points)) / (exact.max() - exact.min()))
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def pyhessian_module():
     try:
         from pyhessian import hessian as pyhessian_hessian
@@ -139,10 +137,166 @@ def counted_pyhessian(factory, model, batches):
     return obj
 
 
-def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: bool, pyhessian) -> None:
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds, the functions interleaved within a round, so
+    load from other jobs on the shared machine hits every method alike (after one warm-up call each)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def legacy_operator(model, loss_fn, batches) -> HessianOperator:
+    """The product as it was before the graph cache and the affine eval-mode BatchNorm: one forward and
+    ``grad(create_graph=True)`` per batch and product, native batch-norm kernels (a private switch, benchmark only)."""
+    H = HessianOperator(model, loss_fn, batches, cache_graph=False)
+    H._affine_batchnorm = False
+    return H
+
+
+def functorch_products(model, loss_fn, batches, H: HessianOperator):
+    """Forward-over-reverse HVPs with ``torch.func`` (eval mode): ``jvp(grad)`` per product, and ``linearize``
+    (the primal computation of ``grad`` traced once per batch, then one linear map per product: the
+    forward-mode analogue of the graph cache). Returns ``(jvp_hvp, make_linearized)``, flat ``(n,)`` in and out."""
+    from torch.func import functional_call, grad, jvp, linearize
+
+    buffers = dict(model.named_buffers())
+    primals = {name: p.detach() for name, p in zip(H.names, H.params)}
+    weights = [n_b / H.num_samples for n_b in H._batch_sizes]
+
+    def batch_gradient(x, y):
+        return grad(lambda params: loss_fn(functional_call(model, (params, buffers), (x,)), y))
+
+    def as_dict(v):
+        return dict(zip(H.names, H.unflatten(v)))
+
+    def jvp_hvp(v):
+        tangents, out = as_dict(v), torch.zeros_like(v)
+        for (x, y), w in zip(batches, weights):
+            _, hv = jvp(batch_gradient(x, y), (primals,), (tangents,))
+            out.add_(H.flatten([hv[name] for name in H.names]), alpha=w)
+        return out
+
+    def make_linearized():
+        maps = [linearize(batch_gradient(x, y), primals)[1] for x, y in batches]
+
+        def hvp(v):
+            tangents, out = as_dict(v), torch.zeros_like(v)
+            for linear, w in zip(maps, weights):
+                hv = linear(tangents)
+                out.add_(H.flatten([hv[name] for name in H.names]), alpha=w)
+            return out
+
+        return hvp
+
+    return jvp_hvp, make_linearized
+
+
+def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeats: int, pyhessian) -> None:
+    """HVP / gradient cost ratio of every product path, medians of ``repeats`` interleaved rounds."""
+    n = H.num_params
+    v = torch.randn(n)
+    V = torch.randn(n, 5)
+    legacy = legacy_operator(model, loss_fn, batches)
+    recomputed = HessianOperator(model, loss_fn, batches, cache_graph=False)
+    cached = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    first = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    jvp_hvp, make_linearized = functorch_products(model, loss_fn, batches, H)
+    with eval_mode(model), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")  # fx const-folding noise
+        linearized, build_seconds = timed(make_linearized)
+    reference = legacy @ v
+    differences = {}
+    for label, product in (("recomputed", recomputed @ v), ("cached", cached @ v), ("cached again", cached @ v),
+                           ("jvp(grad)", jvp_hvp(v)), ("linearize", linearized(v))):
+        differences[label] = float((product - reference).abs().max() / reference.abs().max())
+
+    def build_and_multiply():
+        first.clear_cache()
+        first @ v
+
+    def in_eval(fn):
+        def call():
+            with eval_mode(model):
+                return fn()
+        return call
+
+    fns = {
+        "gradient": H.gradient,
+        "before: recomputed, native BN": lambda: legacy @ v,
+        "recomputed (cache_graph=False)": lambda: recomputed @ v,
+        "cached graph (default)": lambda: cached @ v,
+        "cached: first product (builds the graphs)": build_and_multiply,
+        "before: H @ V (5), per vector": lambda: legacy @ V,
+        "cached: H @ V (5), per vector": lambda: cached @ V,
+        "torch.func jvp(grad)": in_eval(lambda: jvp_hvp(v)),
+        "torch.func linearize (after build)": in_eval(lambda: linearized(v)),
+    }
+    if pyhessian is not None:
+        ph = counted_pyhessian(pyhessian, model, batches)
+        vs = [torch.randn_like(p) for p in ph.params]
+        fns["PyHessian dataloader_hv_product"] = lambda: ph.dataloader_hv_product(vs)
+    medians = interleaved_medians(fns, repeats)
+    medians = {key: t / 5 if "(5)" in key else t for key, t in medians.items()}
+    t_grad = medians["gradient"]
+    print(f"\n{name}: HVP / gradient cost, median of {repeats} interleaved repeats (gradient {1e3 * t_grad:.1f} ms)")
+    print("| path | ms per vector | x gradient |")
+    print("|---|---:|---:|")
+    for key, t in medians.items():
+        print(f"| {key} | {1e3 * t:.2f} | {t / t_grad:.2f} |")
+    print(flush=True)
+    ROWS.append({"model": name, "task": "cost", "repeats": repeats, "cache_bytes": cached.cache_bytes,
+                 "linearize_build_seconds": build_seconds, "max_rel_diff_vs_before": differences,
+                 **{f"{key} ms": 1e3 * t for key, t in medians.items()},
+                 **{f"{key} x gradient": t / t_grad for key, t in medians.items()}})
+    NOTES.append(
+        f"{name}: one HVP = {medians['before: recomputed, native BN'] / t_grad:.2f}x a gradient before, "
+        f"{medians['cached graph (default)'] / t_grad:.2f}x with the cached graph (median of {repeats} interleaved "
+        f"repeats; gradient {1e3 * t_grad:.1f} ms); cache {cached.cache_bytes / 2**20:.1f} MiB for "
+        f"{H.num_samples} samples; torch.func linearize {medians['torch.func linearize (after build)'] / t_grad:.2f}x "
+        f"after a {build_seconds:.1f} s build; max relative difference to the old product "
+        + ", ".join(f"{k} {d:.1e}" for k, d in differences.items())
+    )
+
+
+def bench_lanczos_wall(name: str, model, loss_fn, batches, *, repeats: int) -> None:
+    """Wall time of top-5 Lanczos (residual tol 1e-6, seed 0) on a fresh operator (graph building included)."""
+    factories = {
+        "before (recomputed, native BN)": lambda: legacy_operator(model, loss_fn, batches),
+        "cache_graph=False": lambda: HessianOperator(model, loss_fn, batches, cache_graph=False),
+        "cached graph (default)": lambda: HessianOperator(model, loss_fn, batches),
+    }
+    hvps, values = {}, {}
+
+    def run(key):
+        def call():
+            result = lanczos_eigs(factories[key](), 5, tol=1e-6, seed=0)
+            hvps[key], values[key] = result.num_matvecs, np.asarray(result.eigenvalues)
+        return call
+
+    medians = interleaved_medians({key: run(key) for key in factories}, repeats)
+    base = values["before (recomputed, native BN)"]
+    for key, seconds in medians.items():
+        error = float(np.max(np.abs(values[key] - base) / np.abs(base)))
+        row(name, "top-5 wall", f"lanczos tol=1e-6, {key} (median of {repeats})", hvps[key], seconds,
+            f"{error:.1e} vs before")
+
+
+def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: bool, pyhessian,
+                cost_only: bool = False) -> None:
     loss_fn = nn.CrossEntropyLoss()
     H = HessianOperator(model, loss_fn, batches)
     n = H.num_params
+    # --- cost of one product relative to one gradient; top-5 wall time of each product path ------------------
+    bench_cost(name, model, loss_fn, batches, H, repeats=5 if quick else 15, pyhessian=pyhessian)
+    bench_lanczos_wall(name, model, loss_fn, batches, repeats=1 if quick else 5)
+    if cost_only:
+        return
     model64 = copy.deepcopy(model).double()
     batches64 = batches.to(dtype=torch.float64)
     H64 = HessianOperator(model64, loss_fn, batches64)
@@ -162,25 +316,6 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
         exact, trace_truth = None, None
         NOTES.append(f"{name}: n={n}; truth = ARPACK eigsh(tol=0) in float64 ({H64.num_matvecs} HVPs, "
                      f"{seconds:.1f} s); top-5 {np.round(top_truth, 5).tolist()}")
-
-    # --- cost of one product relative to one gradient -------------------------------------------------------
-    repeats = 3 if quick else 5
-    v = torch.randn(n)
-    V = torch.randn(n, 5)
-    t_grad = median_time(lambda: H.gradient(), repeats)
-    t_hvp = median_time(lambda: H @ v, repeats)
-    t_hvp5 = median_time(lambda: H @ V, repeats) / 5
-    ratio = {"gradient_ms": 1e3 * t_grad, "hvp_ms": 1e3 * t_hvp, "hvp_batched5_ms_per_vector": 1e3 * t_hvp5}
-    line = (f"{name}: gradient {1e3 * t_grad:.1f} ms; HVP {1e3 * t_hvp:.1f} ms = {t_hvp / t_grad:.2f}x gradient; "
-            f"batched H @ V (5 columns) {1e3 * t_hvp5:.1f} ms/vector = {t_hvp5 / t_grad:.2f}x")
-    if pyhessian is not None:
-        ph = counted_pyhessian(pyhessian, model, batches)
-        vs = [torch.randn_like(p) for p in ph.params]
-        t_ph = median_time(lambda: ph.dataloader_hv_product(vs), repeats)
-        ratio["pyhessian_hvp_ms"] = 1e3 * t_ph
-        line += f"; PyHessian HVP {1e3 * t_ph:.1f} ms = {t_ph / t_grad:.2f}x"
-    NOTES.append(line)
-    ROWS.append({"model": name, "task": "cost", **ratio})
 
     # --- top-1 and top-5 ------------------------------------------------------------------------------------
     for k in (1, 5):
@@ -251,6 +386,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine has 2 shared cores)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller density (smoke run)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="only the HVP / gradient cost table and the top-5 Lanczos wall time (no truth, PyHessian "
+                             "eigen/trace/density rows)")
+    parser.add_argument("--models", default="mlp,convnet", help="comma-separated subset of mlp,convnet")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # PyHessian calls backward(create_graph=True), which warns about a reference cycle on every product.
@@ -262,10 +401,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), PyHessian {'yes' if pyhessian else 'no'}")
     print("| model | task | method | HVPs | wall s | max rel. error |")
     print("|---|---|---|---:|---:|---:|")
-    mlp, batches = train("mlp", {"hidden": 32}, epochs=5)
-    bench_model("mlp", mlp, batches, dense=True, quick=args.quick, pyhessian=pyhessian)
-    convnet, batches = train("convnet", {}, epochs=3)
-    bench_model("convnet", convnet, batches, dense=False, quick=args.quick, pyhessian=pyhessian)
+    models = set(args.models.split(","))
+    if "mlp" in models:
+        mlp, batches = train("mlp", {"hidden": 32}, epochs=5)
+        bench_model("mlp", mlp, batches, dense=True, quick=args.quick, pyhessian=pyhessian, cost_only=args.cost_only)
+    if "convnet" in models:
+        convnet, batches = train("convnet", {}, epochs=3)
+        bench_model("convnet", convnet, batches, dense=False, quick=args.quick, pyhessian=pyhessian,
+                    cost_only=args.cost_only)
     print()
     NOTES.insert(0, "error column: top-k = max relative eigenvalue error; trace = relative error vs the exact trace; "
                     "density = W1(quadrature measure, exact spectrum) / spectral range (MLP) or the Ritz range.")

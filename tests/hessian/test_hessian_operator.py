@@ -1,12 +1,14 @@
 """HessianOperator against the dense float64 Hessian of sharpscope.hessian.reference (an independent path)."""
 
+import copy
+
 import pytest
 import torch
 from hessian_cases import CASES, allclose_report, build
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.hessian import HessianOperator, eval_mode
+from sharpscope.hessian import HessianOperator, eval_mode, lanczos_eigs
 from sharpscope.hessian.reference import dense_hessian
 
 # Both sides are float64 and differ only in summation order: 1e-10 relative to the largest entry is ~1e6 eps.
@@ -192,6 +194,10 @@ def test_generator_batches_are_materialized():
         ({"batches": []}, r"batches is empty"),
         ({"batches": [torch.zeros(3)]}, r"must be a pair \(x, y\)"),
         ({"batches": [("a", "b")]}, r"cannot tell the number of samples"),
+        ({"cache_graph": "yes"}, r"cache_graph must be None, True or False, got 'yes'"),
+        ({"max_cache_bytes": -1}, r"max_cache_bytes must be a number of bytes >= 0"),
+        ({"max_cache_bytes": 1.5}, r"max_cache_bytes must be a number of bytes >= 0"),
+        ({"max_cache_bytes": True}, r"max_cache_bytes must be a number of bytes >= 0"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -224,3 +230,187 @@ def test_bad_vector_and_loss_errors():
                              check_deterministic=False)
     with pytest.raises(SharpscopeError, match=r"loss_fn must return a 0-d mean loss, got \(20,\)"):
         summed @ torch.ones(92, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------- graph cache
+def _assert_same(actual, expected, device):
+    """Cached and recomputed products run the same kernels in the same order: bit-identical on CPU; CUDA may
+    reorder reductions, so there agreement to float64 rounding (1e-12 relative) is asked."""
+    if torch.device(device).type == "cpu":
+        assert torch.equal(actual, expected), allclose_report(actual, expected, rtol=0, atol=0)
+    else:
+        atol = 1e-12 * expected.abs().max().item()
+        assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(
+            actual, expected, rtol=1e-12, atol=atol)
+
+
+def _probe_block(num_params, device, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_params, k, dtype=torch.float64, generator=g).to(device)
+
+
+def test_cached_products_equal_recomputed(problem):
+    cached = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=True)
+    plain = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=False)
+    assert cached.cached_batches == 0, "the constructor (determinism probe) must not build graphs"
+    V = _probe_block(cached.num_params, problem.device)
+    first = cached @ V  # builds the graphs
+    assert cached.cached_batches == len(problem.batches) and cached.cache_bytes > 0
+    again = cached @ V  # served from the graphs
+    single = cached @ V[:, 1]
+    expected = plain @ V
+    assert plain.cached_batches == 0 and plain.cache_bytes == 0
+    for actual in (first, again):
+        _assert_same(actual, expected, problem.device)
+    _assert_same(single, expected[:, 1], problem.device)
+    assert cached.num_matvecs == 7
+
+
+def test_lanczos_on_cached_operator_equals_recomputed():
+    problem = build(CASES[2])  # the BatchNorm CNN
+    results = [lanczos_eigs(HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=cache),
+                            3, tol=1e-8, seed=0) for cache in (None, False)]
+    assert torch.equal(torch.as_tensor(results[0].eigenvalues), torch.as_tensor(results[1].eigenvalues))
+    assert results[0].num_matvecs == results[1].num_matvecs
+
+
+def test_default_cache_stays_within_max_cache_bytes():
+    problem = build(CASES[1])  # three batches
+    full = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=True)
+    V = _probe_block(full.num_params, "cpu")
+    expected = full @ V
+    total = full.cache_bytes
+    assert full.cached_batches == 3
+    # the hidden activations of the two hidden layers are saved at least once per sample
+    assert total >= 8 * sum(len(y) for _, y in problem.batches) * (8 + 6)
+    cases = [(None, 3), (total, 3), (total - 1, 2), (0, 0)]  # (budget, batches cached: a prefix that fits)
+    for budget, cached in cases:
+        H = HessianOperator(problem.model, problem.loss_fn, problem.batches, max_cache_bytes=budget)
+        for _ in range(2):
+            assert torch.equal(H @ V, expected)
+        assert H.cached_batches == cached, f"max_cache_bytes={budget}: {H.cached_batches} batches cached"
+        assert H.cache_bytes <= (budget if budget is not None else total)
+
+
+def test_default_budget_reads_the_free_memory():
+    from sharpscope.hessian.operator import _available_memory
+
+    assert _available_memory(torch.device("cpu")) > 0
+    assert _available_memory(torch.device("meta")) == 1 << 30  # unknown device: a fixed 1 GiB
+
+
+def _change_weights_in_place(model):
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+
+
+def _change_weights_through_data(model):
+    next(model.parameters()).data.add_(0.25)  # .data bypasses the version counter
+
+
+def _load_other_state(model):
+    state = {name: t * 0.9 if t.is_floating_point() else t for name, t in model.state_dict().items()}
+    model.load_state_dict(state)
+
+
+def _change_running_statistics(model):
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_var.data.mul_(2.0)
+
+
+@pytest.mark.parametrize("change", [_change_weights_in_place, _change_weights_through_data, _load_other_state,
+                                    _change_running_statistics])
+def test_cache_never_serves_stale_products(change):
+    problem = build(CASES[2])  # BatchNorm CNN: parameters and running statistics both matter
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=True)
+    V = _probe_block(H.num_params, "cpu")
+    before = H @ V
+    change(problem.model)
+    after = H @ V
+    expected = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=False) @ V
+    assert torch.equal(after, expected), allclose_report(after, expected, rtol=0, atol=0)
+    assert not torch.equal(after, before), "the change should move the Hessian"
+    assert H.cached_batches == len(problem.batches)  # rebuilt at the new weights
+    assert torch.equal(H @ V, expected)
+
+
+def test_rewriting_the_same_values_rebuilds_instead_of_failing():
+    """load_state_dict of the same weights bumps the version counters: autograd would refuse the old graphs."""
+    problem = build(CASES[0])
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches, cache_graph=True)
+    V = _probe_block(H.num_params, "cpu")
+    before = H @ V
+    problem.model.load_state_dict(copy.deepcopy(problem.model.state_dict()))
+    assert torch.equal(H @ V, before)
+
+
+def test_cache_follows_module_modes_without_eval_mode():
+    """eval_mode=False uses the model's own modes: switching BatchNorm to train mode must rebuild the graphs."""
+    problem = build(CASES[2])
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches, eval_mode=False, cache_graph=True)
+    V = _probe_block(H.num_params, "cpu")
+    eval_product = H @ V
+    problem.model.train()
+    train_product = H @ V
+    reference = copy.deepcopy(problem.model)  # batch-statistics BN: running statistics do not enter the output
+    expected = HessianOperator(reference, problem.loss_fn, problem.batches, eval_mode=False, cache_graph=False,
+                               check_deterministic=False) @ V
+    assert torch.equal(train_product, expected), allclose_report(train_product, expected, rtol=0, atol=0)
+    assert not torch.allclose(train_product, eval_product)
+
+
+def test_clear_cache_frees_and_rebuilds():
+    problem = build(CASES[0])
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches)  # default: cached within the budget
+    V = _probe_block(H.num_params, "cpu")
+    first = H @ V
+    assert H.cached_batches == 2
+    H.clear_cache()
+    assert H.cached_batches == 0 and H.cache_bytes == 0 and "cached_batches=0" in repr(H)
+    assert torch.equal(H @ V, first) and H.cached_batches == 2
+
+
+def _native_hvp(model, loss_fn, batches, v):
+    """Double backward with the native batch-norm kernels, written out (no operator code involved)."""
+    params = list(model.parameters())
+    total = sum(len(y) for _, y in batches)
+    out = torch.zeros_like(v)
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        chunks = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
+        hv = torch.autograd.grad(grads, params, chunks)
+        out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / total)  # the operator's summation order
+    return out
+
+
+def _node_names(roots):
+    names, stack, seen = set(), [r.grad_fn for r in roots], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_eval_batchnorm_affine_form_matches_native_double_backward():
+    problem = build(CASES[2])
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    v = _probe_block(H.num_params, "cpu", k=1)[:, 0]
+    expected = _native_hvp(problem.model, problem.loss_fn, problem.batches, v)
+    actual = H @ v
+    # the same function, different rounding in the batch-norm terms: float64 agreement to ~1e3 eps
+    atol = 1e-13 * expected.abs().max().item()
+    assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
+                                                                                     atol=atol)
+    assert "NativeBatchNormBackward0" not in _node_names(H._graphs[0]), "the affine form was not used"
+    # train-mode BatchNorm (eval_mode=False) keeps the native kernels: bit-identical
+    problem.model.train()
+    H_train = HessianOperator(problem.model, problem.loss_fn, problem.batches, eval_mode=False,
+                              check_deterministic=False)
+    reference = copy.deepcopy(problem.model)
+    assert torch.equal(H_train @ v, _native_hvp(reference, problem.loss_fn, problem.batches, v))
+    assert "NativeBatchNormBackward0" in _node_names(H_train._graphs[0])
+    assert all(m.training for m in problem.model.modules())
