@@ -25,7 +25,7 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
   ``torch.func`` forward-over-reverse (``jvp(grad)`` per product, and ``linearize``, traced once per batch, with
   its build time), and PyHessian's multi-batch HVP. The maximal relative difference of each path's product to the
   old one is printed (float32 rounding). Then the wall time of top-5 Lanczos (``tol=1e-6``) on a fresh operator of
-  each kind, graph building included: medians of 5 interleaved rounds.
+  each kind, graph building included: medians of 7 interleaved rounds. Wall and CPU time are both shown.
 * trace: Hutch++ with 99 products vs PyHessian's Hutchinson (default adaptive stop, tol=1e-3).
 * spectral density: SLQ with 90 Lanczos steps x 5 runs (Ghorbani et al. 2019) -- sharpscope advances the 5 runs
   in one batched product per step; PyHessian 0.1's ``density()`` calls ``torch.eig``, removed in torch 2, so
@@ -137,18 +137,22 @@ def counted_pyhessian(factory, model, batches):
     return obj
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function over ``repeats`` rounds, the functions interleaved within a round, so
-    load from other jobs on the shared machine hits every method alike (after one warm-up call each)."""
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU (process) time of each function over ``repeats`` rounds, the functions interleaved
+    within a round so load from other jobs on the shared machine hits every method alike (after one warm-up call
+    each). With one torch thread the CPU time leaves out the time the process waited for a core."""
     for fn in fns.values():
         fn()
-    times: dict[str, list[float]] = {key: [] for key in fns}
+    wall: dict[str, list[float]] = {key: [] for key in fns}
+    cpu: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
+            wall[key].append(time.perf_counter() - start)
+            cpu[key].append(time.process_time() - start_cpu)
+    return ({key: statistics.median(values) for key, values in wall.items()},
+            {key: statistics.median(values) for key, values in cpu.items()})
 
 
 def legacy_operator(model, loss_fn, batches) -> HessianOperator:
@@ -241,19 +245,21 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         ph = counted_pyhessian(pyhessian, model, batches)
         vs = [torch.randn_like(p) for p in ph.params]
         fns["PyHessian dataloader_hv_product"] = lambda: ph.dataloader_hv_product(vs)
-    medians = interleaved_medians(fns, repeats)
+    medians, cpu = interleaved_medians(fns, repeats)
     medians = {key: t / 5 if "(5)" in key else t for key, t in medians.items()}
-    t_grad = medians["gradient"]
+    cpu = {key: t / 5 if "(5)" in key else t for key, t in cpu.items()}
+    t_grad, c_grad = medians["gradient"], cpu["gradient"]
     print(f"\n{name}: HVP / gradient cost, median of {repeats} interleaved repeats (gradient {1e3 * t_grad:.1f} ms)")
-    print("| path | ms per vector | x gradient |")
-    print("|---|---:|---:|")
+    print("| path | wall ms per vector | x gradient (wall) | x gradient (CPU time) |")
+    print("|---|---:|---:|---:|")
     for key, t in medians.items():
-        print(f"| {key} | {1e3 * t:.2f} | {t / t_grad:.2f} |")
+        print(f"| {key} | {1e3 * t:.2f} | {t / t_grad:.2f} | {cpu[key] / c_grad:.2f} |")
     print(flush=True)
     ROWS.append({"model": name, "task": "cost", "repeats": repeats, "cache_bytes": cached.cache_bytes,
                  "linearize_build_seconds": build_seconds, "max_rel_diff_vs_before": differences,
                  **{f"{key} ms": 1e3 * t for key, t in medians.items()},
-                 **{f"{key} x gradient": t / t_grad for key, t in medians.items()}})
+                 **{f"{key} x gradient": t / t_grad for key, t in medians.items()},
+                 **{f"{key} x gradient (CPU time)": t / c_grad for key, t in cpu.items()}})
     NOTES.append(
         f"{name}: one HVP = {medians['before: recomputed, native BN'] / t_grad:.2f}x a gradient before, "
         f"{medians['cached graph (default)'] / t_grad:.2f}x with the cached graph (median of {repeats} interleaved "
@@ -279,12 +285,12 @@ def bench_lanczos_wall(name: str, model, loss_fn, batches, *, repeats: int) -> N
             hvps[key], values[key] = result.num_matvecs, np.asarray(result.eigenvalues)
         return call
 
-    medians = interleaved_medians({key: run(key) for key in factories}, repeats)
+    medians, cpu = interleaved_medians({key: run(key) for key in factories}, repeats)
     base = values["before (recomputed, native BN)"]
     for key, seconds in medians.items():
         error = float(np.max(np.abs(values[key] - base) / np.abs(base)))
-        row(name, "top-5 wall", f"lanczos tol=1e-6, {key} (median of {repeats})", hvps[key], seconds,
-            f"{error:.1e} vs before")
+        row(name, "top-5 wall", f"lanczos tol=1e-6, {key} (median of {repeats}; CPU {cpu[key]:.2f} s)", hvps[key],
+            seconds, f"{error:.1e} vs before")
 
 
 def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: bool, pyhessian,
@@ -294,7 +300,7 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
     n = H.num_params
     # --- cost of one product relative to one gradient; top-5 wall time of each product path ------------------
     bench_cost(name, model, loss_fn, batches, H, repeats=5 if quick else 15, pyhessian=pyhessian)
-    bench_lanczos_wall(name, model, loss_fn, batches, repeats=1 if quick else 5)
+    bench_lanczos_wall(name, model, loss_fn, batches, repeats=1 if quick else 7)
     if cost_only:
         return
     model64 = copy.deepcopy(model).double()

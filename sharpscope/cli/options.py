@@ -99,6 +99,9 @@ class OutDir(click.Path):
         return super().convert(value, param, ctx)
 
 
+#: Largest sample count or batch size accepted: torch sizes are int64, and no evaluation set comes near 2**31.
+MAX_COUNT = 2**31 - 1
+
 #: Largest --seed: seeds are offset (seed + k) for independent streams and must stay below 2**64 for torch.
 MAX_SEED = 2**32 - 1
 
@@ -119,9 +122,11 @@ def eval_set_options(f: Callable) -> Callable:
                      help="Dataset to evaluate on [default: the one the checkpoint was trained on]."),
         click.option("--split", type=click.Choice(["train", "test"]), default=DEFAULT_EVAL_SPLIT, show_default=True,
                      help="Which split the evaluation samples come from."),
-        click.option("--num-samples", type=click.IntRange(min=1), default=DEFAULT_NUM_SAMPLES, show_default=True,
+        click.option("--num-samples", type=click.IntRange(min=1, max=MAX_COUNT), default=DEFAULT_NUM_SAMPLES,
+                     show_default=True,
                      help="First N samples of the split (fixed order); N larger than the split means the whole split."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_EVAL_BATCH_SIZE, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1, max=MAX_COUNT), default=DEFAULT_EVAL_BATCH_SIZE,
+                     show_default=True,
                      help="Evaluation batch size (memory only: results do not depend on it beyond float rounding)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Folder holding the dataset files [default: $SHARPSCOPE_DATA, the user cache, system paths]."),

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from sharpscope.cli.options import (
+    MAX_COUNT,
     FloatList,
     IntList,
     device_option,
@@ -109,7 +110,7 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 @click.option("--keskar-eps", type=FloatList(positive=True), default="0.001,0.0005",
               help="Box sizes of keskar (Keskar et al. 2017 use 1e-3 and 5e-4).")
 @click.option("--pacbayes-draws", type=click.IntRange(min=1), default=10, help="Noise draws per sigma of pacbayes.")
-@click.option("--gap-samples", type=click.IntRange(min=1), default=None,
+@click.option("--gap-samples", type=click.IntRange(min=1, max=MAX_COUNT), default=None,
               help="Measure the generalization gap on the first N samples of each of the train and test splits "
                    "(bounds its cost on big datasets; more than a split has = all of it) [default: whole splits].")
 @model_spec_option

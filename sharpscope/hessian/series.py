@@ -205,6 +205,7 @@ def analyze_checkpoint(
     layer_matvecs = 0
     if per_layer:
         step("per-layer")
+        operator.clear_cache()  # the layer blocks build graphs of their own: never hold two caches at once
         layers = per_layer_eigs(model, loss_fn, batches, k=per_layer_k, eval_mode=eval_mode,
                                 check_deterministic=False, tol=tol, criterion=criterion, max_matvecs=max_matvecs,
                                 seed=seed + 4)
