@@ -107,7 +107,8 @@ def tabulate(folders: dict[str, list[Path]], results: Path, epochs: int, seeds: 
                 "lambda_max": spectrum[final]["top_eigenvalues"][0], "trace": spectrum[final]["trace"]["value"],
                 **{f"sharpness_m{m}": sharp[(final, m)] for m in SHARPNESS_M}})
     m_small, m_large = SHARPNESS_M
-    rows = [f"| optimizer | test accuracy % | train accuracy % | λ_max | trace | m-sharpness, m = {m_small} | "
+    rows = [f"| optimizer | test accuracy % | train accuracy % (running, last epoch) | λ_max | trace | "
+            f"m-sharpness, m = {m_small} | "
             f"m-sharpness, m = {m_large} | s/epoch, fastest seed |", "|---|---|---|---|---|---|---|---|"]
     for name, entries in table.items():
         column = {key: [e[key] for e in entries] for key in entries[0] if key != "run"}
