@@ -132,6 +132,10 @@ def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     return path
 
 
+#: Folders that :func:`prepare_out_dir` created in this process (newest last), for :func:`remove_if_still_empty`.
+_CREATED_OUT_DIRS: list[Path] = []
+
+
 def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bool, resume: bool = False) -> Path:
     """Create ``out`` and check that none of ``outputs`` (file names) would be overwritten.
 
@@ -148,10 +152,25 @@ def prepare_out_dir(out: str | os.PathLike, *, outputs: list[str], overwrite: bo
         raise SharpscopeError(
             f"{out}/ already holds {', '.join(existing)}; pass --overwrite to replace it or choose another --out"
         )
+    missing = []  # out and the parents mkdir is about to create, deepest first
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    _CREATED_OUT_DIRS.extend(reversed(missing))  # popped deepest first
     out.mkdir(parents=True, exist_ok=True)
     if os.environ.get("RANK", "0") == "0":
         remove_stale_temporaries(out)
     return out
+
+
+def remove_if_still_empty() -> None:
+    """Remove the ``--out`` folders this process created that are still empty: a command that failed before
+    writing anything leaves the disk as it found it (called by the CLI on an error)."""
+    while _CREATED_OUT_DIRS:
+        folder = _CREATED_OUT_DIRS.pop()
+        with contextlib.suppress(OSError):  # not empty (another rank wrote there), or already gone: keep it
+            folder.rmdir()
 
 
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")  # atomic_path's mkstemp names

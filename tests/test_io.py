@@ -87,3 +87,26 @@ def test_only_atomic_temporaries_count_as_temporary(tmp_path):
     # a run folder named by mkdtemp ("tmp1ce_rggb") inside a result's name is not a temporary
     for name in (".warm-start.tmp1ce_rggb.tmp1ce_rggb_final.pt", "surface.tmp.npz", ".tmp", "a.abcdefgh.tmp.npz"):
         assert not io.is_temporary(name), name
+
+
+def test_a_failed_command_leaves_no_empty_out_folder(tmp_path):
+    """The folders prepare_out_dir created (out and its new parents) go again when the command fails before
+    writing anything; a folder that existed before, or holds files, stays."""
+    from click.testing import CliRunner
+
+    from sharpscope.cli.main import cli
+
+    trained = CliRunner().invoke(cli, ["-q", "train", "--model", "mlp", "--epochs", "1", "--device", "cpu",
+                                       "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    out = tmp_path / "new" / "deeper" / "out"
+    # fails inside the first measure, after --out was prepared: 8-sample chunks of a 1-sample set
+    failed = CliRunner().invoke(cli, ["-q", "sharpness", str(tmp_path / "run" / "final.pt"), "--num-samples", "1",
+                                      "--m", "8", "--out", str(out)])
+    assert failed.exit_code == 1 and "larger than the evaluation set" in failed.output, failed.output
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    failed = CliRunner().invoke(cli, ["-q", "sharpness", str(tmp_path / "run" / "final.pt"), "--num-samples", "1",
+                                      "--m", "8", "--out", str(kept)])
+    assert failed.exit_code == 1 and kept.is_dir()

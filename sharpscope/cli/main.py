@@ -27,6 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _forget_empty_outputs() -> None:
+    """A failed command leaves no empty --out folder behind (only folders it created itself and left empty)."""
+    from sharpscope.io import remove_if_still_empty
+
+    remove_if_still_empty()
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported on first use."""
 
@@ -54,9 +61,11 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SharpscopeError as exc:
+            _forget_empty_outputs()
             click.echo(f"Error: {exc}", err=True)
             sys.exit(2 if isinstance(exc, UsageError) else 1)
         except OSError as exc:  # the environment, not a bug: a full disk, a path too long, a folder not readable
+            _forget_empty_outputs()
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
