@@ -103,11 +103,8 @@ def command(ctx, checkpoint, compare, direction_kind, dim, directions_from, x_ra
         dim = len(saved)
     else:
         if direction_kind != "random":
-            given = _random_only_options(ctx, include_bias_bn)
-            if given:
-                raise click.BadParameter(
-                    f"applies to random directions only, not --directions {direction_kind}; drop it",
-                    param_hint=given[0])
+            _refuse_random_only_options(ctx, include_bias_bn,
+                                        f"applies to random directions only, not --directions {direction_kind}")
         if direction_kind == "interpolate" and len(compare) not in (1, 2):
             raise SharpscopeError(
                 f"--directions interpolate needs one --compare (a line to it) or two (a plane through three), "
@@ -222,12 +219,14 @@ def _given(ctx: click.Context, name: str) -> bool:
                                               ParameterSource.PROMPT)
 
 
-def _random_only_options(ctx: click.Context, include_bias_bn: bool) -> list[str]:
-    """The options given that only shape random directions (--norm, --include-bias-bn / --ignore-bias-bn)."""
+def _refuse_random_only_options(ctx: click.Context, include_bias_bn: bool, reason: str) -> None:
+    """Bad usage (exit 2) if an option that only shapes random directions (--norm, --include-bias-bn /
+    --ignore-bias-bn) was given where it would do nothing; ``reason`` says why."""
     given = ["--norm"] if _given(ctx, "norm") else []
     if _given(ctx, "include_bias_bn"):
         given.append("--include-bias-bn" if include_bias_bn else "--ignore-bias-bn")
-    return given
+    if given:
+        raise click.BadParameter(f"{reason}; drop it", param_hint=given[0])
 
 
 def _saved_directions(ctx, path, direction_kind, norm, include_bias_bn):
@@ -253,11 +252,8 @@ def _saved_directions(ctx, path, direction_kind, norm, include_bias_bn):
         if not _given(ctx, "include_bias_bn"):
             include_bias_bn = not normalize.get("ignore_bias_bn", not include_bias_bn)
     else:
-        given = _random_only_options(ctx, include_bias_bn)
-        if given:
-            raise click.BadParameter(
-                f"applies to a raw random draw only; {path} holds {kind} directions, used as saved; drop it",
-                param_hint=given[0])
+        _refuse_random_only_options(ctx, include_bias_bn,
+                                    f"applies to a raw random draw only; {path} holds {kind} directions, used as saved")
     return saved, cli_kind, norm, include_bias_bn
 
 

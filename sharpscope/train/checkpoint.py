@@ -14,6 +14,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     model_state       model.state_dict()
     optimizer_state   optimizer.state_dict() (SAM includes its base optimizer's state) or None
     scheduler_state   LR scheduler state or None
+    grad_scaler_state fp16 GradScaler state (loss scale, growth tracker) or None (absent in older files)
     rng_state         {"torch": ByteTensor} for exact resume
     metrics           the last epoch's metrics (train/test loss and accuracy, lr, seconds)
 
@@ -88,6 +89,7 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write a checkpoint atomically. Tensors are saved from the CPU so the file loads anywhere."""
     state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
@@ -104,6 +106,7 @@ def save_checkpoint(
         "model_state": state,
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+        "grad_scaler_state": grad_scaler.state_dict() if grad_scaler is not None else None,
         "rng_state": {"torch": torch.get_rng_state()},
         "metrics": dict(metrics or {}),
     }

@@ -8,8 +8,8 @@
     last.pt                the resume point (model, optimizer, scheduler, RNG), rewritten atomically each epoch
     final.pt               the trained model (with optimizer state), written last
 
-With ``precision="fp16"`` the ``torch.amp.GradScaler`` state (loss scale, growth tracker) of ``last.pt`` and
-``final.pt`` is stored under ``scheduler_state["grad_scaler_state"]`` and restored on resume.
+With ``precision="fp16"`` the ``torch.amp.GradScaler`` state (loss scale, growth tracker) is saved in ``last.pt``
+and ``final.pt`` (``grad_scaler_state``) and restored on resume.
 
 On the CPU the same config and seed give bit-identical metrics and weights; a killed run started again with
 the same command resumes from ``last.pt`` and ends exactly where an uninterrupted run would.
@@ -44,7 +44,6 @@ class TrainingDiverged(SharpscopeError):
 
 
 _NO_STEP = torch.iinfo(torch.int64).max  # "no non-finite loss yet" in the on-device first-bad-step record
-_GRAD_SCALER_KEY = "grad_scaler_state"  # where last.pt / final.pt keep the fp16 GradScaler state
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,6 @@ def train(
     total_steps = steps_per_epoch * config.epochs
     lr_factor = cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    resume_state = _SchedulerAndScaler(scheduler, grad_scaler)  # what last.pt / final.pt store as scheduler_state
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     train_model = model
     if dist_info.enabled:
@@ -187,7 +185,9 @@ def train(
     if resume_payload is not None:
         model.load_state_dict(resume_payload["model_state"])
         optimizer.load_state_dict(resume_payload["optimizer_state"])
-        resume_state.load_state_dict(resume_payload["scheduler_state"])
+        scheduler.load_state_dict(resume_payload["scheduler_state"])
+        if grad_scaler is not None and resume_payload.get("grad_scaler_state") is not None:
+            grad_scaler.load_state_dict(resume_payload["grad_scaler_state"])
         torch.set_rng_state(resume_payload["rng_state"]["torch"])
         resumed_from = int(resume_payload["epoch"])
         start_epoch, step = resumed_from + 1, int(resume_payload["step"])
@@ -256,11 +256,11 @@ def train(
             f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({record['seconds']:.1f}s)")
         if epoch == config.epochs:
             save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=resume_state, **meta)
+                            optimizer=optimizer, scheduler=scheduler, grad_scaler=grad_scaler, **meta)
             (out / "last.pt").unlink(missing_ok=True)
         else:
             save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=resume_state, **meta)
+                            optimizer=optimizer, scheduler=scheduler, grad_scaler=grad_scaler, **meta)
 
     distributed.barrier()
     return TrainResult(
@@ -345,27 +345,6 @@ def _fp16_grad_scaler(device: torch.device) -> torch.amp.GradScaler:
         f"--precision fp16 needs CUDA: torch {torch.__version__} has no fp16 autocast with a GradScaler on "
         f"{device.type} ({reason}); use --precision bf16 on the CPU"
     )
-
-
-class _SchedulerAndScaler:
-    """The LR scheduler's ``state_dict`` with the fp16 GradScaler's (if any) under ``"grad_scaler_state"``, so a
-    resumed fp16 run continues with the loss scale it had (the checkpoint format has no slot of its own for it)."""
-
-    def __init__(self, scheduler: Any, grad_scaler: torch.amp.GradScaler | None) -> None:
-        self.scheduler, self.grad_scaler = scheduler, grad_scaler
-
-    def state_dict(self) -> dict[str, Any]:
-        state = self.scheduler.state_dict()
-        if self.grad_scaler is not None:
-            state[_GRAD_SCALER_KEY] = self.grad_scaler.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        scaler_state = state.pop(_GRAD_SCALER_KEY, None)
-        self.scheduler.load_state_dict(state)
-        if self.grad_scaler is not None and scaler_state is not None:
-            self.grad_scaler.load_state_dict(scaler_state)
 
 
 def _first_bad_step_everywhere(first_bad_step: torch.Tensor, distributed_run: bool) -> int | None:
