@@ -238,7 +238,7 @@ def summary_sharpness(analyses: Analyses, run: Run, *, rho: float = SUMMARY_RHO)
     return f"{value:.4g}{error} (m={result.m_values[i]}, rho={result.rho_values[j]:g})"
 
 
-def generalization_gap(analyses: Analyses, run: Run) -> float:
+def recorded_gap(analyses: Analyses, run: Run) -> float:
     """Test error − train error of ``run``'s final.pt: as the sharpness analysis measured it (eval mode, fixed
     weights, the train and test splits), else from the training log, whose train accuracy is a running average
     over the last epoch (moving weights, augmented data), so biased low: the logged gap reads too small."""
@@ -249,13 +249,13 @@ def generalization_gap(analyses: Analyses, run: Run) -> float:
 
 
 def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
-    """One row per run: label, description, test accuracy (%), generalization gap (:func:`generalization_gap`,
+    """One row per run: label, description, test accuracy (%), generalization gap (:func:`recorded_gap`,
     percentage points), λ_max, trace, m-sharpness (:func:`summary_sharpness`)."""
     rows = []
     for run in runs:
         test = run.final.get("test_acc", math.nan)
         top, trace = final_spectrum(analyses, run)
-        rows.append([run.label, run.description, f"{100 * test:.2f}", f"{100 * generalization_gap(analyses, run):.2f}",
+        rows.append([run.label, run.description, f"{100 * test:.2f}", f"{100 * recorded_gap(analyses, run):.2f}",
                      f"{top:.4g}" if top is not None else "-", f"{trace:.4g}" if trace is not None else "-",
                      summary_sharpness(analyses, run)])
     return rows
