@@ -135,6 +135,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
     if not data:
         raise SharpscopeError(f"checkpoint {str(path)!r} is empty (0 bytes): an interrupted copy? re-create it")
     _check_zip_crcs(data, path)
+    if _is_text(data):
+        raise SharpscopeError(f"checkpoint {str(path)!r} is {_not_a_checkpoint(data, '')}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -147,7 +149,7 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
                 "load it because unpickling can run code. Re-save it as a plain state_dict "
                 "(torch.save(model.state_dict(), path)) with code you trust"
             ) from None
-        raise SharpscopeError(f"checkpoint {str(path)!r} is corrupted or not a PyTorch file ({first})") from None
+        raise SharpscopeError(f"checkpoint {str(path)!r} is {_not_a_checkpoint(data, first)}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file makes torch's reader fail in many ways (even assert)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise SharpscopeError(
@@ -161,6 +163,24 @@ def read_checkpoint_file(path: str | Path) -> tuple[dict[str, Any], str]:
                 f"({__version__}) reads (<= {FORMAT_VERSION}); upgrade sharpscope"
             )
     return payload, sha256
+
+
+def _is_text(data: bytes) -> bool:
+    """Whether the file starts like text (JSON, CSV, YAML): torch files start with a zip or pickle header."""
+    head = data[:256]
+    return bool(head.strip()) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def _not_a_checkpoint(data: bytes, reason: str) -> str:
+    """What a file torch's safe loader refused is, for the error line. torch's own text is kept only when it
+    says nothing about ``weights_only``: its advice to retry with ``weights_only=False`` would run pickled code."""
+    if _is_text(data):
+        if data.lstrip()[:1] in (b"{", b"["):
+            return "a JSON file, not a checkpoint; give a .pt file such as RUN/final.pt (config.json describes the run)"
+        return "a text file, not a checkpoint; give a .pt file written by torch.save, such as RUN/final.pt"
+    if "weights_only" in reason or not reason:
+        return "corrupted or not a PyTorch file"
+    return f"corrupted or not a PyTorch file ({reason})"
 
 
 def _check_zip_crcs(data: bytes, path: Path) -> None:

@@ -56,3 +56,15 @@ def test_random_text_never_tracebacks(text):
         result = run(option, text)
         assert result.exit_code in (0, 2), (option, text, result.output)
         assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("typo, suggestion", [("landscpe", "'landscape'"), ("hessian", "'hessian-spectrum'"),
+                                              ("sharpnes", "'sharpness'"), ("zzz", None)])
+def test_command_typos_suggest_close_matches(typo, suggestion):
+    from sharpscope.cli.main import cli
+
+    result = CliRunner().invoke(cli, [typo])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"Error: No such command '{typo}'.") and "commands: train, landscape" in line, line
+    assert (f"Did you mean {suggestion}" in line) if suggestion else ("Did you mean" not in line), line

@@ -109,3 +109,15 @@ def test_newer_format_version_and_missing_files(mlp_checkpoint, tmp_path):
     torch.save([1, 2, 3], not_state)
     with pytest.raises(SharpscopeError, match="neither a sharpscope checkpoint nor a state_dict"):
         load_checkpoint(not_state, model_spec="mlp", dataset="digits")
+
+
+@pytest.mark.parametrize("content, kind", [(b'{"optimizer": "sgd"}\n', "a JSON file"), (b"epoch,loss\n1,0.5\n", "a text file"),
+                                           (bytes(range(256)) * 4, "corrupted or not a PyTorch file")])
+def test_non_checkpoints_are_named_without_torch_advice(tmp_path, content, kind):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(SharpscopeError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert kind in message and "\n" not in message, message
+    assert "weights_only" not in message, f"torch's advice to load with weights_only=False leaked: {message}"
