@@ -14,6 +14,7 @@ from sharpscope.cli.options import (
     device_option,
     eval_set_options,
     model_spec_option,
+    default_out,
     out_options,
     resolve_device,
     seed_option,
@@ -147,7 +148,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, directions_from, x_ra
         **({"directions_from": str(directions_from)} if directions_from is not None else {}),
     }
     loss_fn = torch.nn.CrossEntropyLoss()
-    out = Path(out)
+    out = Path(out or default_out("landscape", [str(checkpoint), *map(str, compare)]))
 
     if saved is not None:
         jobs = _saved_jobs(checkpoint, compare, saved, dim, x_range, y_range, norm, include_bias_bn, loss_fn,

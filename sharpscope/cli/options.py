@@ -148,9 +148,10 @@ def device_option(f: Callable) -> Callable:
 
 
 def out_options(f: Callable) -> Callable:
-    """``--out DIR`` (required) and ``--overwrite``."""
+    """``--out DIR`` (default: :func:`default_out`, resolved by the command) and ``--overwrite``."""
     return _compose(
-        click.option("--out", "out", required=True, type=OutDir(), help="Folder to write results into."),
+        click.option("--out", "out", default=None, type=OutDir(),
+                     help="Folder to write results into [default: results/RUN-COMMAND]."),
         click.option("--overwrite", is_flag=True, help="Replace results already in --out."),
     )(f)
 
@@ -187,3 +188,30 @@ def show_progress(ctx: click.Context | None = None) -> bool:
     ctx = ctx or click.get_current_context(silent=True)
     root = ctx.find_root() if ctx else None
     return not (root and root.obj and root.obj.get("quiet"))
+
+
+def default_out(command: str, inputs: list[str]) -> str:
+    """``--out`` when none is given: ``results/<runs>-<command>``, the runs named as everywhere else
+    (:func:`~sharpscope.cli.inputs.run_names`), joined by ``+``.
+
+    An input is a run folder, or a checkpoint file: a file inside a run folder (one holding ``config.json``)
+    counts as that run, any other file by its stem.
+
+    >>> default_out("landscape", ["runs/sgd/final.pt", "runs/sam/final.pt"])  # doctest: +SKIP
+    'results/sgd+sam-landscape'
+    """
+    from pathlib import Path
+
+    from sharpscope.cli.inputs import run_names
+
+    folders, stems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and (path.parent / "config.json").is_file():
+            path = path.parent
+        (folders if path.is_dir() else stems).append(path)
+    names = run_names(folders) if folders else []
+    names += [p.stem for p in stems]
+    names = list(dict.fromkeys(n.replace("/", "_") for n in names))
+    label = "+".join(names[:4]) + (f"+{len(names) - 4}more" if len(names) > 4 else "")
+    return str(Path("results") / f"{label or 'out'}-{command}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from sharpscope.cli.options import FloatList, GridRange, IntList, OutDir, device_option, seed_option
+from sharpscope.cli.options import FloatList, GridRange, IntList, OutDir, default_out, device_option, seed_option
 from sharpscope.errors import SharpscopeError
 
 
@@ -80,7 +80,8 @@ def _run_stage(ctx: click.Context, args: list[str]) -> None:
 
 @click.command(context_settings={"show_default": True})
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=OutDir(), help="Folder for the report and analyses.")
+@click.option("--out", default=None, type=OutDir(),
+              help="Folder for the report and analyses [default: results/RUNS-report].")
 @click.option("--overwrite", is_flag=True, help="Recompute the analyses already in --out and replace the report.")
 @click.option("--grid", type=GridRange(), default="-1:1:21", help="2D landscape grid for each axis (START:STOP:NUM).")
 @click.option("--m", "m_values", type=IntList(), default="1,8,32,128", help="m values of m-sharpness.")
@@ -157,7 +158,7 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
     settings = {"runs": _comparable([str(r.path) for r in run_list]),
                 "final.pt sha256": [r.final_sha256[:12] for r in run_list],
                 "analyses": {name: _comparable(args) for name, args in stages.items()}}
-    out = Path(out)
+    out = Path(out or default_out("report", [str(r.path) for r in run_list]))
     reused = {name for name in stages if not overwrite and (out / name / done_marker[name]).exists()}
     # every check before any work: a refused report leaves --out as it was
     current = not overwrite and _report_is_current(out, settings)

@@ -24,6 +24,7 @@ from sharpscope.cli.options import (
     device_option,
     eval_set_options,
     model_spec_option,
+    default_out,
     out_options,
     resolve_device,
     seed_option,
@@ -163,7 +164,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
                             **({"model_spec": model_spec} if model_spec else {})},
                    "gap": {"num_samples": gap_samples}}
     paths = list(dict.fromkeys(expand_checkpoints(list(checkpoints))))
-    out = Path(out)
+    out = Path(out or default_out("sharpness", [str(c) for c in checkpoints]))
     json_path = out / "sharpness.json"
     previous = None
     if json_path.exists() and not overwrite:

@@ -314,3 +314,14 @@ def test_non_finite_points_are_reported(tmp_path):
     bad = int((~np.isfinite(loss)).sum())
     assert 0 < bad < loss.size and np.isfinite(loss[[6, 8]]).all()  # t = 0 and t = 1 are the models themselves
     assert f"{bad} of 15 points have a non-finite loss (likely BatchNorm running variances" in result.output
+
+
+def test_out_defaults_to_results_run_command(runs, tmp_path, monkeypatch):
+    """The mission's own command, `sharpscope landscape ckpt.pt`, needs no --out: results/<run>-landscape."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["landscape", str(runs / "sgd" / "final.pt"), "--compare",
+                                      str(runs / "sam" / "final.pt"), "--dim", "1", "--x", "-1:1:3", *EVAL])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results" / "sgd+sam-landscape"
+    assert (out / "surface-sgd.npz").is_file() or any(out.glob("*.npz")), sorted(p.name for p in out.iterdir())
+    assert "results/sgd+sam-landscape" in result.output, result.output

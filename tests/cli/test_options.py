@@ -68,3 +68,18 @@ def test_command_typos_suggest_close_matches(typo, suggestion):
     line = result.output.strip().splitlines()[-1]
     assert line.startswith(f"Error: No such command '{typo}'.") and "commands: train, landscape" in line, line
     assert (f"Did you mean {suggestion}" in line) if suggestion else ("Did you mean" not in line), line
+
+
+def test_default_out_names_the_runs_and_the_command(tmp_path):
+    from sharpscope.cli.options import default_out
+
+    for run in ("seed0/sgd", "seed1/sgd", "sam"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text("{}")
+        (tmp_path / run / "final.pt").write_bytes(b"")
+    (tmp_path / "foreign.pt").write_bytes(b"")
+    assert default_out("landscape", [str(tmp_path / "sam" / "final.pt")]) == "results/sam-landscape"
+    assert default_out("hessian-spectrum", [str(tmp_path / "seed0/sgd"), str(tmp_path / "seed1/sgd/final.pt")]) \
+        == "results/seed0_sgd+seed1_sgd-hessian-spectrum"
+    assert default_out("sharpness", [str(tmp_path / "foreign.pt"), str(tmp_path / "sam")]) \
+        == "results/sam+foreign-sharpness"
