@@ -12,6 +12,7 @@ from sharpscope.cli.options import (
     device_option,
     eval_set_options,
     model_spec_option,
+    default_out,
     out_options,
     resolve_device,
     seed_option,
@@ -91,7 +92,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         "dataset": dataset, "split": split, "num_samples": num_samples, "batch_size": batch_size,
         "model_spec": model_spec, "seed": seed, "eval_mode": True, "criterion": criterion,
     }
-    out_dir = Path(out)
+    out_dir = Path(out or default_out("hessian-spectrum", [str(c) for c in checkpoints]))
     previous = _previous_results(out_dir / JSON_NAME)
     resume = False
     if previous is not None and not overwrite:
