@@ -295,7 +295,9 @@ def report_figures(runs: list[Run], analyses: Analyses) -> dict[str, Any]:
         figures["sharpness_vs_rho.png"] = sharpness_vs_rho(panels)
     if kendall_shown(analyses):
         taus = {k: math.nan if v is None else float(v) for k, v in analyses.kendall["tau"].items()}  # null = NaN
-        figures["kendall_tau.png"] = kendall_tau_bars(taus, num_models=analyses.kendall["num_checkpoints"])
+        pvalues = {k: math.nan if v is None else float(v) for k, v in (analyses.kendall.get("p_value") or {}).items()}
+        figures["kendall_tau.png"] = kendall_tau_bars(taus, num_models=analyses.kendall["num_checkpoints"],
+                                                      pvalues=pvalues or None)
     return figures
 
 

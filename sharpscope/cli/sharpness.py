@@ -275,8 +275,9 @@ def _run(ctx, paths, names, config, full_config, previous, out, json_path, overw
         written.append(figure)
     table = _kendall_table(records, entries)
     if table is not None:
-        written += _write_kendall(out, records, table)
-    _print_summary(records, entries, table, reused)
+        pvalues = _kendall_pvalues(records, entries, table)
+        written += _write_kendall(out, records, table, pvalues)
+    _print_summary(records, entries, table, reused, pvalues if table is not None else None)
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -385,41 +386,57 @@ def _write_sharpness_figure(out: Path, records: list[dict], entries: list[dict])
     return save_figure(sharpness_vs_rho(panels), out / "sharpness_vs_rho.png")
 
 
-def _kendall_table(records: list[dict], entries: list[dict]) -> dict[str, float] | None:
-    """Kendall tau of every scalar measure (:func:`~sharpscope.sharpness.ranking_values`) with the measured gaps
-    across the checkpoints, NaN where a checkpoint lacks the measure; None for fewer than 2 checkpoints."""
-    from sharpscope.sharpness.correlation import kendall_tau
+def _kendall_columns(records: list[dict], entries: list[dict]) -> dict[str, list[float]]:
+    """Every scalar measure (:func:`~sharpscope.sharpness.ranking_values`) as one value per checkpoint of
+    ``records``, NaN where a checkpoint lacks it."""
     from sharpscope.sharpness.suite import ranking_values
 
-    if len(records) < 2:
-        return None
     columns: dict[str, dict[str, float]] = {}
     for entry in entries:
         for label, value in ranking_values(entry["measure"], entry["result"]).items():
             columns.setdefault(label, {})[entry["checkpoint"]] = value
+    return {label: [values.get(r["path"], math.nan) for r in records] for label, values in columns.items()}
+
+
+def _kendall_table(records: list[dict], entries: list[dict]) -> dict[str, float] | None:
+    """Kendall tau of every scalar measure (:func:`_kendall_columns`) with the measured gaps across the
+    checkpoints, NaN where a checkpoint lacks the measure; None for fewer than 2 checkpoints."""
+    from sharpscope.sharpness.correlation import kendall_tau
+
+    if len(records) < 2:
+        return None
     gaps = [r["generalization_gap"] for r in records]
-    table = {}
-    for label, values in columns.items():
-        column = [values.get(r["path"], math.nan) for r in records]
-        table[label] = kendall_tau(column, gaps) if all(math.isfinite(v) for v in column) else math.nan
-    return table
+    return {label: kendall_tau(column, gaps) if all(math.isfinite(v) for v in column) else math.nan
+            for label, column in _kendall_columns(records, entries).items()}
 
 
-def _write_kendall(out: Path, records: list[dict], table: dict[str, float]) -> list[Path]:
+def _kendall_pvalues(records: list[dict], entries: list[dict], table: dict[str, float]) -> dict[str, float]:
+    """Two-sided p-value of each tau of :func:`_kendall_table` (NaN where the tau is)."""
+    from sharpscope.sharpness.correlation import kendall_tau_pvalue
+
+    gaps = [r["generalization_gap"] for r in records]
+    columns = _kendall_columns(records, entries)
+    return {label: kendall_tau_pvalue(columns[label], gaps) if math.isfinite(tau) else math.nan
+            for label, tau in table.items()}
+
+
+def _write_kendall(out: Path, records: list[dict], table: dict[str, float], pvalues: dict[str, float]) -> list[Path]:
     """kendall_tau.json and kendall_tau.png of :func:`_kendall_table`'s table."""
     from sharpscope.io import save_figure, write_json
     from sharpscope.plots.sharpness import kendall_tau_bars
 
     document = {"num_checkpoints": len(records), "checkpoints": [r["path"] for r in records],
-                "generalization_gap": [r["generalization_gap"] for r in records], "tau": table,
+                "generalization_gap": [r["generalization_gap"] for r in records], "tau": table, "p_value": pvalues,
                 "definition": "Kendall tau-b between each measure and the generalization gap (test error - train "
                               "error, measured at each checkpoint's weights) across checkpoints"}
     paths = [write_json(out / "kendall_tau.json", document)]
-    paths.append(save_figure(kendall_tau_bars(table, num_models=len(records)), out / "kendall_tau.png"))
+    paths.append(save_figure(kendall_tau_bars(table, num_models=len(records), pvalues=pvalues),
+                             out / "kendall_tau.png"))
     return paths
 
 
-def _print_summary(records: list[dict], entries: list[dict], table: dict[str, float] | None, reused: int) -> None:
+def _print_summary(records: list[dict], entries: list[dict], table: dict[str, float] | None, reused: int,
+                   pvalues: dict[str, float] | None = None) -> None:
     for record in records:
         click.echo(f"{record['label']}  (train error {record['train_error']:.4f}, test error "
                    f"{record['test_error']:.4f}, generalization gap {record['generalization_gap']:+.4f})")
@@ -441,6 +458,8 @@ def _print_summary(records: list[dict], entries: list[dict], table: dict[str, fl
         click.echo(f"Kendall tau with the generalization gap ({len(records)} checkpoints):")
         width = max(map(len, table))
         for label, tau in table.items():
-            click.echo(f"  {label:<{width}}  {'n/a' if math.isnan(tau) else format(tau, '+.3f')}")
+            p = (pvalues or {}).get(label, math.nan)
+            click.echo(f"  {label:<{width}}  {'n/a' if math.isnan(tau) else format(tau, '+.3f')}"
+                       + ("" if math.isnan(p) else f"  (p = {p:.2g})"))
     if reused:
         click.echo(f"reused {reused} result(s) from a previous run with the same configuration")

@@ -105,13 +105,15 @@ def sharpness_vs_rho(results: Mapping[str, Any], *, log_x: bool = True, log_y: b
 
 
 def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = None,
-                     title: str | None = None) -> Figure:
+                     title: str | None = None, pvalues: Mapping[str, float] | None = None) -> Figure:
     """Kendall's tau of each measure with the generalization gap, one horizontal bar per measure.
 
     Args:
         table: measure label -> tau (NaN, e.g. for a constant measure, is drawn as "n/a").
         num_models: how many models the taus were computed over (shown in the title).
         title: figure title [default: "Kendall tau with the generalization gap"].
+        pvalues: measure label -> two-sided p-value, printed next to each tau; bars with p > 0.05 are drawn pale
+            (their ranking is not distinguishable from chance).
 
     Returns:
         A ``matplotlib.figure.Figure`` with the x axis fixed to [-1, 1] (comparable across figures); positive
@@ -126,11 +128,15 @@ def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = Non
     ax = fig.subplots()
     y = np.arange(len(labels))[::-1]
     shown = np.nan_to_num(taus, nan=0.0)
+    pvals = np.array([float((pvalues or {}).get(k, np.nan)) for k in labels])
+    significant = ~(pvals > 0.05)  # NaN (no p-value given) counts as significant: drawn as before
     ax.barh(y, shown, color=["tab:blue" if t >= 0 else "tab:red" for t in shown], height=0.7)
-    for yi, tau in zip(y, taus):
+    for bar, strong in zip(ax.patches, significant):
+        bar.set_alpha(1.0 if strong else 0.35)
+    for yi, tau, pv in zip(y, taus, pvals):
         # the value sits across the zero line from its bar, so it never leaves the fixed [-1, 1] axis
         negative = np.isfinite(tau) and tau < 0
-        text = f"{tau:+.2f}" if np.isfinite(tau) else "n/a"
+        text = (f"{tau:+.2f}" + (f" (p={pv:.2g})" if np.isfinite(pv) else "")) if np.isfinite(tau) else "n/a"
         ax.text(0.03 if negative or not np.isfinite(tau) else -0.03, yi, text, va="center",
                 ha="left" if negative or not np.isfinite(tau) else "right", fontsize=8)
     ax.set_yticks(y, labels, fontsize=8)

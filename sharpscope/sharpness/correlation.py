@@ -21,7 +21,7 @@ import numpy as np
 
 from sharpscope.errors import SharpscopeError
 
-__all__ = ["kendall_tau", "kendall_tau_table"]
+__all__ = ["kendall_tau", "kendall_tau_pvalue", "kendall_tau_table"]
 
 
 def _as_vector(name: str, values: Sequence[float]) -> np.ndarray:
@@ -53,6 +53,24 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
     if untied_x == 0 or untied_y == 0:
         return float("nan")
     return float(np.sum(sx * sy) / np.sqrt(untied_x * untied_y))
+
+
+def kendall_tau_pvalue(x: Sequence[float], y: Sequence[float]) -> float:
+    """Two-sided p-value of Kendall's tau-b under the null hypothesis of no association (NaN if either is constant).
+
+    The exact permutation distribution for small samples without ties (``n <= 50``), otherwise the normal
+    approximation with the tie-corrected variance: ``scipy.stats.kendalltau(method="auto")``. With 4 models even
+    a perfect ranking has p = 0.083, so a tau over a handful of checkpoints says little on its own; the p-value
+    says how little.
+    """
+    from scipy.stats import kendalltau
+
+    x, y = _as_vector("x", x), _as_vector("y", y)
+    if x.shape != y.shape or x.shape[0] < 2:
+        raise SharpscopeError(f"x and y must have the same length >= 2, got {x.shape[0]} and {y.shape[0]}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(kendalltau(x, y).pvalue)
 
 
 def kendall_tau_table(measures: Mapping[str, Sequence[float]], gaps: Sequence[float]) -> dict[str, float]:

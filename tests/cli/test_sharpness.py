@@ -206,7 +206,9 @@ def test_sgd_and_sam_runs_end_to_end_with_scipy_kendall_tau(run_dir, sam_run_dir
         assert len(values) == 6
         expected = kendalltau(values, list(gaps.values())).statistic
         np.testing.assert_allclose(kendall["tau"][label], expected, rtol=1e-12, err_msg=label)
-        assert f"{label}  " in result.output
+        expected_p = kendalltau(values, list(gaps.values())).pvalue
+        np.testing.assert_allclose(kendall["p_value"][label], expected_p, rtol=1e-12, err_msg=label)
+        assert f"{label}  " in result.output and f"(p = {expected_p:.2g})" in result.output
     assert "Kendall tau with the generalization gap (6 checkpoints):" in result.output
 
 

@@ -55,3 +55,17 @@ def test_table_has_one_tau_per_measure():
 def test_bad_input_is_explained(x, y, message):
     with pytest.raises(SharpscopeError, match=message):
         kendall_tau(x, y)
+
+
+def test_pvalue_matches_scipy_and_says_how_little_few_models_show():
+    from sharpscope.sharpness.correlation import kendall_tau_pvalue
+
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 9, 60):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        np.testing.assert_allclose(kendall_tau_pvalue(x, y), kendalltau(x, y).pvalue, rtol=1e-12)
+    # a perfect ranking of 4 models: only 2 of the 4! = 24 orders give |tau| = 1, so p = 2/24
+    assert kendall_tau_pvalue([1, 2, 3, 4], [0.1, 0.2, 0.3, 0.4]) == pytest.approx(1 / 12)
+    assert math.isnan(kendall_tau_pvalue([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(SharpscopeError, match="same length"):
+        kendall_tau_pvalue([1, 2], [1, 2, 3])
