@@ -1,12 +1,17 @@
-"""Time one training step: SGD vs SAM vs m-SAM (4 micro-batches) vs SAM every 2 steps vs pytorch-optimizer's SAM.
+"""Time one training step: SGD vs SAM vs m-SAM (batched and looped micro-batches) vs SAM every 2 vs pytorch-optimizer.
 
 Every column except pytorch-optimizer's runs ``sharpscope.optim.training_step`` (the trainer's hot path) on fixed
 random data held on the device, so only the optimizer's work differs. Columns are timed in interleaved rounds (a
 block of steps of sgd, of sam, ..., then again) so drift on a shared machine hits them alike; the table gives the
 median over rounds of the mean step time in a block, and its ratio to our SGD step measured in the same run.
 
-    python benchmarks/bench_sam_step.py                       # both models, CPU, ~2 minutes on 2 cores
+    python benchmarks/bench_sam_step.py                       # every config, CPU, a few minutes on 2 cores
     python benchmarks/bench_sam_step.py --steps 30 --device cuda --models resnet20
+    python benchmarks/bench_sam_step.py --models digits-b16,digits-b128    # the m-SAM targets only
+
+m-SAM runs with each config's ``m``: "m-sam" is ``training_step``'s default (the micro-batches as one vmapped pass),
+"m-sam loop" is ``vectorize=False`` (one micro-batch after the other, the reference); the last column of those rows
+is the cost relative to the loop.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
@@ -28,9 +33,11 @@ from sharpscope.optim import create_optimizer, training_step
 
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}  # the anchor study's settings (sam.md s.9)
 CONFIGS = {
-    # name: (model kwargs, batch size)
-    "convnet": ({"in_channels": 1, "num_classes": 10, "image_size": 28}, 128),
-    "resnet20": ({"in_channels": 3, "num_classes": 10, "image_size": 32}, 64),
+    # name: (registry model, model kwargs, batch size, m of m-SAM)
+    "digits-b16": ("convnet", {"in_channels": 1, "num_classes": 10, "image_size": 8}, 16, 4),
+    "digits-b128": ("convnet", {"in_channels": 1, "num_classes": 10, "image_size": 8}, 128, 8),
+    "convnet": ("convnet", {"in_channels": 1, "num_classes": 10, "image_size": 28}, 128, 32),
+    "resnet20": ("resnet20", {"in_channels": 3, "num_classes": 10, "image_size": 32}, 64, 16),
 }
 
 
@@ -39,7 +46,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_steps(model: nn.Module, batch_size: int) -> dict[str, Callable | str]:
+def make_steps(model: nn.Module, m: int) -> dict[str, Callable | str]:
     """One step function per column (each with its own copy of the model), or a string saying why it is absent."""
     loss_fn = nn.CrossEntropyLoss()
     steps: dict[str, Callable | str] = {}
@@ -52,7 +59,8 @@ def make_steps(model: nn.Module, batch_size: int) -> dict[str, Callable | str]:
 
     steps["sgd"] = ours("sgd")
     steps["sam"] = ours("sam")
-    steps["sam m=B/4"] = ours("sam", micro_batch_size=batch_size // 4)
+    steps[f"m-sam m={m}"] = ours("sam", micro_batch_size=m)
+    steps[f"m-sam m={m} loop"] = ours("sam", micro_batch_size=m, vectorize=False)
     steps["sam every 2"] = ours("sam", sam_every=2)
     try:
         from pytorch_optimizer import SAM as PtoSAM
@@ -79,12 +87,12 @@ def make_steps(model: nn.Module, batch_size: int) -> dict[str, Callable | str]:
 
 
 def bench_model(name: str, *, steps: int, rounds: int, device: torch.device) -> list[tuple[str, float | str]]:
-    kwargs, batch_size = CONFIGS[name]
+    model_name, kwargs, batch_size, m = CONFIGS[name]
     torch.manual_seed(0)
-    model = create_model(name, **kwargs).to(device).train()
+    model = create_model(model_name, **kwargs).to(device).train()
     x = torch.randn(batch_size, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"], device=device)
     y = torch.randint(0, kwargs["num_classes"], (batch_size,), device=device)
-    columns = make_steps(model, batch_size)
+    columns = make_steps(model, m)
     runnable = {k: f for k, f in columns.items() if callable(f)}
     for f in runnable.values():  # warm-up: allocator, lazy state, first-call overheads
         for _ in range(2):
@@ -109,7 +117,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per column and model (default 12)")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (blocks) the steps are split into")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--models", default="convnet,resnet20", help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -117,17 +125,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.steps} timed steps per "
           f"column; hp {HP}")
     for name in args.models.split(","):
-        kwargs, batch_size = CONFIGS[name]
+        model_name, kwargs, batch_size, m = CONFIGS[name]
         shape = f"{kwargs['in_channels']}x{kwargs['image_size']}x{kwargs['image_size']}"
-        print(f"\n{name} ({shape}, batch {batch_size})")
-        print(f"  {'step':<24}{'median ms':>12}{'x sgd':>9}")
+        print(f"\n{name}: {model_name} ({shape}, batch {batch_size}, m {m})")
+        print(f"  {'step':<24}{'median ms':>12}{'x sgd':>9}{'x loop':>9}")
         rows = bench_model(name, steps=args.steps, rounds=args.rounds, device=device)
-        sgd = dict(rows)["sgd"]
+        sgd, loop = dict(rows)["sgd"], dict(rows)[f"m-sam m={m} loop"]
         for key, value in rows:
             if isinstance(value, str):
                 print(f"  {key:<24}{'-':>12}{'-':>9}   {value}")
             else:
-                print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}")
+                vs_loop = f"{value / loop:>9.2f}" if key.startswith("m-sam") else ""
+                print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}{vs_loop}")
 
 
 if __name__ == "__main__":

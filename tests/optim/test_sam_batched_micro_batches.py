@@ -1,0 +1,342 @@
+"""m-SAM's batched micro-batches (training_step, vectorize=True) against the loop (vectorize=False), in float64.
+
+The loop is the reference: one micro-batch after the other, the weights moved to ``w + eps_j`` in place, BatchNorm
+statistics updated by each clean pass. The batched path computes the same sums in another order, so after two
+steps every weight, optimizer buffer, running statistic, loss and correct count must agree to ~1e-15 relative;
+1e-10 leaves room for the accumulated rounding (the order of the G terms and of the closed-form BatchNorm update).
+Only first derivatives are vmapped (torch 2.13's vmap bug is in second derivatives), and LayerNorm, GroupNorm,
+BatchNorm in train and eval mode and nn.MultiheadAttention are all among the cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from optim_cases import DT
+from torch import nn
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.optim import SAM, training_step
+from sharpscope.optim.step import batched_refusal
+
+CE = nn.CrossEntropyLoss()
+RTOL, ATOL = 1e-10, 1e-12
+
+
+class Attention(nn.Module):
+    """Tokens (n, 4, 6) -> MultiheadAttention (2 heads) -> LayerNorm -> mean over tokens -> Linear(6, 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(self.norm(x + h).mean(1))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def mlp_bn(momentum=0.1):
+    return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7, momentum=momentum), nn.Tanh(), nn.Linear(7, 3))
+
+
+def conv_bn():
+    # no bias before BatchNorm: its gradient is 0 up to rounding, which Adam would amplify to a full step
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def conv_bn_frozen():
+    """A ConvNet whose first BatchNorm is in eval mode (running statistics, not updated) and a frozen conv."""
+    model = conv_bn()
+    model[1].eval()
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def layer_norm():
+    return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
+
+
+def group_norm():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+MODELS = {  # name: (factory, input shape of one sample)
+    "mlp": (mlp, (5,)),
+    "mlp-batchnorm": (mlp_bn, (5,)),
+    "mlp-batchnorm-cumulative": (lambda: mlp_bn(momentum=None), (5,)),
+    "convnet-batchnorm": (conv_bn, (2, 6, 6)),
+    "convnet-eval-bn-frozen-conv": (conv_bn_frozen, (2, 6, 6)),
+    "layernorm": (layer_norm, (5,)),
+    "groupnorm": (group_norm, (2, 6, 6)),
+    "attention": (Attention, (4, 6)),
+}
+
+SAM_SETTINGS = {  # name: SAM keyword arguments
+    "sgd-momentum": {"rho": 0.2, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3},
+    "asam": {"rho": 0.5, "adaptive": True, "lr": 0.1, "momentum": 0.9},
+    "p-inf": {"rho": 0.02, "p": math.inf, "lr": 0.1, "momentum": 0.9},
+    "p-3": {"rho": 0.1, "p": 3.0, "lr": 0.1},
+    "p-1": {"rho": 0.1, "p": 1.0, "lr": 0.1},
+    "adam-rho-schedule": {"base": torch.optim.Adam, "rho": 0.1, "lr": 0.01, "rho_schedule": "lr"},
+}
+
+
+def make(model_name, seed=0):
+    factory, shape = MODELS[model_name]
+    torch.manual_seed(seed)
+    model = factory().to(DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    data = [(torch.randn(n, *shape, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g))
+            for n in (16, 14)]
+    return model, data
+
+
+def build_sam(model, settings):
+    settings = dict(settings)
+    base = settings.pop("base", torch.optim.SGD)
+    return SAM([w for w in model.parameters() if w.requires_grad], base, **settings)
+
+
+def assert_steps_match(model, opt, ref, ref_opt, data, *, m, **step_kwargs):
+    """Two (or more) steps batched and looped; compare everything after each."""
+    for x, y in data:
+        batched = training_step(model, opt, CE, x, y, micro_batch_size=m, vectorize=True, **step_kwargs)
+        looped = training_step(ref, ref_opt, CE, x, y, micro_batch_size=m, vectorize=False, **step_kwargs)
+        torch.testing.assert_close(batched.loss, looped.loss, rtol=RTOL, atol=0)
+        assert torch.equal(batched.correct, looped.correct)
+        for (key, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda s, key=key: f"{key}: {s}")
+        state_a, state_b = opt.state_dict(), ref_opt.state_dict()
+        assert state_a["sam"] == state_b["sam"]
+        for index, entry in state_b["state"].items():
+            for key, value in entry.items():
+                torch.testing.assert_close(state_a["state"][index][key], value, rtol=RTOL, atol=ATOL,
+                                           msg=lambda s, key=key, index=index: f"state[{index}][{key}]: {s}")
+        assert not opt.is_perturbed and not ref_opt.is_perturbed
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("m", [4, 6], ids=["m4", "m6-remainder"])
+def test_batched_equals_loop_on_every_model(model_name, m):
+    # 16 / 4: equal micro-batches; 14 / 4, 16 / 6, 14 / 6: a smaller last micro-batch (through the loop)
+    model, data = make(model_name)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    assert batched_refusal(model, opt) is None
+    assert_steps_match(model, opt, ref, ref_opt, data, m=m)
+    # the micro-batches matter (not plain SAM in disguise): one perturbation for the batch gives other weights
+    plain = copy.deepcopy(ref)
+    training_step(plain, build_sam(plain, SAM_SETTINGS["sgd-momentum"]), CE, *data[0])
+    training_step(ref, ref_opt, CE, *data[0], micro_batch_size=m, vectorize=False)
+    assert any(not torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(plain.parameters(), ref.parameters()))
+
+
+@pytest.mark.parametrize("settings", list(SAM_SETTINGS))
+@pytest.mark.parametrize("model_name", ["convnet-batchnorm", "layernorm"])
+def test_batched_equals_loop_for_every_sam_variant(settings, model_name):
+    model, data = make(model_name, seed=3)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS[settings]), build_sam(ref, SAM_SETTINGS[settings])
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+
+
+def test_param_groups_with_their_own_rho_p_and_asam():
+    model, data = make("convnet-batchnorm", seed=5)
+    ref = copy.deepcopy(model)
+
+    def groups(net):
+        return [{"params": list(net[0].parameters()), "rho": 0.5, "adaptive": True},
+                {"params": list(net[4].parameters()) + list(net[9].parameters()), "p": math.inf, "rho": 0.01},
+                {"params": list(net[1].parameters()) + list(net[5].parameters())}]
+
+    opt = SAM(groups(model), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    ref_opt = SAM(groups(ref), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4, max_grad_norm=0.5)
+
+
+def test_grad_scaler_and_sam_every():
+    # loss scale 2^12 is exact in float64: the batched and the looped step see the same unscaled gradients
+    model, data = make("convnet-batchnorm", seed=7)
+    ref = copy.deepcopy(model)
+    settings = {**SAM_SETTINGS["sgd-momentum"], "sam_every": 2}
+    opt, ref_opt = build_sam(model, settings), build_sam(ref, settings)
+    scaler, ref_scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**12) for _ in range(2))
+    for x, y in data * 2:  # SAM, plain, SAM, plain
+        a = training_step(model, opt, CE, x, y, micro_batch_size=4, grad_scaler=scaler, vectorize=True)
+        b = training_step(ref, ref_opt, CE, x, y, micro_batch_size=4, grad_scaler=ref_scaler, vectorize=False)
+        torch.testing.assert_close(a.loss, b.loss, rtol=RTOL, atol=0)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    assert scaler.get_scale() == ref_scaler.get_scale() == 2.0**12
+
+
+def test_bf16_autocast_stays_close_to_the_loop():
+    model, data = make("mlp", seed=9)
+    model = model.float()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    x, y = data[0]
+    a = training_step(model, opt, CE, x.float(), y, micro_batch_size=4, autocast_dtype=torch.bfloat16,
+                      vectorize=True)
+    b = training_step(ref, ref_opt, CE, x.float(), y, micro_batch_size=4, autocast_dtype=torch.bfloat16,
+                      vectorize=False)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-2, atol=0)  # bf16 keeps ~3 significant digits
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)  # lr 0.1 x differently rounded bf16 gradients
+
+
+# ------------------------------------------------------------------------------------------ fallback choice
+
+
+class Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Dropout(0.3), nn.Linear(7, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def with_hook():
+    model = mlp()
+    model[0].register_forward_hook(lambda module, args, out: None)
+    return model
+
+
+def instance_norm():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
+                         nn.LazyLinear(3))
+
+
+@pytest.mark.parametrize(
+    ("factory", "reason"),
+    [(Dropout, r"module net\.1 applies dropout in training mode"),
+     (with_hook, r"module 0 has forward/backward hooks"),
+     (lambda: nn.DataParallel(mlp()), r"wrapped in DataParallel"),
+     (lambda: nn.Sequential(nn.Linear(5, 3), nn.SyncBatchNorm(3)), r"module 1 \(SyncBatchNorm\) updates running"),
+     (instance_norm, r"module 1 \(InstanceNorm2d\) updates running statistics")],
+    ids=["dropout", "hook", "data-parallel", "sync-batchnorm", "instance-norm"],
+)
+def test_models_the_batched_pass_cannot_run_are_refused(factory, reason):
+    torch.manual_seed(0)
+    model = factory()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert re.search(reason, batched_refusal(model, opt))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    if isinstance(model, nn.Sequential) and isinstance(model[0], nn.Conv2d):
+        x = torch.randn(16, 2, 5, 5)
+    if factory is Dropout:  # vectorize=None takes the loop, silently: same numbers as vectorize=False
+        ref = copy.deepcopy(model)
+        ref_opt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1)
+        torch.manual_seed(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            a = training_step(model, opt, CE, x, y, micro_batch_size=4)
+        torch.manual_seed(1)
+        b = training_step(ref, ref_opt, CE, x, y, micro_batch_size=4, vectorize=False)
+        assert torch.equal(a.loss, b.loss)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+    with pytest.raises(SharpscopeError, match=r"vectorize=True, but the micro-batches cannot run as one batched pass"):
+        training_step(model, opt, CE, x, y, micro_batch_size=4, vectorize=True)
+
+
+@pytest.mark.parametrize("model_name", ["mlp-batchnorm", "layernorm"])
+def test_cpu_half_precision_autocast_with_normalization_is_refused(model_name):
+    # torch 2.13 CPU: vmap's BatchNorm / LayerNorm backward fails on a bf16 input with fp32 weights
+    model = make(model_name)[0].float()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert batched_refusal(model, opt, autocast_dtype=torch.float32) is None
+    assert batched_refusal(model, opt, autocast_dtype=torch.bfloat16, device_type="cuda") is None
+    reason = batched_refusal(model, opt, autocast_dtype=torch.bfloat16, device_type="cpu")
+    assert re.fullmatch(r"module 1 \((BatchNorm1d|LayerNorm)\) runs under CPU torch.bfloat16 autocast", reason)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused up front: the loop runs without a failed attempt or warning
+        training_step(model, opt, CE, x, y, micro_batch_size=4, autocast_dtype=torch.bfloat16)
+
+
+def test_foreign_and_oversized_parameters_are_refused(monkeypatch):
+    model = mlp()
+    foreign = SAM([*model.parameters(), nn.Parameter(torch.zeros(2))], torch.optim.SGD, lr=0.1)
+    assert batched_refusal(model, foreign) == "the optimizer holds parameters the model does not own"
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    monkeypatch.setattr("sharpscope.optim.step.MAX_STACKED_ELEMENTS", 100)
+    assert batched_refusal(model, opt, micro_batches=4).startswith("2 copies of 66 weights exceed")
+
+
+def test_micro_batches_beyond_the_memory_bound_run_in_groups(monkeypatch):
+    # 4 micro-batches, room for 2 copies of the weights: two batched passes of 2, in order (BatchNorm statistics)
+    model, data = make("convnet-batchnorm", seed=11)
+    ref = copy.deepcopy(model)
+    size = sum(w.numel() for w in model.parameters())
+    monkeypatch.setattr("sharpscope.optim.step.MAX_STACKED_ELEMENTS", 2 * size)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    assert batched_refusal(model, opt, micro_batches=4) is None
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: vmap cannot batch it (the loop can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out if bool(out.sum() > -1e9) else -out
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm applied twice per forward: the loop updates its statistics twice per micro-batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.head = nn.Linear(5, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(torch.tanh(self.bn(self.lin(x)))))
+
+
+@pytest.mark.parametrize("factory", [DataDependent, SharedNorm])
+def test_run_time_failure_falls_back_to_the_loop_once_with_a_warning(factory):
+    torch.manual_seed(0)
+    model = factory().to(DT)
+    ref = copy.deepcopy(model)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    ref_opt = SAM(ref.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert batched_refusal(model, opt) is None  # nothing visible before running it
+    x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 3, (16,))
+    with pytest.warns(RuntimeWarning, match=r"m-SAM: torch.func.vmap cannot batch its forward .*one after the other"):
+        a = training_step(model, opt, CE, x, y, micro_batch_size=4)
+    b = training_step(ref, ref_opt, CE, x, y, micro_batch_size=4, vectorize=False)
+    assert torch.equal(a.loss, b.loss)
+    for p, q in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(p, q)  # the failed batched attempt left no trace: same gradients, statistics, weights
+    assert batched_refusal(model, opt).startswith("torch.func.vmap cannot batch its forward")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second attempt, no second warning
+        training_step(model, opt, CE, x, y, micro_batch_size=4)
+    with pytest.raises(RuntimeError):
+        training_step(ref, ref_opt, CE, x, y, micro_batch_size=4, vectorize=True)  # forced: the error surfaces
+
+
+def test_bad_vectorize_raises():
+    model = mlp()
+    with pytest.raises(SharpscopeError, match=r"vectorize must be None, True or False, got 'yes'"):
+        training_step(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), CE, torch.randn(8, 5),
+                      torch.randint(0, 3, (8,)), micro_batch_size=4, vectorize="yes")
