@@ -31,6 +31,9 @@ MIN_KENDALL_CHECKPOINTS = 3
 #: nearest computed rho when this one was not.
 SUMMARY_RHO = 0.05
 
+#: The summary's m-sharpness column uses the smallest computed m at least this large (:func:`headline_m`).
+HEADLINE_MIN_M = 8
+
 @dataclass(frozen=True)
 class Run:
     """One training run folder, as the report sees it."""
@@ -223,19 +226,25 @@ def sharpness_grids(analyses: Analyses, run: Run) -> dict[str, Any]:
             if e.get("checkpoint") == record.get("path") and e.get("result", {}).get("kind") == "grid"}
 
 
-def summary_sharpness(analyses: Analyses, run: Run, *, rho: float = SUMMARY_RHO) -> str:
-    """Worst-case m-sharpness of ``run``'s final.pt at ``rho`` (or the nearest computed rho) for the smallest m,
-    as ``"value ± stderr (m=.., rho=..)"``; ``"-"`` when not computed."""
+def headline_m(m_values: list[int]) -> int:
+    """The m of the summary's m-sharpness column: the smallest computed m >= :data:`HEADLINE_MIN_M` (else the
+    largest). m = 1 is left out of the headline: one sample per chunk makes the most variable estimate (a
+    perturbation fitted to a single sample), which over the chunks a report can afford does not resolve SGD from
+    SAM; the full grid, m = 1 included, is in the sharpness figure."""
+    eligible = [m for m in m_values if m >= HEADLINE_MIN_M]
+    return min(eligible) if eligible else max(m_values)
+
+
+def summary_sharpness(analyses: Analyses, run: Run, *, rho: float = SUMMARY_RHO) -> tuple[Estimate, str]:
+    """Worst-case m-sharpness of ``run``'s final.pt at ``rho`` (or the nearest computed rho) for
+    :func:`headline_m`, with its standard error over chunks, and ``"m=.., rho=.."``; NaN when not computed."""
     result = sharpness_grids(analyses, run).get("worst")
     if result is None or not result.m_values:
-        return "-"
-    i = result.m_values.index(min(result.m_values))
+        return Estimate(math.nan), ""
+    i = result.m_values.index(headline_m(list(result.m_values)))
     j = min(range(len(result.rho_values)), key=lambda k: abs(math.log(result.rho_values[k] / rho)))
-    value, stderr = float(result.values[i, j]), float(result.stderr[i, j])
-    if not math.isfinite(value):
-        return "-"
-    error = f" ± {stderr:.2g}" if math.isfinite(stderr) else ""
-    return f"{value:.4g}{error} (m={result.m_values[i]}, rho={result.rho_values[j]:g})"
+    return (Estimate(float(result.values[i, j]), float(result.stderr[i, j])),
+            f"m={result.m_values[i]}, rho={result.rho_values[j]:g}")
 
 
 def recorded_gap(analyses: Analyses, run: Run) -> float:
@@ -248,17 +257,136 @@ def recorded_gap(analyses: Analyses, run: Run) -> float:
     return run.final.get("train_acc", math.nan) - run.final.get("test_acc", math.nan)
 
 
-def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
-    """One row per run: label, description, test accuracy (%), generalization gap (:func:`recorded_gap`,
-    percentage points), λ_max, trace, m-sharpness (:func:`summary_sharpness`)."""
-    rows = []
+@dataclass(frozen=True)
+class Estimate:
+    """A summary number with its standard error: NaN when unknown, 0 when exact to the digits shown."""
+
+    value: float
+    stderr: float = math.nan
+
+    def text(self, digits: int = 4, scale: float = 1.0) -> str:
+        if not math.isfinite(self.value):
+            return "-"
+        value = f"{self.value * scale:.{digits}g}" if scale == 1.0 else f"{self.value * scale:.2f}"
+        return value + (f" ± {self.stderr * scale:.2g}" if math.isfinite(self.stderr) and self.stderr > 0 else "")
+
+
+#: The summary's columns after run and description: (header, digits or None for percentages).
+SUMMARY_COLUMNS = ("test acc (%)", "gap (pp)", "λ_max", "trace", "m-sharpness")
+
+#: A difference between two summary numbers is called resolved when it exceeds this many standard errors of the
+#: difference (sqrt(se_a² + se_b²)); 2 is a two-sided test at about 5%.
+RESOLVED_SIGMAS = 2.0
+
+
+def summary_estimates(analyses: Analyses, run: Run) -> dict[str, Estimate]:
+    """The summary numbers of ``run`` (:data:`SUMMARY_COLUMNS`) with their standard errors.
+
+    * test accuracy: the trainer's last evaluation; binomial standard error ``sqrt(p(1-p)/n_test)`` when the
+      sharpness analysis recorded the test-set size;
+    * gap: test error − train error measured at final.pt (:func:`recorded_gap`), standard error of a difference of
+      two independent binomial proportions;
+    * λ_max: Lanczos to a relative residual of 1e-6, exact at these digits (stderr 0);
+    * trace: Hutch++ / Hutchinson with its standard error over probes;
+    * m-sharpness: :func:`summary_sharpness`, standard error over chunks.
+    """
+    record = _final_record(analyses.sharpness, run) or {}
+    n_test, n_train = record.get("num_test_samples"), record.get("num_train_samples")
+    test = run.final.get("test_acc", math.nan)
+    test_se = math.sqrt(test * (1 - test) / n_test) if n_test else math.nan
+    gap = recorded_gap(analyses, run)
+    gap_se = math.nan
+    if n_test and n_train and record.get("train_error") is not None:
+        tr, te = float(record["train_error"]), float(record["test_error"])
+        # a binomial proportion of 0 or 1 has zero sample variance but not zero uncertainty: the rule of three
+        # (95% bound 3/n) gives a floor of about 1/n per proportion
+        var = max(tr * (1 - tr), 1 / n_train) / n_train + max(te * (1 - te), 1 / n_test) / n_test
+        gap_se = math.sqrt(var)
+    top, _ = final_spectrum(analyses, run)
+    trace_record = (_final_record(analyses.spectrum_final, run) or {}).get("trace") or {}
+    trace = trace_record.get("value")
+    trace_se = trace_record.get("stderr")
+    sharpness, _ = summary_sharpness(analyses, run)
+    return {
+        "test acc (%)": Estimate(test, test_se),
+        "gap (pp)": Estimate(gap, gap_se),
+        "λ_max": Estimate(float(top), 0.0) if top is not None else Estimate(math.nan),
+        "trace": Estimate(float(trace), float(trace_se) if trace_se is not None else math.nan)
+        if trace is not None else Estimate(math.nan),
+        "m-sharpness": sharpness,
+    }
+
+
+def setting_key(run: Run) -> str:
+    """What a run is, apart from its seed: runs with the same key are seeds of one setting."""
+    config = {k: v for k, v in run.config.items() if k not in ("seed", "out_dir", "data_dir")}
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+    """The runs grouped by :func:`setting_key`, groups and runs in the order given."""
+    groups: dict[str, list[Run]] = {}
     for run in runs:
-        test = run.final.get("test_acc", math.nan)
-        top, trace = final_spectrum(analyses, run)
-        rows.append([run.label, run.description, f"{100 * test:.2f}", f"{100 * recorded_gap(analyses, run):.2f}",
-                     f"{top:.4g}" if top is not None else "-", f"{trace:.4g}" if trace is not None else "-",
-                     summary_sharpness(analyses, run)])
+        groups.setdefault(setting_key(run), []).append(run)
+    return list(groups.values())
+
+
+def _over_seeds(estimates: list[Estimate]) -> Estimate:
+    """Mean over seeds, with the standard error of that mean from the spread between seeds (std / sqrt(n))."""
+    values = [e.value for e in estimates if math.isfinite(e.value)]
+    if len(values) < 2:
+        return Estimate(values[0] if values else math.nan)
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return Estimate(mean, std / math.sqrt(len(values)))
+
+
+def resolution(estimates: list[Estimate]) -> str:
+    """Whether the largest and smallest of ``estimates`` (one per run or setting) differ by more than
+    :data:`RESOLVED_SIGMAS` standard errors of their difference: ``"resolved (3.1σ)"``, ``"not resolved
+    (0.4σ)"``, or ``"-"`` (fewer than two values, or an uncertainty that is unknown)."""
+    known = [e for e in estimates if math.isfinite(e.value)]
+    if len(known) < 2:
+        return "-"
+    high, low = max(known, key=lambda e: e.value), min(known, key=lambda e: e.value)
+    if not (math.isfinite(high.stderr) and math.isfinite(low.stderr)):
+        return "-"
+    spread = math.sqrt(high.stderr**2 + low.stderr**2)
+    if spread == 0:
+        return "resolved (exact)" if high.value != low.value else "equal"
+    sigmas = (high.value - low.value) / spread
+    return f"{'resolved' if sigmas > RESOLVED_SIGMAS else 'not resolved'} ({sigmas:.1f}σ)"
+
+
+def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
+    """The summary table: one row per run (label, description, then :data:`SUMMARY_COLUMNS` with standard
+    errors), one "mean over N seeds" row per setting trained with several seeds, and a last row saying for each
+    column whether the runs' (or settings') difference is resolved (:func:`resolution`): with several seeds per
+    setting the seed-to-seed spread is the uncertainty, otherwise each number's own standard error."""
+    rows, compared = [], []
+    for group in seed_groups(runs):
+        per_run = [summary_estimates(analyses, run) for run in group]
+        for run, estimates in zip(group, per_run):
+            rows.append([run.label, run.description, *_cells(estimates, analyses, run)])
+        if len(group) > 1:
+            mean = {c: _over_seeds([e[c] for e in per_run]) for c in SUMMARY_COLUMNS}
+            rows.append([f"mean of {len(group)} seeds", group[0].description.rsplit(", seed", 1)[0] + ", mean ± "
+                         "standard error over seeds", *_cells(mean, analyses, group[0])])
+            compared.append(mean)
+        else:
+            compared.append(per_run[0])
+    if len(compared) > 1:
+        what = "settings" if len(compared) < len(runs) else "runs"
+        rows.append([f"difference between {what}", f"largest vs smallest, in standard errors (> "
+                     f"{RESOLVED_SIGMAS:g}σ: resolved)", *[resolution([e[c] for e in compared]) for c in SUMMARY_COLUMNS]])
     return rows
+
+
+def _cells(estimates: dict[str, Estimate], analyses: Analyses, run: Run) -> list[str]:
+    _, where = summary_sharpness(analyses, run)
+    return [estimates["test acc (%)"].text(scale=100), estimates["gap (pp)"].text(scale=100),
+            estimates["λ_max"].text(), estimates["trace"].text(),
+            estimates["m-sharpness"].text() + (f" ({where})" if where else "")]
 
 
 def kendall_shown(analyses: Analyses) -> bool:
@@ -344,9 +472,12 @@ def report_sections(runs: list[Run], analyses: Analyses, figures: dict[str, Path
                 "measured in eval mode by the sharpness analysis (from the training log where it was not). λ_max and "
                 "the trace are those of the Hessian of the training loss on the evaluation set at final.pt; "
                 f"sharpness is worst-case m-sharpness at rho = {SUMMARY_RHO:g} (or the nearest rho computed) for "
-                "the smallest m.",
-                tables=[html_table(["run", "what", "test acc (%)", "gap (pp)", "λ_max", "trace", "m-sharpness"],
-                                   summary_rows(runs, analyses))]),
+                f"the smallest m >= {HEADLINE_MIN_M} computed. Every number carries its standard error (binomial for "
+                "accuracies, over probe vectors for the trace, over chunks for m-sharpness; λ_max is exact at these "
+                "digits). With several seeds of one setting the mean row's error is the spread between seeds. The "
+                f"last row says whether each difference exceeds {RESOLVED_SIGMAS:g} standard errors: a difference "
+                "that does not is not evidence that one run is flatter or better.",
+                tables=[html_table(["run", "what", *SUMMARY_COLUMNS], summary_rows(runs, analyses))]),
         Section("Learning curves", figures=[p for p in [figure("learning_curves.png")] if p]),
         Section("Loss landscapes", "Filter-normalized random directions (Li et al. 2018), the same seed for every "
                 "model, biases and BatchNorm unperturbed; panels share axes and colour scale.",

@@ -191,7 +191,9 @@ def command(ctx, runs, out, overwrite, grid, m_values, rho_values, top_k, num_sa
 
 
 def _text_table(rows: list[list[str]]) -> str:
-    header = ["run", "test acc %", "gap pp", "lambda_max", "trace", "m-sharpness"]
+    from sharpscope.report import SUMMARY_COLUMNS
+
+    header = ["run", *SUMMARY_COLUMNS]
     table = [header] + [[r[0], *r[2:]] for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in table)

@@ -50,6 +50,9 @@ def test_report_fills_every_section_in_the_order_the_runs_were_given(report):
     rows = re.findall(r"<tr><td>(sgd|sam)</td>(.*?)</tr>", page)
     assert [r[0] for r in rows] == ["sgd", "sam"]
     assert all("<td>-</td>" not in r[1] for r in rows), rows  # λ_max, trace and sharpness all filled
+    verdict = re.findall(r"<tr><td>difference between runs</td>(.*?)</tr>", page)
+    assert verdict and re.search(r"(not resolved|resolved) \(\d", verdict[0]), verdict  # every difference judged
+    assert "difference between runs" in output  # the printed table too
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
     assert captions.index("surface3d sgd") < captions.index("surface3d sam"), captions
     for name in ("learning_curves.png", "top_eigenvalues.png", "density.png", "sharpness_vs_rho.png", "report.json"):
