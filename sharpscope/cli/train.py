@@ -49,6 +49,9 @@ def _parse_model(value: str) -> tuple[str, dict]:
                    "each rank's own (m = per-rank batch, the SAM paper's setting).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, help="Training batch size.")
+@click.option("--train-samples", type=click.IntRange(min=1), default=None,
+              help="Train on the first N samples of the training split (the order analyses use) "
+                   "[default: all of it].")
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, help="Linear LR warm-up.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0)
 @click.option("--no-augment", is_flag=True, help="Turn off the dataset's standard augmentation.")
@@ -69,8 +72,9 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
 def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
-            sam_every, sync_perturbation, epochs, batch_size, warmup_epochs, label_smoothing, no_augment, max_grad_norm,
-            seed, save_every, precision, compile_, data_dir, download, device, out, overwrite):
+            sam_every, sync_perturbation, epochs, batch_size, train_samples, warmup_epochs, label_smoothing,
+            no_augment, max_grad_norm, seed, save_every, precision, compile_, data_dir, download, device, out,
+            overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
     \b
@@ -115,7 +119,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
         dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
         base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, eta=eta,
         rho_schedule=rho_schedule, m=m, sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs,
-        batch_size=batch_size, warmup_epochs=warmup_epochs,
+        batch_size=batch_size, train_samples=train_samples, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
         save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
     )

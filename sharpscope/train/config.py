@@ -30,6 +30,7 @@ class TrainConfig:
     sam_every: int = 1  # take the SAM step every k steps, a plain base step otherwise
     sync_perturbation: bool = False  # under torchrun: perturb with the all-reduced gradient (m = global batch)
     epochs: int = 10  # passes over the training split
+    train_samples: int | None = None  # train on the first N samples of the training split (None: all of it)
     batch_size: int = 128  # training batch size
     warmup_epochs: float = 0.0  # linear warm-up length, then cosine decay to 0 (per step)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
@@ -52,6 +53,9 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.train_samples is None or (not isinstance(self.train_samples, bool)
+                                            and isinstance(self.train_samples, int) and self.train_samples >= 1),
+             f"train_samples must be an integer >= 1 (or None for the whole split), got {self.train_samples!r}"),
             (self.m is None or 1 <= self.m <= self.batch_size,
              f"m (micro-batch size) must be between 1 and the batch size {self.batch_size}, got {self.m}"),
             (self.sam_every >= 1, f"sam_every must be >= 1, got {self.sam_every}"),

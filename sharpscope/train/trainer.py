@@ -141,7 +141,7 @@ def train(
     resume_payload = _check_out_dir(out, config, overwrite=overwrite)
     distributed.barrier()
 
-    dataset = load_dataset(config.dataset, data_dir=config.data_dir)
+    dataset = _train_subset(load_dataset(config.dataset, data_dir=config.data_dir), config.train_samples)
     torch.manual_seed(config.seed)
     model_kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
                     "image_size": dataset.image_size, **config.model_kwargs}
@@ -270,6 +270,23 @@ def train(
         metrics=_read_metrics(out / "metrics.jsonl"),
         resumed_from_epoch=resumed_from,
     )
+
+
+def _train_subset(dataset, train_samples: int | None):
+    """``dataset`` with its training split cut to the first ``train_samples`` samples (None: unchanged).
+
+    The stored split order is the fixed order (:func:`sharpscope.data.eval_batches` takes the same first samples),
+    and the normalisation statistics stay those of the whole split, so a checkpoint analysed with the usual
+    evaluation sets sees its inputs exactly as in training.
+    """
+    if train_samples is None:
+        return dataset
+    available = len(dataset.train_labels)
+    if train_samples > available:
+        raise SharpscopeError(f"train_samples={train_samples}, but the train split of {dataset.name!r} has "
+                              f"{available} samples; choose 1..{available} or leave it unset for all")
+    return dataclasses.replace(dataset, train_images=dataset.train_images[:train_samples],
+                               train_labels=dataset.train_labels[:train_samples])
 
 
 def _check_out_dir(out: Path, config: TrainConfig, *, overwrite: bool) -> dict[str, Any] | None:
