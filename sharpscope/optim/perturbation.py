@@ -210,8 +210,10 @@ def joint_perturbation(
 
 def _row_norm(tensors: list[Tensor], ord: float) -> Tensor:
     """Per-row ``||concat(t[g] for t in tensors)||_ord`` of stacked ``(G, ...)`` tensors: a ``(G,)`` tensor."""
+    if ord == math.inf:  # abs().amax is several times faster than vector_norm(ord=inf) on CPU, and exact
+        return torch.stack([t.reshape(t.shape[0], -1).abs().amax(dim=1) for t in tensors]).amax(dim=0)
     norms = torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord, dim=1) for t in tensors])
-    return norms.amax(dim=0) if ord == math.inf else torch.linalg.vector_norm(norms, ord, dim=0)
+    return torch.linalg.vector_norm(norms, ord, dim=0)
 
 
 def _per_row(x: Tensor, like: Tensor) -> Tensor:
