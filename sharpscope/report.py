@@ -51,7 +51,9 @@ class Run:
     @property
     def description(self) -> str:
         c = self.config
-        text = f"{c.get('optimizer', '?').upper()}"
+        from sharpscope.train.config import optimizer_label
+
+        text = optimizer_label(c.get("optimizer", "?"), c.get("base_optimizer", "sgd")).upper()
         if c.get("optimizer") in ("sam", "asam"):
             text += f" rho={c.get('rho')}" + (f" m={c['m']}" if c.get("m") else "")
         return f"{text}, {c.get('model')} on {c.get('dataset')}, {len(self.metrics)} epochs, seed {c.get('seed')}"

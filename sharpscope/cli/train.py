@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from sharpscope.cli.options import MAX_SEED, OutDir, device_option, resolve_device, show_progress
 
@@ -22,6 +23,10 @@ def _parse_model(value: str) -> tuple[str, dict]:
     return name, kwargs
 
 
+#: Options that only mean something for SAM/ASAM: given with --optimizer sgd they are refused.
+SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbation")
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--dataset", default="digits", metavar="NAME",
               help="digits (bundled), synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn.")
@@ -30,7 +35,8 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--optimizer", type=click.Choice(["sgd", "sam", "asam"]), default="sgd",
               help="sgd, SAM (Foret et al. 2021) or adaptive SAM (Kwon et al. 2021).")
 @click.option("--base-optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
-              help="The optimizer that SAM/ASAM wraps (or that runs alone with --optimizer sgd... use sgd).")
+              help="The optimizer that takes the steps: alone with --optimizer sgd (so --optimizer sgd "
+                   "--base-optimizer adamw trains with AdamW), or wrapped by SAM/ASAM.")
 @click.option("--lr", type=float, default=0.1, help="Peak learning rate (cosine schedule).")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=1e-4, help="Weight decay of the base optimizer.")
@@ -67,14 +73,17 @@ def _parse_model(value: str) -> tuple[str, dict]:
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the dataset files.")
 @click.option("--download", is_flag=True, help="Fetch cifar10/cifar100/svhn/mnist/fashion-mnist if missing.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (torch.set_num_threads) [default: torch's]. Runs are bit-identical for the same "
+                   "seed, device and thread count; config.json records the count.")
 @device_option
 @click.option("--out", required=True, type=OutDir(), help="Run folder (resumed if it holds an unfinished run).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
 def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
             sam_every, sync_perturbation, epochs, batch_size, train_samples, warmup_epochs, label_smoothing,
-            no_augment, max_grad_norm, seed, save_every, precision, compile_, data_dir, download, device, out,
-            overwrite):
+            no_augment, max_grad_norm, seed, save_every, precision, compile_, data_dir, download, threads, device,
+            out, overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
     \b
@@ -95,6 +104,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     from sharpscope.errors import unknown_name_error
     from sharpscope.models import list_models
     from sharpscope.train import TrainConfig, train
+    from sharpscope.train.config import optimizer_label
 
     model_name, model_kwargs = _parse_model(model)
     if dataset not in list_datasets():
@@ -112,9 +122,17 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     if m is not None and m > batch_size:
         raise click.BadParameter(f"the micro-batch size must be <= --batch-size {batch_size}, got {m}",
                                  param_hint=["--m", "--micro-batch-size"])
-    if rho_schedule != "constant" and optimizer == "sgd":
-        raise click.BadParameter(f"{rho_schedule!r} schedules the SAM radius; it needs --optimizer sam or asam",
-                                 param_hint="--rho-schedule")
+    if optimizer == "sgd":
+        given = [f"--{name.replace('_', '-')}" for name in SAM_ONLY
+                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)]
+        if given:
+            raise click.BadParameter(f"{' and '.join(given)} only affect SAM's perturbation, which --optimizer sgd "
+                                     "does not take; use --optimizer sam (or asam), or drop them",
+                                     param_hint=given[0])
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     config = TrainConfig(
         dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
         base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, eta=eta,
@@ -130,7 +148,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     if not distributed.info().is_main:  # under torchrun: rank 0 speaks for the job
         return
     last = result.metrics[-1]
-    click.echo(f"{optimizer} {model_name} on {dataset}: test accuracy {last['test_acc']:.2%} "
+    click.echo(f"{optimizer_label(optimizer, base_optimizer)} {model_name} on {dataset}: test accuracy {last['test_acc']:.2%} "
                f"(train {last['train_acc']:.2%}) after {last['epoch']} epochs")
     click.echo(f"wrote {out}/final.pt, {len(result.checkpoints) - 1} trajectory checkpoints, "
                f"{out}/metrics.jsonl, {out}/config.json")

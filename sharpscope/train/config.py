@@ -85,3 +85,11 @@ class TrainConfig:
         """Rebuild from ``to_dict()`` output, ignoring keys a newer/older version added."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def optimizer_label(optimizer: str, base_optimizer: str) -> str:
+    """What trained the run: ``adamw`` for ``--optimizer sgd --base-optimizer adamw``, ``sam(adamw)`` for SAM
+    around AdamW, ``sam`` for SAM around SGD."""
+    if optimizer == "sgd":
+        return base_optimizer
+    return optimizer if base_optimizer == "sgd" else f"{optimizer}({base_optimizer})"

@@ -52,7 +52,9 @@ def test_train_sgd_then_sam_prints_where_outputs_went(tmp_path):
         (["--micro-batch-size", "1000"], "'--m' / '--micro-batch-size': the micro-batch size must be <=", 2),
         (["--eta", "-1"], "Invalid value for --eta: must be a number >= 0", 2),
         (["--eta", "nan"], "Invalid value for --eta", 2),
-        (["--rho-schedule", "lr"], "'lr' schedules the SAM radius; it needs --optimizer sam or asam", 2),
+        (["--rho-schedule", "lr"], "--rho-schedule only affect SAM's perturbation, which --optimizer sgd", 2),
+        (["--rho", "0.1"], "--rho only affect SAM's perturbation", 2),
+        (["--m", "8", "--sam-every", "2"], "--m and --sam-every only affect SAM's perturbation", 2),
         (["--rho-schedule", "cosine"], "'cosine' is not one of 'constant', 'lr'", 2),
         (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16', 'fp16'", 2),
         (["--epochs", "0"], "Invalid value for '--epochs'", 2),
@@ -112,3 +114,24 @@ def test_kill_9_mid_run_then_rerun_resumes_bit_identically(tmp_path):
     assert strip(tmp_path / "straight" / "metrics.jsonl") == strip(tmp_path / "killed" / "metrics.jsonl")
     leftovers = [p.name for p in (tmp_path / "killed").iterdir() if io.is_temporary(p.name)]
     assert leftovers == []
+
+
+def test_labels_name_the_optimizer_that_took_the_steps():
+    from sharpscope.train.config import optimizer_label
+
+    assert optimizer_label("sgd", "adamw") == "adamw" and optimizer_label("sgd", "sgd") == "sgd"
+    assert optimizer_label("sam", "sgd") == "sam" and optimizer_label("asam", "adam") == "asam(adam)"
+
+
+def test_threads_sets_and_records_the_thread_count(tmp_path):
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(cli, [*FAST, "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "run")])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["environment"]["num_threads"] == 1
+    finally:
+        torch.set_num_threads(before)
