@@ -54,8 +54,9 @@ def train_all(runs: Path, seeds: list[int], epochs: int, data_dir: str | None) -
             folders[optimizer].append(out)
             if (out / "final.pt").exists():
                 continue
+            sam = ["--rho", "0.05"] if optimizer == "sam" else []  # train refuses SAM options for plain SGD
             cmd = sharpscope("train", "--dataset", "fashion-mnist", "--model", "convnet", "--optimizer", optimizer,
-                             "--rho", "0.05", "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "1e-4",
+                             *sam, "--lr", "0.1", "--momentum", "0.9", "--weight-decay", "1e-4",
                              "--batch-size", "128", "--epochs", str(epochs), "--seed", str(seed),
                              "--save-every", "1", "--out", str(out))
             if data_dir:

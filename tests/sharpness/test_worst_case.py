@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -153,7 +154,20 @@ def test_vectorized_chunks_match_the_serial_loop(case):
 
 
 class _ItemModel(nn.Module):
-    """Python control flow on a tensor value: vmap cannot batch this forward."""
+    """Python control flow on a tensor value: vmap cannot batch this forward. Its weights are used directly
+    (no nn.Linear), so the structured path does not apply either and auto mode tries vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if out.sum().item() > -1e9 else -out
+
+
+class _ItemLinear(nn.Module):
+    """The same control flow around an nn.Linear: the structured path batches it (no vmap involved)."""
 
     def __init__(self):
         super().__init__()
@@ -168,6 +182,16 @@ def test_unbatchable_model_falls_back_to_the_loop_with_a_warning():
     _, data = tiny_mlp(n=12)
     model = _ItemModel()
     with pytest.warns(RuntimeWarning, match="vmap cannot batch this model's forward"):
+        auto = worst_case_sharpness(model, CE, data, rho=0.2, m=3, steps=2)
+    loop = worst_case_sharpness(model, CE, data, rho=0.2, m=3, steps=2, vectorize=False)
+    np.testing.assert_allclose(auto.chunk_values, loop.chunk_values, rtol=1e-12)
+
+
+def test_structured_path_batches_what_vmap_cannot():
+    _, data = tiny_mlp(n=12)
+    model = _ItemLinear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         auto = worst_case_sharpness(model, CE, data, rho=0.2, m=3, steps=2)
     loop = worst_case_sharpness(model, CE, data, rho=0.2, m=3, steps=2, vectorize=False)
     np.testing.assert_allclose(auto.chunk_values, loop.chunk_values, rtol=1e-12)

@@ -1,0 +1,107 @@
+"""Cost of m-sharpness per chunk size: the batched (structured) path vs vmap over per-chunk weights vs the serial loop.
+
+Worst-case sharpness (Auto-PGD ascent, ``--steps`` steps, rho 0.05, p = 2) of the digits ConvNet (BatchNorm,
+~53k parameters, float32, as the CLI runs it) on ``--samples`` training digits, for every ``m`` of ``--m``:
+seconds per measure and the ratio to ``m = --samples`` (one chunk: the plain batched cost) of the same path.
+Paths are timed interleaved, ``--rounds`` times, medians (the machine is shared: read ratios, not seconds).
+Then exactness: the max abs difference of the per-chunk values against the serial loop, in float32 on the
+ConvNet (and in float64 on a small BatchNorm/LayerNorm/GroupNorm/attention model, the test suite's cases).
+
+    python benchmarks/bench_sharpness.py                      # m = 1, 8, 32, 128, 1024; a few minutes
+    python benchmarks/bench_sharpness.py --m 1,1024 --rounds 3 --paths structured,vmap
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sharpscope.data import eval_batches, load_dataset
+from sharpscope.hessian.operator import eval_mode
+from sharpscope.models.convnet import convnet
+from sharpscope.sharpness._objective import ChunkedObjective, make_chunks, stack_data
+from sharpscope.sharpness.worst_case import _worst_case_on_chunks
+
+PATHS = {"structured": "structured", "vmap": "vmap", "loop": False}
+
+
+def measure(model, data, *, m, path, steps, rho, batch_size, max_chunks=None):
+    objective = ChunkedObjective(model, nn.CrossEntropyLoss(), batch_size=batch_size, vectorize=PATHS[path])
+    x, y = stack_data(data, device=objective.device, dtype=objective.dtype)
+    xc, yc = make_chunks(x, y, m=m, shuffle=True, seed=0, max_chunks=max_chunks)
+    with eval_mode(model):
+        start = time.perf_counter()
+        trace, _, _ = _worst_case_on_chunks(
+            objective, xc, yc, rho=rho, p=2.0, adaptive=False, eta=0.01, steps=steps, random_init=False, seed=0,
+            keep_perturbation=False, progress=None,
+        )
+        return time.perf_counter() - start, trace[:, -1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", default="1,8,32,128,1024")
+    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=500, help="the CLI's default evaluation batch size")
+    parser.add_argument("--paths", default="structured,vmap,loop")
+    parser.add_argument("--loop-chunks", type=int, default=64,
+                        help="the loop (and vmap at m < 32) run on this many chunks, their time scaled to all chunks")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    m_values = [int(v) for v in args.m.split(",")]
+    paths = args.paths.split(",")
+    torch.manual_seed(0)
+    dataset = load_dataset("digits")
+    data = eval_batches(dataset, num_samples=args.samples, batch_size=args.batch_size)
+    model = convnet(in_channels=1, num_classes=10, image_size=8)
+    # a trained-like state: random BatchNorm statistics so eval mode is not the identity
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    print(f"digits ConvNet, {sum(p.numel() for p in model.parameters())} params, {args.samples} samples, "
+          f"{args.steps} steps, rho {args.rho}, batch size {args.batch_size}, {torch.get_num_threads()} threads")
+    times = {(m, path): [] for m in m_values for path in paths}
+    values = {}
+    for _ in range(args.rounds):
+        for m in m_values:
+            for path in paths:
+                chunks = args.samples // m
+                limit = args.loop_chunks if (path == "loop" or (path == "vmap" and m < 32)) else None
+                limit = limit if limit is not None and limit < chunks else None
+                seconds, value = measure(model, data, m=m, path=path, steps=args.steps, rho=args.rho,
+                                         batch_size=args.batch_size, max_chunks=limit)
+                times[(m, path)].append(seconds * (chunks / limit if limit else 1))
+                values[(m, path)] = value
+    full = args.samples
+    print(f"\n{'m':>6} " + " ".join(f"{p + ' s':>14} {'x m=' + str(full):>9}" for p in paths))
+    for m in m_values:
+        row = []
+        for path in paths:
+            t = statistics.median(times[(m, path)])
+            ref = statistics.median(times[(full, path)]) if (full, path) in times else float("nan")
+            row.append(f"{t:14.3f} {t / ref:9.2f}")
+        print(f"{m:>6} " + " ".join(row))
+    print("(loop, and vmap at m < 32: timed on the first --loop-chunks chunks, scaled)")
+    if "loop" in paths:
+        print("\nexactness, float32 ConvNet: max |value - loop value| over the chunks both ran")
+        for m in m_values:
+            for path in paths:
+                if path == "loop":
+                    continue
+                a, b = values[(m, path)], values[(m, "loop")]
+                n = min(len(a), len(b))
+                print(f"  m={m:<5} {path:<11} {float((a[:n] - b[:n]).abs().max()):.3g}  (values ~{float(b.abs().mean()):.3g})")
+
+
+if __name__ == "__main__":
+    main()
