@@ -37,11 +37,20 @@ TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
                    "eigenvalue (estimated relative eigenvalue error residual^2/gap <= tol: about half the products).")
 @click.option("--max-matvecs", type=click.IntRange(min=1), default=None,
               help="Hessian-vector product budget per Lanczos run [default: max(300, 30 k)].")
-@click.option("--trace", is_flag=True, help="Estimate the trace with Hutch++ (--trace-matvecs products).")
-@click.option("--trace-matvecs", type=click.IntRange(min=4), default=99, help="Products for the trace estimate.")
+@click.option("--trace", is_flag=True,
+              help="Estimate the trace with Hutch++, deflated by the top-k eigenvectors, until --trace-rtol.")
+@click.option("--trace-rtol", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Relative standard error the trace estimate stops at (stderr <= rtol * |trace|)  "
+                   "[default: 0.02]")
+@click.option("--trace-matvecs", type=click.IntRange(min=4), default=None,
+              help="A fixed budget of products for the trace instead (classical Hutch++, m/3 sketch).")
 @click.option("--density", is_flag=True,
               help="Spectral density by stochastic Lanczos quadrature (Ghorbani et al. 2019).")
-@click.option("--density-iters", type=click.IntRange(min=1), default=90, help="Lanczos steps per density run.")
+@click.option("--density-tol", type=click.FloatRange(min=0), default=0.01,
+              help="Each density run stops when the Chebyshev-Markov-Stieltjes bound on its quadrature's "
+                   "Wasserstein-1 error is below this fraction of its spectral range; 0: always --density-iters.")
+@click.option("--density-iters", type=click.IntRange(min=1), default=90,
+              help="Most Lanczos steps per density run (exactly this many with --density-tol 0).")
 @click.option("--density-runs", type=click.IntRange(min=1), default=5, help="Random start vectors for the density.")
 @click.option("--per-layer", is_flag=True, help="Also the top eigenvalue of each layer's own Hessian block.")
 @click.option("--warm-start/--no-warm-start", default=True,
@@ -52,8 +61,8 @@ TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
 @seed_option
 @out_options
 @click.pass_context
-def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trace, trace_matvecs, density, density_iters,
-            density_runs, per_layer, warm_start, model_spec, dataset, split, num_samples, batch_size, data_dir,
+def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trace, trace_rtol, trace_matvecs, density,
+            density_tol, density_iters, density_runs, per_layer, warm_start, model_spec, dataset, split, num_samples, batch_size, data_dir,
             device, seed, out, overwrite):
     """Hessian top eigenvalues (and trace, spectral density) of checkpoints along training.
 
@@ -66,6 +75,11 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
     CHECKPOINTS are checkpoint files or run folders (their ckpt-epoch*.pt and final.pt). They are grouped by
     run (the parent folder's name) and sorted by epoch. The Hessian is that of the mean loss over a fixed
     evaluation set: by default the first 1024 training samples in batches of 500, model in eval mode.
+
+    Budgets follow precision: the trace (adaptive Hutch++ deflated by the top-k eigenvectors) stops at the
+    relative standard error --trace-rtol, each density run when its quadrature's Wasserstein-1 error bound is
+    below --density-tol of the spectral range; --trace-matvecs N and --density-tol 0 give the classical fixed
+    budgets. The summary prints every estimate with its standard error and products spent.
 
     Writes spectrum.json (per checkpoint: run, epoch, top eigenvalues, residuals, Hessian-vector products,
     convergence, trace +- stderr, density summary), the arrays in spectrum.npz, top_eigenvalues.png (one panel
@@ -85,10 +99,17 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
     from sharpscope.results import provenance
     from sharpscope.train.checkpoint import read_checkpoint_file
 
+    if trace_rtol is not None and trace_matvecs is not None:
+        raise click.UsageError("give --trace-rtol (a precision target) or --trace-matvecs (a fixed budget), not both")
+    if trace_matvecs is None and trace_rtol is None:
+        from sharpscope.hessian.trace import DEFAULT_RTOL
+
+        trace_rtol = DEFAULT_RTOL
     config = {
         "top_k": top_k, "bottom_k": bottom_k, "tol": tol, "max_matvecs": max_matvecs, "trace": trace,
-        "trace_matvecs": trace_matvecs, "trace_method": "hutch++", "density": density,
-        "density_iters": density_iters, "density_runs": density_runs, "per_layer": per_layer,
+        "trace_matvecs": trace_matvecs, "trace_rtol": trace_rtol, "trace_method": "hutch++", "density": density,
+        "density_iters": density_iters, "density_tol": density_tol, "density_runs": density_runs,
+        "per_layer": per_layer,
         "dataset": dataset, "split": split, "num_samples": num_samples, "batch_size": batch_size,
         "model_spec": model_spec, "seed": seed, "eval_mode": True, "criterion": criterion,
     }
@@ -96,7 +117,8 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
     previous = _previous_results(out_dir / JSON_NAME)
     resume = False
     if previous is not None and not overwrite:
-        before = {"criterion": "residual", **(previous.get("config") or {})}  # files from before --criterion
+        # files from before --criterion, --trace-rtol and --density-tol (fixed budgets then)
+        before = {"criterion": "residual", "trace_rtol": None, "density_tol": 0, **(previous.get("config") or {})}
         if before != config:
             changed = sorted(k for k in set(config) | set(before) if config.get(k) != before.get(k))
             raise SharpscopeError(
@@ -182,17 +204,15 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         result = analyze_checkpoint(
             checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, criterion=criterion,
             max_matvecs=max_matvecs,
-            trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs,
-            density=density and not rank_info.enabled, density_iters=density_iters,
+            trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs, trace_rtol=trace_rtol,
+            density=density and not rank_info.enabled, **_density_budget(density_tol, density_iters),
             density_runs=density_runs, per_layer=per_layer,
             warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
             progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
         )
         if rank_info.enabled and (trace or density):
             result = _sharded_trace_density(result, checkpoint.model, loss_fn, batches, trace=trace,
-                                            trace_matvecs=trace_matvecs, density=density,
-                                            density_iters=density_iters, density_runs=density_runs,
-                                            shard=(rank_info.rank, rank_info.world_size))
+                                            density=density, shard=(rank_info.rank, rank_info.world_size))
         previous_top[entry["run"]] = result.top
         record, new_arrays = _record(entry, checkpoint, result)
         arrays.update(new_arrays)
@@ -239,28 +259,30 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         click.echo(f"wrote {path}")
 
 
-def _sharded_trace_density(result, model, loss_fn, batches, *, trace: bool, trace_matvecs: int, density: bool,
-                            density_iters: int, density_runs: int, shard: tuple[int, int]):
+def _density_budget(density_tol: float, density_iters: int) -> dict[str, Any]:
+    """``--density-tol 0``: exactly ``--density-iters`` steps; otherwise adaptive with that cap."""
+    if density_tol == 0:
+        return {"density_iters": density_iters}
+    return {"density_tol": density_tol, "density_max_iters": density_iters}
+
+
+def _sharded_trace_density(result, model, loss_fn, batches, *, trace: bool, density: bool, shard: tuple[int, int]):
     """``result`` with the trace and density that :func:`analyze_checkpoint` would have computed (same method,
     settings and seeds), their probes / runs split over the ranks of ``shard`` and gathered on every rank."""
     from dataclasses import replace
 
     from sharpscope.hessian import HessianOperator
-    from sharpscope.hessian.density import spectral_density
-    from sharpscope.hessian.trace import hutchinson_trace, hutchpp_trace
+    from sharpscope.hessian.series import estimate_density, estimate_trace
 
-    settings, seed = result.config, result.config["seed"]
+    settings = {**result.config, "trace": trace, "density": density}
     operator = HessianOperator(model, loss_fn, batches, eval_mode=settings["eval_mode"], check_deterministic=False)
     extra_matvecs = 0
     trace_estimate = density_estimate = None
     if trace:
-        estimator = hutchpp_trace if settings["trace_method"] == "hutch++" else hutchinson_trace
-        trace_estimate = estimator(operator, num_matvecs=trace_matvecs, seed=seed + 2, shard=shard)
+        trace_estimate = estimate_trace(operator, settings, top=result.top, shard=shard)
         extra_matvecs += trace_estimate.num_matvecs
     if density:
-        density_estimate = spectral_density(operator, num_iters=density_iters, num_runs=density_runs,
-                                            sigma=settings["density_sigma"], num_points=settings["density_points"],
-                                            seed=seed + 3, shard=shard)
+        density_estimate = estimate_density(operator, settings, shard=shard)
         extra_matvecs += density_estimate.num_matvecs
     return replace(result, trace=trace_estimate, density=density_estimate,
                    num_matvecs=result.num_matvecs + extra_matvecs)
@@ -308,6 +330,13 @@ class _StoredDensity:
 def _label(entry: dict[str, Any]) -> str:
     epoch = entry.get("epoch")
     return f"{entry['run']} epoch {epoch}" if epoch is not None else f"{entry['run']} {Path(entry['path']).stem}"
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no nan: an undefined standard error (one run) is written as null."""
+    import math
+
+    return value if math.isfinite(value) else None
 
 
 def _floats(tensor) -> list[float]:
@@ -359,7 +388,9 @@ def _record(entry: dict[str, Any], checkpoint, result) -> tuple[dict[str, Any], 
         arrays[f"{key}__bottom_eigenvalues"] = result.bottom.eigenvalues.numpy()
     if result.trace is not None:
         record["trace"] = {"value": result.trace.value, "stderr": result.trace.stderr,
-                           "method": result.trace.method, "num_matvecs": result.trace.num_matvecs}
+                           "method": result.trace.method, "num_matvecs": result.trace.num_matvecs,
+                           "rtol": result.trace.rtol, "converged": result.trace.converged,
+                           "deflation_rank": result.trace.deflation_rank}
     if result.density is not None:
         d = result.density
         record["density"] = {
@@ -367,7 +398,9 @@ def _record(entry: dict[str, Any], checkpoint, result) -> tuple[dict[str, Any], 
             "arrays": [f"{key}__density_grid", f"{key}__density", f"{key}__density_nodes",
                        f"{key}__density_weights"],
             "lambda_min": d.lambda_min, "lambda_max": d.lambda_max, "sigma": d.sigma,
-            "slq_trace": d.trace_estimate, "num_matvecs": d.num_matvecs,
+            "slq_trace": d.trace_estimate, "slq_trace_stderr": _finite(d.trace_stderr), "num_matvecs": d.num_matvecs,
+            "num_steps": [int(k) for k in d.num_steps], "error_bounds": _floats(d.error_bounds), "tol": d.tol,
+            "converged": d.converged,
         }
         arrays.update({f"{key}__density_grid": d.grid.numpy(), f"{key}__density": d.density.numpy(),
                        f"{key}__density_nodes": d.nodes.numpy(), f"{key}__density_weights": d.weights.numpy()})
@@ -410,14 +443,33 @@ def _print_summary(records: list[dict[str, Any]], *, bottom_k: int) -> None:
     header = f"{'run':<12} {'epoch':>5} " + " ".join(f"{f'lambda_{i + 1}':>11}" for i in range(shown))
     if bottom_k:
         header += f" {'lambda_min':>11}"
-    header += f" {'trace':>20} {'HVPs':>6}  converged"
+    show_trace = any(r.get("trace") for r in records)
+    show_density = any(r.get("density") for r in records)
+    if show_trace:
+        header += f" {'trace +- stderr (HVPs)':>26}"
+    if show_density:
+        header += f" {'SLQ trace +- stderr (HVPs)':>28}"
+    header += f" {'HVPs':>6}  converged"
     click.echo(header)
     for r in records:
         epoch = "-" if r["epoch"] is None else str(r["epoch"])
         line = f"{r['run'][:12]:<12} {epoch:>5} " + " ".join(f"{v:>11.5g}" for v in r["top_eigenvalues"][:shown])
         if bottom_k:
             line += f" {r['bottom']['eigenvalues'][0]:>11.5g}" if r.get("bottom") else f" {'-':>11}"
-        trace = f"{r['trace']['value']:.5g} +- {r['trace']['stderr']:.2g}" if r.get("trace") else "-"
+        if show_trace:
+            t = r.get("trace")
+            line += f" {_with_error(t['value'], t['stderr'], t['num_matvecs']) if t else '-':>26}"
+        if show_density:
+            d = r.get("density")
+            line += (f" {_with_error(d['slq_trace'], d.get('slq_trace_stderr'), d['num_matvecs']) if d else '-':>28}")
         converged = all(r["top_converged"]) and (not r.get("bottom") or all(r["bottom"]["converged"]))
-        line += f" {trace:>20} {r['num_matvecs']:>6}  {'yes' if converged else 'NO'}"
+        converged = converged and (not r.get("trace") or r["trace"].get("converged") is not False)
+        converged = converged and (not r.get("density") or r["density"].get("converged") is not False)
+        line += f" {r['num_matvecs']:>6}  {'yes' if converged else 'NO'}"
         click.echo(line)
+
+
+def _with_error(value: float, stderr: float | None, matvecs: int) -> str:
+    """``8.913 +- 0.15 (37)``: the estimate, its standard error (``?`` when undefined) and the products spent."""
+    error = "?" if stderr is None else f"{stderr:.2g}"
+    return f"{value:.5g} +- {error} ({matvecs})"

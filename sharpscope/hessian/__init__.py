@@ -7,9 +7,9 @@ Operators::
 Functions of an operator (a HessianOperator, a dense symmetric tensor, or anything with ``shape`` and ``@``)::
 
     lanczos_eigs(op, k, *, which="top", tol=1e-6, ...)           -> EigenResult
-    hutchinson_trace(op, *, num_matvecs, seed, distribution)     -> TraceEstimate
-    hutchpp_trace(op, *, num_matvecs, seed)                      -> TraceEstimate
-    spectral_density(op, *, num_iters=90, num_runs=5, ...)       -> SpectralDensity
+    hutchinson_trace(op, *, rtol=0.02 | num_matvecs, deflate, seed)  -> TraceEstimate
+    hutchpp_trace(op, *, rtol=0.02 | num_matvecs, deflate, seed)     -> TraceEstimate
+    spectral_density(op, *, tol=0.01 | num_iters, num_runs=5, ...)    -> SpectralDensity
 
 Model-level helpers: ``per_layer_eigs`` (a block of the Hessian per module), ``analyze_checkpoint`` and
 ``spectrum_series`` (checkpoint series with warm start). The dense truth lives in ``sharpscope.hessian.reference``.

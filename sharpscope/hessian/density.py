@@ -16,6 +16,28 @@ independent, so all of them advance together with one batched product per step (
 pass). Defaults follow Ghorbani et al.: ~90 Lanczos steps ("80-90 are certainly enough for most models"),
 full reorthogonalisation, several runs, Gaussian smoothing; the grid bounds are the extreme Ritz values of the
 runs themselves (no extra products) widened by ``margin``.
+
+Stopping (``tol``, the default; ``num_iters`` alone gives the classical fixed number of steps). The low moments
+of a run's quadrature measure cannot serve: an ``m``-node Gauss rule integrates every polynomial of degree
+``<= 2m - 1`` exactly, so moment ``p`` is final (to rounding) from step ``(p + 1) / 2`` on and "the first few
+moments stopped changing" would stop after 3 steps. What keeps changing is the distribution at finer scales, and
+the Chebyshev-Markov-Stieltjes inequalities (Szego 1939, Sec. 3.41; Golub & Meurant 2010, "Matrices, Moments and
+Quadrature with Applications", Thm. 6.1) bound it with no extra product: the distribution function ``F_v`` of the
+run's spectral measure ``mu_v = sum_i (q_i^T v)^2 delta_{lambda_i}`` satisfies
+``sum_{i<j} tau_i <= F_v(theta_j - 0) <= F_v(theta_j) <= sum_{i<=j} tau_i`` at the ascending nodes, so between two
+nodes it lies within ``max(tau_j, tau_{j+1})`` of the quadrature's step function ``F_m``, and
+
+.. math::
+
+    W_1(\\mu_v, \\mu_m) = \\int |F_v - F_m| \\, d\\lambda
+    \\le \\sum_{j=1}^{m-1} (\\theta_{j+1} - \\theta_j) \\max(\\tau_j, \\tau_{j+1})
+
+(the tails beyond the extreme Ritz values, which converge first, are not counted). Each run stops at the first
+step ``m >= MIN_STEPS`` where this Wasserstein-1 bound is ``<= tol * (theta_m - theta_1)``, i.e. its quadrature
+measure is within ``tol`` of the spectral range of the measure it approximates in the earth-mover distance; runs
+that stop drop out of the batched product. The probe noise (``mu_v`` against the spectral distribution of ``H``)
+is separate: it shrinks like ``1 / sqrt(n * num_runs)`` for the bulk; for the implied trace it is
+:attr:`SpectralDensity.trace_stderr`.
 """
 
 from __future__ import annotations
@@ -30,7 +52,14 @@ from torch import Tensor
 from sharpscope.errors import SharpscopeError
 from sharpscope.hessian._operators import Float64Operator, make_generator, random_vectors
 
-__all__ = ["SpectralDensity", "spectral_density", "smoothed_density"]
+__all__ = ["DEFAULT_TOL", "SpectralDensity", "spectral_density", "smoothed_density"]
+
+#: Default stopping tolerance: Wasserstein-1 bound of each run's quadrature relative to its spectral range.
+DEFAULT_TOL = 0.01
+#: Default cap on Lanczos steps per run (Ghorbani et al. 2019, Section 3: "80-90 are certainly enough").
+DEFAULT_MAX_ITERS = 90
+#: Steps before the first stopping test.
+MIN_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -42,13 +71,47 @@ class SpectralDensity:
     nodes: Tensor  # (num_runs, num_iters) Ritz values (Gauss nodes) of each run; unused slots repeat a node
     weights: Tensor  # (num_runs, num_iters) Gauss weights; each row sums to 1; unused slots (breakdown) are 0
     sigma: float  # absolute width of the Gaussian kernel (same units as eigenvalues)
-    num_matvecs: int  # Hessian-vector products spent (num_runs * Lanczos steps)
+    num_matvecs: int  # Hessian-vector products spent (the sum of the runs' Lanczos steps)
     num_params: int  # n, the operator's size
+    num_steps: Tensor | None = None  # (num_runs,) Lanczos steps each run took
+    error_bounds: Tensor | None = None  # (num_runs,) W1 bound of each run's quadrature / its spectral range
+    tol: float | None = None  # the stopping tolerance on error_bounds (None: fixed number of steps)
+
+    @property
+    def converged(self) -> bool | None:
+        """Every run met ``tol`` (or ended in an exact invariant subspace); None for a fixed number of steps."""
+        if self.tol is None or self.error_bounds is None:
+            return None
+        return bool((self.error_bounds <= self.tol).all())
+
+    def moments(self, order: int) -> Tensor:
+        """``(num_runs,)``: each run's quadrature moment ``sum_i tau_i theta_i^order``, an unbiased estimate of
+        ``tr(H^order) / n`` (exact for ``order <= 2 * steps - 1``, up to the probe's randomness)."""
+        return (self.weights * self.nodes**order).sum(dim=1)
+
+    @property
+    def run_traces(self) -> Tensor:
+        """``(num_runs,)`` per-run trace estimates ``n * sum_i tau_i theta_i`` (Hutchinson with ``sqrt(n) v``)."""
+        return self.num_params * self.moments(1)
 
     @property
     def trace_estimate(self) -> float:
         """The SLQ trace estimate ``n * mean_runs sum_i tau_i theta_i`` (free with the density)."""
-        return float(self.num_params * (self.weights * self.nodes).sum(dim=1).mean())
+        return float(self.run_traces.mean())
+
+    @property
+    def trace_stderr(self) -> float:
+        """Standard error of :attr:`trace_estimate`, ``sqrt(2 n mean_runs(sum_i tau_i theta_i^2) / num_runs)``.
+
+        Each run's trace ``n v^T H v = z^T H z`` (``z = sqrt(n) v`` Rademacher) has variance
+        ``2 (||H||_F^2 - sum_i H_ii^2) <= 2 tr(H^2)`` and ``tr(H^2) = n E[v^T H^2 v]`` is each run's second
+        quadrature moment, exact from 2 steps on: a plug-in for the variance from all the runs' nodes rather than
+        the spread of a handful of per-run traces. That spread is useless at the usual 5 runs: per-run traces are
+        sums of a few ``lambda_i chi^2_1`` terms (outliers dominate), so 5 of them underestimate their standard
+        deviation 2-6 fold often (digits MLP: 3 of 3 seeds off by 2.2-6 "standard errors", benchmarks/
+        bench_hessian_tour.py). The plug-in is conservative by ``sum_i H_ii^2`` (exact for Gaussian probes).
+        """
+        return math.sqrt(max(2 * self.num_params * float(self.moments(2).mean()), 0.0) / self.nodes.shape[0])
 
     @property
     def lambda_min(self) -> float:
@@ -105,7 +168,9 @@ def smoothed_density(nodes: Tensor, weights: Tensor, grid: Tensor, sigma: float)
 def spectral_density(
     op: Any,
     *,
-    num_iters: int = 90,
+    num_iters: int | None = None,
+    tol: float | None = None,
+    max_iters: int = DEFAULT_MAX_ITERS,
     num_runs: int = 5,
     sigma: float = 1e-3,
     num_points: int = 10000,
@@ -119,7 +184,13 @@ def spectral_density(
 
     Args:
         op: a symmetric operator (HessianOperator, dense tensor, or anything with ``shape`` and ``@``).
-        num_iters: Lanczos steps per run (capped at ``n``) [default 90, Ghorbani et al. 2019, Section 3].
+        num_iters: a fixed number of Lanczos steps per run (capped at ``n``), the classical SLQ budget (Ghorbani
+            et al. 2019, Section 3, use 90). Give this or ``tol``.
+        tol: stop each run at the first step ``>= MIN_STEPS`` where the Chebyshev-Markov-Stieltjes bound on the
+            Wasserstein-1 distance between its quadrature measure and its spectral measure is ``<= tol`` times its
+            spectral range (see the module docstring) [default :data:`DEFAULT_TOL` when ``num_iters`` is not
+            given], or at ``max_iters`` steps.
+        max_iters: the cap on steps per run with ``tol`` [default 90].
         num_runs: independent Rademacher start vectors, advanced together in batched products [default 5].
         sigma: Gaussian kernel width *relative to the spectral range* ``lambda_max - lambda_min`` of the nodes
             [default 1e-3; Ghorbani et al. use sigma^2 = 1e-5 * max(1, range), i.e. 3e-3 of a range of 1 and
@@ -139,15 +210,28 @@ def spectral_density(
             order on every rank; the result equals the single-process one up to rounding. ``None``: all runs here.
 
     Returns:
-        :class:`SpectralDensity` (grid, density, raw nodes and weights, the absolute ``sigma``).
+        :class:`SpectralDensity` (grid, density, raw nodes and weights, the absolute ``sigma``, the steps and
+        error bound of each run, the implied trace with its standard error).
 
     Raises:
-        SharpscopeError: for non-positive ``num_iters``, ``num_runs`` or ``sigma``, ``num_points < 2``, a
-            negative ``margin`` or ``bounds`` with ``low >= high``, or a ``shard`` that does not match the
-            process group.
+        SharpscopeError: for non-positive ``num_iters``, ``max_iters``, ``num_runs``, ``tol`` or ``sigma``, both
+            ``num_iters`` and ``tol``, ``num_points < 2``, a negative ``margin`` or ``bounds`` with
+            ``low >= high``, or a ``shard`` that does not match the process group.
     """
-    if num_iters < 1 or num_runs < 1:
-        raise SharpscopeError(f"num_iters and num_runs must be >= 1, got num_iters={num_iters}, num_runs={num_runs}")
+    if num_iters is not None and tol is not None:
+        raise SharpscopeError(
+            f"give num_iters (a fixed number of Lanczos steps) or tol (a stopping tolerance), not both; got "
+            f"num_iters={num_iters}, tol={tol}; with tol, max_iters caps the steps"
+        )
+    if num_iters is None:
+        tol = DEFAULT_TOL if tol is None else tol
+        if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
+            raise SharpscopeError(f"tol must be > 0 (a fraction of the spectral range such as 0.01), got {tol}")
+        tol = float(tol)
+    iterations = num_iters if num_iters is not None else max_iters
+    if iterations < 1 or num_runs < 1:
+        name = "num_iters" if num_iters is not None else "max_iters"
+        raise SharpscopeError(f"{name} and num_runs must be >= 1, got {name}={iterations}, num_runs={num_runs}")
     if not sigma > 0:
         raise SharpscopeError(f"sigma must be > 0 (a fraction of the spectral range such as 1e-3), got {sigma}")
     if num_points < 2:
@@ -161,24 +245,31 @@ def spectral_density(
     check_shard(shard)
     A = Float64Operator(op)
     n, device = A.n, A.device
-    steps = min(num_iters, n)
+    steps = min(iterations, n)
     v = random_vectors(n, num_runs, generator=make_generator(seed), distribution="rademacher", device=device)
     v /= math.sqrt(n)
     if shard is None:
-        nodes, weights = _slq_runs(A, v, steps, reorthogonalize)
+        nodes, weights, num_steps, error_bounds = _slq_runs(A, v, steps, reorthogonalize, tol)
         num_matvecs = A.num_matvecs
     else:
         from sharpscope import distributed
 
         runs = list(range(num_runs))[shard[0] :: shard[1]]
-        local = _slq_runs(A, v[:, runs], steps, reorthogonalize) if runs else None
+        local = _slq_runs(A, v[:, runs], steps, reorthogonalize, tol) if runs else None
         nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
         weights = torch.zeros(num_runs, steps, dtype=torch.float64)
+        num_steps = torch.zeros(num_runs, dtype=torch.long)
+        error_bounds = torch.zeros(num_runs, dtype=torch.float64)
         num_matvecs = 0
         for part_runs, part, part_matvecs in distributed.all_gather((runs, local, A.num_matvecs)):
             if part is not None:
-                nodes[part_runs], weights[part_runs] = part
+                part_nodes, part_weights, num_steps[part_runs], error_bounds[part_runs] = part
+                width = part_nodes.shape[1]
+                nodes[part_runs, :width], weights[part_runs, :width] = part_nodes, part_weights
+                nodes[part_runs, width:] = part_nodes[:, :1]
             num_matvecs += part_matvecs
+        used = int(num_steps.max())
+        nodes, weights = nodes[:, :used].contiguous(), weights[:, :used].contiguous()
     if bounds is None:
         low, high = float(nodes.min()), float(nodes.max())
         width = high - low if high > low else max(abs(high), 1.0)
@@ -191,18 +282,46 @@ def spectral_density(
     density = smoothed_density(nodes, weights / num_runs, grid, sigma_abs)
     return SpectralDensity(
         grid=grid, density=density, nodes=nodes, weights=weights, sigma=sigma_abs, num_matvecs=num_matvecs,
-        num_params=n,
+        num_params=n, num_steps=num_steps, error_bounds=error_bounds, tol=tol,
     )
 
 
-def _slq_runs(A: Float64Operator, v: Tensor, steps: int, reorthogonalize: bool) -> tuple[Tensor, Tensor]:
-    """Batched Lanczos from the unit columns of ``v`` ``(n, runs)``: Gauss nodes and weights, each ``(runs, steps)``."""
+def wasserstein_bound(nodes: Tensor, weights: Tensor) -> Tensor:
+    """The Chebyshev-Markov-Stieltjes bound ``sum_j (theta_{j+1} - theta_j) max(tau_j, tau_{j+1})`` on the W1
+    distance between a Gauss quadrature (ascending ``nodes``, ``weights``, shape ``(..., m)``) and the measure it
+    integrates, divided by the nodes' range ``theta_m - theta_1`` (module docstring). ``(...,)``; 1 for one node."""
+    gaps = nodes[..., 1:] - nodes[..., :-1]
+    bound = (gaps * torch.maximum(weights[..., 1:], weights[..., :-1])).sum(dim=-1)
+    width = nodes[..., -1] - nodes[..., 0]
+    return torch.where(width > 0, bound / torch.where(width > 0, width, torch.ones_like(width)),
+                       torch.ones_like(width))
+
+
+def _gauss_rule(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
+    """Nodes (ascending) and weights of the Jacobi matrices with diagonals ``alphas`` ``(runs, m)`` and
+    off-diagonals ``betas`` ``(runs, m - 1)``: one batched ``eigh``."""
+    T = torch.diag_embed(alphas)
+    if alphas.shape[1] > 1:
+        T = T + torch.diag_embed(betas, 1) + torch.diag_embed(betas, -1)
+    theta, Y = torch.linalg.eigh(T)
+    return theta, Y[:, 0, :] ** 2
+
+
+def _slq_runs(A: Float64Operator, v: Tensor, steps: int, reorthogonalize: bool,
+              tol: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batched Lanczos from the unit columns of ``v`` ``(n, runs)``.
+
+    Returns Gauss nodes and weights, each ``(runs, used)`` with ``used`` the most steps any run took, the steps of
+    each run ``(runs,)`` and each run's relative W1 bound ``(runs,)`` (0 for a run that reached an invariant
+    subspace: its quadrature is exact). With ``tol`` a run stops once its bound is ``<= tol`` (module docstring).
+    """
     n, device = A.n, A.device
     num_runs = v.shape[1]
     alphas = torch.zeros(steps, num_runs, dtype=torch.float64)
     betas = torch.zeros(steps, num_runs, dtype=torch.float64)
     lengths = torch.full((num_runs,), steps, dtype=torch.long)
     active = torch.ones(num_runs, dtype=torch.bool)
+    bounds = torch.ones(num_runs, dtype=torch.float64)
     # (runs, steps, n): each run's basis is one contiguous matrix, so reorthogonalisation is two batched matmuls
     basis = torch.empty(num_runs, steps, n, dtype=torch.float64, device=device) if reorthogonalize else None
     if reorthogonalize:
@@ -236,7 +355,17 @@ def _slq_runs(A: Float64Operator, v: Tensor, steps: int, reorthogonalize: bool) 
         stopped = active & (betas[j] <= 64 * torch.finfo(torch.float64).eps * max(scale, 1e-300))
         if stopped.any():  # invariant subspace: the quadrature of that run is exact with j + 1 nodes
             lengths[stopped] = j + 1
+            bounds[stopped] = 0.0
             active &= ~stopped
+        if tol is not None and j + 1 >= MIN_STEPS and active.any():
+            runs_now = active.nonzero().flatten()
+            theta, tau = _gauss_rule(alphas[: j + 1, runs_now].T, betas[:j, runs_now].T)
+            bound = wasserstein_bound(theta, tau)
+            bounds[runs_now] = bound
+            settled = runs_now[bound <= tol]
+            if settled.numel():
+                lengths[settled] = j + 1
+                active[settled] = False
         if not active.any():
             break
         safe_beta = torch.where(active.to(device), beta, torch.ones_like(beta))
@@ -245,15 +374,14 @@ def _slq_runs(A: Float64Operator, v: Tensor, steps: int, reorthogonalize: bool) 
         if reorthogonalize:
             basis[:, j + 1] = v.T
 
-    nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
-    weights = torch.zeros(num_runs, steps, dtype=torch.float64)
+    used = int(lengths.max())
+    nodes = torch.zeros(num_runs, used, dtype=torch.float64)
+    weights = torch.zeros(num_runs, used, dtype=torch.float64)
     for r in range(num_runs):
         length = int(lengths[r])
-        T = torch.diag(alphas[:length, r])
-        if length > 1:
-            off = betas[: length - 1, r]
-            T += torch.diag(off, 1) + torch.diag(off, -1)
-        theta, Y = torch.linalg.eigh(T)
-        nodes[r, :length], weights[r, :length] = theta, Y[0, :] ** 2
-        nodes[r, length:] = theta[0]
-    return nodes, weights
+        theta, tau = _gauss_rule(alphas[:length, r][None], betas[: length - 1, r][None])
+        nodes[r, :length], weights[r, :length] = theta[0], tau[0]
+        nodes[r, length:] = theta[0, 0]
+        if bounds[r] > 0 and (tol is None or length < MIN_STEPS or length == steps):
+            bounds[r] = wasserstein_bound(theta[0], tau[0])  # runs that ran out of steps: their final bound
+    return nodes, weights, lengths, bounds

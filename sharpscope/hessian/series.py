@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from sharpscope.errors import SharpscopeError, unknown_name_error
-from sharpscope.hessian.density import SpectralDensity, spectral_density
+from sharpscope.hessian.density import DEFAULT_MAX_ITERS, SpectralDensity, spectral_density
 from sharpscope.hessian.lanczos import EigenResult, lanczos_eigs
 from sharpscope.hessian.operator import HessianOperator, _materialize
 from sharpscope.hessian.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
@@ -123,10 +123,13 @@ def analyze_checkpoint(
     criterion: str = "residual",
     max_matvecs: int | None = None,
     trace: bool = False,
-    trace_matvecs: int = 99,
+    trace_matvecs: int | None = None,
+    trace_rtol: float | None = None,
     trace_method: str = "hutch++",
     density: bool = False,
-    density_iters: int = 90,
+    density_iters: int | None = None,
+    density_tol: float | None = None,
+    density_max_iters: int = DEFAULT_MAX_ITERS,
     density_runs: int = 5,
     density_sigma: float = 1e-3,
     density_points: int = 10000,
@@ -146,9 +149,15 @@ def analyze_checkpoint(
         top_k, bottom_k: eigenpairs from the top (always) and the bottom (if ``bottom_k > 0``; a second Lanczos
             run, since the two ends converge at different speeds).
         tol, criterion, max_matvecs: Lanczos stopping rule, convergence test and budget (see :func:`lanczos_eigs`).
-        trace, trace_matvecs, trace_method: estimate ``tr(H)`` with ``"hutch++"`` (default) or ``"hutchinson"``.
-        density, density_iters, density_runs, density_sigma, density_points: SLQ density (see
-            :func:`spectral_density`; sigma is relative to the spectral range).
+        trace, trace_matvecs, trace_rtol, trace_method: estimate ``tr(H)`` with ``"hutch++"`` (default) or
+            ``"hutchinson"``: ``trace_matvecs`` products (a fixed budget, the published algorithms), or else until
+            the relative standard error ``trace_rtol`` [default :data:`~sharpscope.hessian.trace.DEFAULT_RTOL`].
+            The adaptive Hutch++ deflates with its sketch *and* the ``top`` eigenvectors just computed (free
+            directions that carry most of the Frobenius mass: see :mod:`sharpscope.hessian.trace`).
+        density, density_iters, density_tol, density_max_iters, density_runs, density_sigma, density_points: SLQ
+            density (see :func:`spectral_density`; sigma is relative to the spectral range): ``density_iters``
+            fixed steps per run, or else each run stops at the quadrature error bound ``density_tol`` [default
+            :data:`~sharpscope.hessian.density.DEFAULT_TOL`] within ``density_max_iters`` steps.
         per_layer, per_layer_k: top ``per_layer_k`` eigenvalues of each module's diagonal Hessian block.
         warm_start: the previous checkpoint's :class:`EigenResult` (or an ``(n, b)`` block): its top eigenvectors
             start this Lanczos run. Ignored (cold start) when the parameter count differs.
@@ -169,8 +178,9 @@ def analyze_checkpoint(
     config = {
         "top_k": top_k, "bottom_k": bottom_k, "tol": tol, "criterion": criterion, "max_matvecs": max_matvecs,
         "trace": trace,
-        "trace_matvecs": trace_matvecs, "trace_method": trace_method, "density": density,
-        "density_iters": density_iters, "density_runs": density_runs, "density_sigma": density_sigma,
+        "trace_matvecs": trace_matvecs, "trace_rtol": trace_rtol, "trace_method": trace_method, "density": density,
+        "density_iters": density_iters, "density_tol": density_tol, "density_max_iters": density_max_iters,
+        "density_runs": density_runs, "density_sigma": density_sigma,
         "density_points": density_points, "per_layer": per_layer, "per_layer_k": per_layer_k,
         "eval_mode": eval_mode, "seed": seed,
     }
@@ -194,13 +204,11 @@ def analyze_checkpoint(
     trace_estimate = None
     if trace:
         step("trace")
-        estimator = hutchpp_trace if trace_method == "hutch++" else hutchinson_trace
-        trace_estimate = estimator(operator, num_matvecs=trace_matvecs, seed=seed + 2)
+        trace_estimate = estimate_trace(operator, config, top=top)
     spectrum = None
     if density:
         step("density")
-        spectrum = spectral_density(operator, num_iters=density_iters, num_runs=density_runs, sigma=density_sigma,
-                                    num_points=density_points, seed=seed + 3)
+        spectrum = estimate_density(operator, config)
     layers = None
     layer_matvecs = 0
     if per_layer:
@@ -216,6 +224,29 @@ def analyze_checkpoint(
         num_params=operator.num_params, num_samples=operator.num_samples,
         num_matvecs=operator.num_matvecs + layer_matvecs, seconds=time.perf_counter() - start_time, config=config,
     )
+
+
+def estimate_trace(operator: Any, config: Mapping[str, Any], *, top: EigenResult | None = None,
+                   shard: tuple[int, int] | None = None) -> TraceEstimate:
+    """The trace stage of :func:`analyze_checkpoint` from its ``config`` (so a sharded rerun matches it)."""
+    seed = config["seed"] + 2
+    if config.get("trace_matvecs") is not None:  # a fixed budget: the published algorithms
+        estimator = hutchpp_trace if config["trace_method"] == "hutch++" else hutchinson_trace
+        return estimator(operator, num_matvecs=config["trace_matvecs"], seed=seed, shard=shard)
+    rtol = config.get("trace_rtol")
+    if config["trace_method"] == "hutch++":
+        return hutchpp_trace(operator, rtol=rtol, deflate=top, seed=seed, shard=shard)
+    return hutchinson_trace(operator, rtol=rtol, seed=seed, shard=shard)
+
+
+def estimate_density(operator: Any, config: Mapping[str, Any], *,
+                     shard: tuple[int, int] | None = None) -> SpectralDensity:
+    """The density stage of :func:`analyze_checkpoint` from its ``config``."""
+    budget = {"tol": config.get("density_tol"), "max_iters": config.get("density_max_iters", DEFAULT_MAX_ITERS)}
+    if config.get("density_iters") is not None:  # a fixed number of steps (with a tol too: the library refuses)
+        budget = {"num_iters": config["density_iters"], **({"tol": budget["tol"]} if budget["tol"] is not None else {})}
+    return spectral_density(operator, num_runs=config["density_runs"], sigma=config["density_sigma"],
+                            num_points=config["density_points"], seed=config["seed"] + 3, shard=shard, **budget)
 
 
 def spectrum_series(

@@ -169,3 +169,37 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "out2" / "spectrum.json").write_text("{not json")
     result = invoke("hessian-spectrum", empty, "--out", tmp_path / "out2")
     assert result.exit_code == 1 and "exists but cannot be read" in result.output
+
+
+def test_default_budgets_print_every_error_bar(runs, tmp_path):
+    """--trace and --density with their precision targets (no budgets given): the summary shows the trace and the
+    density's implied trace each as value +- stderr (HVPs), and the JSON says which target each met."""
+    out = tmp_path / "out"
+    result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", "--top-k", "2", "--trace", "--density",
+                    "--num-samples", "200", "--batch-size", "100", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((out / "spectrum.json").read_text())["checkpoints"]
+    trace, density = record["trace"], record["density"]
+    assert trace["rtol"] == 0.02 and trace["converged"] and trace["stderr"] <= 0.02 * abs(trace["value"])
+    assert trace["deflation_rank"] == 8 + 2  # the sketch and the two top eigenvectors
+    assert density["tol"] == 0.01 and density["converged"] and max(density["error_bounds"]) <= 0.01
+    assert density["num_matvecs"] == sum(density["num_steps"]) < 5 * 90
+    assert record["num_matvecs"] == record["top_matvecs"] + trace["num_matvecs"] + density["num_matvecs"]
+    header, line = result.output.splitlines()[:2]
+    assert "trace +- stderr (HVPs)" in header and "SLQ trace +- stderr (HVPs)" in header
+    assert f"{trace['value']:.5g} +- {trace['stderr']:.2g} ({trace['num_matvecs']})" in line
+    assert (f"{density['slq_trace']:.5g} +- {density['slq_trace_stderr']:.2g} ({density['num_matvecs']})" in line)
+
+
+def test_fixed_budgets_and_their_conflicts(runs, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", "--top-k", "1", "--trace", "--trace-matvecs", 12,
+                    "--density", "--density-tol", 0, "--density-iters", 6, "--density-runs", 2, "--num-samples", 100,
+                    "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads((out / "spectrum.json").read_text())["checkpoints"]
+    assert record["trace"]["num_matvecs"] == 12 and record["trace"]["rtol"] is None
+    assert record["density"]["num_steps"] == [6, 6] and record["density"]["tol"] is None
+    result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", "--trace", "--trace-matvecs", 12, "--trace-rtol",
+                    0.05, "--out", tmp_path / "other")
+    assert result.exit_code == 2 and "give --trace-rtol (a precision target) or --trace-matvecs" in result.output

@@ -113,7 +113,10 @@ def test_smoothed_density_of_one_node_is_a_gaussian():
     ("kwargs", "match"),
     [
         ({"num_iters": 0}, r"num_iters and num_runs must be >= 1"),
-        ({"num_runs": 0}, r"num_iters and num_runs must be >= 1"),
+        ({"num_runs": 0}, r"max_iters and num_runs must be >= 1"),
+        ({"max_iters": 0}, r"max_iters and num_runs must be >= 1"),
+        ({"num_iters": 5, "tol": 0.01}, r"give num_iters .* or tol .*, not both"),
+        ({"tol": 0.0}, r"tol must be > 0"),
         ({"sigma": 0.0}, r"sigma must be > 0"),
         ({"num_points": 1}, r"num_points must be >= 2"),
         ({"margin": -0.1}, r"margin must be >= 0"),
@@ -123,3 +126,91 @@ def test_smoothed_density_of_one_node_is_a_gaussian():
 def test_errors(kwargs, match):
     with pytest.raises(SharpscopeError, match=match):
         spectral_density(torch.eye(4, dtype=torch.float64), **kwargs)
+
+
+# --------------------------------------------------------------------------------- adaptive steps (tol), moments
+def _quadrature_w1(nodes, weights, eigenvalues, eigen_weights):
+    """Exact W1 between two discrete measures on the line: integral of |F1 - F2| over the merged atoms."""
+    points = torch.cat([nodes, eigenvalues])
+    mass = torch.cat([weights, -eigen_weights])
+    order = points.argsort()
+    points, mass = points[order], mass[order]
+    return float((mass.cumsum(0)[:-1].abs() * (points[1:] - points[:-1])).sum())
+
+
+@pytest.mark.parametrize("steps", [3, 6, 12, 25])
+def test_wasserstein_bound_holds_for_each_run(steps):
+    """The Chebyshev-Markov-Stieltjes bound is a bound: the exact W1 distance between a run's quadrature measure
+    and its own spectral measure mu_v = sum_i (q_i^T v)^2 delta(lambda_i) (from eigh) never exceeds it."""
+    from sharpscope.hessian.density import wasserstein_bound
+
+    problem = build(CASES[1])
+    H = dense_hessian(problem.model, problem.loss_fn, problem.batches)
+    eigenvalues, Q = torch.linalg.eigh(H)
+    density = spectral_density(H, num_iters=steps, num_runs=3, seed=4, num_points=200)
+    generator = torch.Generator().manual_seed(4)  # the start vectors spectral_density drew (normalised Rademacher)
+    from sharpscope.hessian._operators import random_vectors
+
+    v = random_vectors(H.shape[0], 3, generator=generator, distribution="rademacher", device="cpu")
+    v /= H.shape[0] ** 0.5
+    for run in range(3):
+        nodes, weights = density.nodes[run], density.weights[run]
+        exact = _quadrature_w1(nodes, weights, eigenvalues, (Q.T @ v[:, run]) ** 2)
+        width = float(nodes.max() - nodes.min())
+        bound = float(wasserstein_bound(nodes, weights)) * width
+        assert exact <= bound * (1 + 1e-9), (run, exact, bound)
+        assert float(density.error_bounds[run]) == pytest.approx(bound / width)
+
+
+def test_tol_stops_early_with_the_dense_spectrum_in_reach(problem):
+    """Each run stops at the first step where its bound is <= tol; the averaged quadrature measure then sits within
+    W1 <= tol * range + probe noise of the exact spectrum (measured 0.002-0.01 of the range for 5 runs here)."""
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    exact = torch.linalg.eigvalsh(dense_hessian(problem.model, problem.loss_fn, problem.batches)).cpu()
+    density = spectral_density(H, tol=0.02, num_runs=5, seed=0, num_points=500)
+    assert density.tol == 0.02 and density.converged
+    assert bool((density.error_bounds <= 0.02).all()) and int(density.num_steps.max()) < min(90, H.num_params)
+    assert density.num_matvecs == int(density.num_steps.sum()) == H.num_matvecs
+    assert density.nodes.shape == (5, int(density.num_steps.max()))
+    width = float(exact[-1] - exact[0])
+    w1 = _quadrature_w1(density.nodes.reshape(-1), density.weights.reshape(-1) / 5, exact,
+                        torch.full_like(exact, 1 / exact.numel()))
+    assert w1 / width < 0.02 + 0.02, w1 / width
+    assert density.lambda_max == pytest.approx(float(exact[-1]), rel=1e-3)
+
+
+def test_moments_and_implied_trace_match_the_exact_spectrum():
+    """(1/n) tr(H^p) = E_v[v^T H^p v] and a Gauss rule with m nodes integrates lambda^p exactly for p <= 2m - 1:
+    the runs' quadrature moments are unbiased, and their mean lands within 4 standard errors (across runs) of the
+    exact moments of eigvalsh of the dense Hessian, for p = 1..4. The implied trace's stderr is that of p = 1."""
+    problem = build(CASES[0])
+    H = dense_hessian(problem.model, problem.loss_fn, problem.batches)
+    exact = torch.linalg.eigvalsh(H)
+    n = exact.numel()
+    density = spectral_density(H, num_runs=200, seed=3, num_points=200)
+    assert int(density.num_steps.min()) >= 8  # 2 * 8 - 1 >= 4: the first four moments are exact per run
+    for order in range(1, 5):
+        per_run = density.moments(order)
+        stderr = float(per_run.std() / 200**0.5)
+        truth = float((exact**order).mean())
+        assert abs(float(per_run.mean()) - truth) < 4 * stderr, (order, float(per_run.mean()), truth, stderr)
+    assert density.trace_estimate == pytest.approx(n * float(density.moments(1).mean()))
+    # The plug-in stderr sqrt(2 tr(H^2) / runs) (tr(H^2) from the runs' second moments) bounds the Rademacher
+    # one, sqrt(2 (||H||_F^2 - sum H_ii^2) / runs), which the spread of 200 per-run traces estimates to ~5%.
+    plug_in = (2 * float((exact**2).sum()) / 200) ** 0.5
+    spread = n * float(density.moments(1).std()) / 200**0.5
+    assert density.trace_stderr == pytest.approx(plug_in, rel=0.25)
+    assert density.trace_stderr > 0.8 * spread
+    rademacher = (2 * float((H**2).sum() - (H.diagonal() ** 2).sum()) / 200) ** 0.5
+    assert spread == pytest.approx(rademacher, rel=0.2)
+    assert abs(density.trace_estimate - float(exact.sum())) < 4 * density.trace_stderr
+
+
+def test_fixed_num_iters_keeps_the_classical_budget():
+    A = torch.diag(torch.linspace(0.0, 10.0, 50, dtype=torch.float64))
+    density = spectral_density(A, num_iters=20, num_runs=2, num_points=300)
+    assert density.num_matvecs == 40 and density.tol is None and density.converged is None
+    assert density.num_steps.tolist() == [20, 20] and density.nodes.shape == (2, 20)
+    assert float(density.error_bounds.max()) > 0.01  # 20 nodes on a uniform spectrum: ~1/20 of the range
+    one = spectral_density(A, num_iters=20, num_runs=1, num_points=300)
+    assert one.trace_stderr == pytest.approx((2 * float((A**2).sum())) ** 0.5, rel=1e-9)  # exact moment, 1 run

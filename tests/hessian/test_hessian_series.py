@@ -101,3 +101,22 @@ def test_analyze_checkpoint_errors():
         analyze_checkpoint(problem.model, problem.loss_fn, problem.batches, trace=True, trace_method="xtrace")
     with pytest.raises(SharpscopeError, match=r"top_k must be >= 1, got 0"):
         analyze_checkpoint(problem.model, problem.loss_fn, problem.batches, top_k=0)
+
+
+def test_analyze_checkpoint_default_budgets_follow_precision():
+    """No budgets given: the trace stops at its rtol (Hutch++ sketch + the top-3 eigenvectors as deflation) and lands
+    within 4 stderr of the dense trace; the density's runs stop on the quadrature bound and its implied trace comes
+    with a standard error that covers the dense trace. (This 92-parameter case has a flat spectrum, trace 2.9 against
+    ||H||_F 1.8: the default 0.02 needs more than the 500-product ceiling, reported as converged=False.)"""
+    problem = build(CASES[0])
+    exact = torch.linalg.eigvalsh(dense_hessian(problem.model, problem.loss_fn, problem.batches))
+    result = analyze_checkpoint(problem.model, problem.loss_fn, problem.batches, top_k=3, trace=True, density=True,
+                                density_points=300, trace_rtol=0.05)
+    trace = result.trace
+    assert trace.rtol == 0.05 and trace.converged and trace.deflation_rank == 8 + 3
+    assert abs(trace.value - float(exact.sum())) < 4 * trace.stderr
+    density = result.density
+    assert density.tol == 0.01 and density.converged and density.num_matvecs < 5 * 90
+    assert abs(density.trace_estimate - float(exact.sum())) < 4 * density.trace_stderr
+    assert result.num_matvecs == result.top.num_matvecs + trace.num_matvecs + density.num_matvecs
+    assert result.config["density_tol"] is None  # the library default

@@ -104,3 +104,93 @@ def test_float32_operator():
 def test_errors(call, match):
     with pytest.raises(SharpscopeError, match=match):
         call(torch.eye(5, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------ adaptive (rtol) estimators
+def _case_hessian(index=0):
+    problem = build(CASES[index])
+    return problem, dense_hessian(problem.model, problem.loss_fn, problem.batches)
+
+
+@pytest.mark.parametrize(("estimator", "rtol"), [(hutchinson_trace, 0.1), (hutchpp_trace, 0.05)])
+def test_rtol_stops_early_and_covers_the_exact_trace(estimator, rtol):
+    """Over 40 seeds on the dense Hessian of the mlp-tanh case (n = 92): every run stops as soon as
+    stderr <= rtol |estimate| (so well before max_matvecs), and |estimate - tr(H)| <= 3 stderr in >= 90% of them.
+    A normal estimate misses 3 stderr with probability 0.3% (t with 15 dof: 0.9%); stopping on an estimated
+    stderr biases that slightly. A biased estimator or a stderr underestimated by 2x (coverage ~87%) fails."""
+    _, H = _case_hessian(0)
+    exact = float(H.trace())
+    covered, spent = 0, []
+    for seed in range(40):
+        estimate = estimator(H, rtol=rtol, seed=seed)
+        assert estimate.converged and estimate.rtol == rtol
+        assert estimate.stderr <= rtol * abs(estimate.value)
+        assert estimate.stderr == pytest.approx(float(estimate.samples.std() / estimate.samples.numel() ** 0.5))
+        covered += abs(estimate.value - exact) <= 3 * estimate.stderr
+        spent.append(estimate.num_matvecs)
+    assert covered >= 36, f"only {covered}/40 seeds within 3 stderr of the exact trace {exact}"
+    assert max(spent) < 500 and min(spent) < max(spent), spent  # stopped on precision, not on the budget
+
+
+def test_rtol_on_the_hessian_operator_with_deflation_by_top_eigenvectors(problem):
+    """The model-level path: HessianOperator, Hutch++ sketch joined by the top-3 Lanczos eigenvectors."""
+    from sharpscope.hessian import lanczos_eigs
+
+    H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
+    exact = float(dense_hessian(problem.model, problem.loss_fn, problem.batches).trace())
+    top = lanczos_eigs(H, 3)
+    before = H.num_matvecs
+    estimate = hutchpp_trace(H, rtol=0.1, deflate=top, seed=0)
+    assert estimate.num_matvecs == H.num_matvecs - before
+    assert estimate.deflation_rank == 8 + 3 and estimate.converged
+    assert abs(estimate.value - exact) < Z * estimate.stderr, (estimate.value, exact, estimate.stderr)
+
+
+def test_deflation_by_exact_eigenvectors_removes_their_variance():
+    """Rank 6 = the 6 given eigenvectors: tr(Q^T A Q) is the whole trace, every deflated probe is 0."""
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(70, 6, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([4.0, -2.0, 1.5, 1.0, 0.7, 0.2], dtype=torch.float64)) @ Q.T
+    for estimate in (hutchinson_trace(A, deflate=Q, seed=1), hutchinson_trace(A, num_matvecs=10, deflate=Q),
+                     hutchpp_trace(A, sketch_size=0, deflate=Q, seed=1)):
+        assert estimate.value == pytest.approx(float(A.trace()), rel=1e-12)
+        assert estimate.stderr < 1e-12
+    assert hutchinson_trace(A, num_matvecs=10, deflate=Q).num_matvecs == 10  # 6 for Q^T A Q + 4 probes
+    assert hutchinson_trace(A, deflate=Q, seed=1).num_matvecs == 6 + 16  # stops at min_probes
+
+
+def test_zero_variance_stops_at_min_probes_and_unreachable_rtol_at_the_budget():
+    D = torch.diag(torch.linspace(1, 7, 40, dtype=torch.float64))  # Rademacher: every z^T D z = tr(D)
+    estimate = hutchinson_trace(D, rtol=1e-6, min_probes=8, block_size=4)
+    assert estimate.num_matvecs == 8 and estimate.converged and estimate.value == pytest.approx(float(D.trace()))
+    A = _random_symmetric(40, seed=6)  # trace ~0 against a Frobenius norm ~6: 1e-3 is out of reach
+    estimate = hutchinson_trace(A, rtol=1e-3, max_matvecs=64)
+    assert estimate.num_matvecs == 64 and estimate.converged is False
+    assert hutchinson_trace(A, num_matvecs=20).converged is None  # a fixed budget promises nothing
+
+
+def test_sharded_single_rank_adaptive_matches_plain():
+    A = _random_symmetric(50, seed=8, decay=0.8)
+    for estimator in (hutchinson_trace, hutchpp_trace):
+        plain = estimator(A, rtol=0.05, seed=3, block_size=8)
+        sharded = estimator(A, rtol=0.05, seed=3, block_size=8, shard=(0, 1))
+        assert sharded.value == pytest.approx(plain.value, rel=1e-12)
+        assert sharded.num_matvecs == plain.num_matvecs
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda A: hutchinson_trace(A, num_matvecs=8, rtol=0.1), r"give num_matvecs .* or rtol .*, not both"),
+        (lambda A: hutchpp_trace(A, rtol=0.0), r"rtol must be a relative standard error > 0"),
+        (lambda A: hutchinson_trace(A, rtol=0.1, max_matvecs=4), r"max_matvecs=4 is below min_probes=16"),
+        (lambda A: hutchinson_trace(A, deflate=torch.ones(4, 2)), r"deflate must have shape \(5, q\)"),
+        (lambda A: hutchinson_trace(A, deflate="top"), r"deflate must be an \(n, q\) tensor or an EigenResult"),
+        (lambda A: hutchpp_trace(A, num_matvecs=9, deflate=torch.eye(5)[:, :1]), r"deflate= needs the adaptive"),
+        (lambda A: hutchpp_trace(A, sketch_size=-1), r"sketch_size must be >= 0"),
+        (lambda A: hutchinson_trace(A, num_matvecs=3, deflate=torch.eye(5)[:, :2]), r"num_matvecs must be >= 2"),
+    ],
+)
+def test_adaptive_errors(call, match):
+    with pytest.raises(SharpscopeError, match=match):
+        call(torch.eye(5, dtype=torch.float64))
