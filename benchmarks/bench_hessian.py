@@ -26,6 +26,10 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
   its build time), and PyHessian's multi-batch HVP. The maximal relative difference of each path's product to the
   old one is printed (float32 rounding). Then the wall time of top-5 Lanczos (``tol=1e-6``) on a fresh operator of
   each kind, graph building included: medians of 7 interleaved rounds. Wall and CPU time are both shown.
+* block cost: ``H @ V`` for 16 columns per vector against one gradient: the column loop (``batched=False``), the
+  default (``batched=None``) and one vmapped pass (``batched=True``), on the data as loaded, on a plain-NCHW copy
+  (the ConvNet's 1-channel inputs arrive with channels-last strides), and split into 40 batches of 25 (smaller
+  graphs: where the vmapped pass pays off on CPU); interleaved medians. Fallbacks of the batched path are shown.
 * trace: Hutch++ with 99 products vs PyHessian's Hutchinson (default adaptive stop, tol=1e-3).
 * spectral density: SLQ with 90 Lanczos steps x 5 runs (Ghorbani et al. 2019) -- sharpscope advances the 5 runs
   in one batched product per step; PyHessian 0.1's ``density()`` calls ``torch.eig``, removed in torch 2, so
@@ -270,6 +274,54 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
     )
 
 
+def _nchw_copy(batches):
+    """The batches with inputs copied to plain NCHW strides. The digits loader gives 1-channel images whose strides
+    are also channels-last ones, which makes the convolutions pick oneDNN's NHWC kernels (and on torch 2.13 makes
+    the vmapped convolution double backward raise)."""
+    return [(torch.empty(x.shape, dtype=x.dtype).copy_(x), y) for x, y in batches]
+
+
+def bench_block_cost(name: str, model, loss_fn, batches, *, repeats: int, block: int = 16) -> None:
+    """Per-vector cost of ``H @ V`` for a block of ``block`` columns against one gradient: the column loop
+    (``batched=False``), the default (``batched=None``: vmapped sub-blocks sized by the graph memory, verified),
+    and one vmapped pass (``batched=True``); interleaved medians of ``repeats`` rounds per data layout and split.
+    The verification product is spent in the warm-up call (once per operator and weights), so it is not in the
+    medians."""
+    X = torch.cat([x for x, _ in batches])
+    Y = torch.cat([y for _, y in batches])
+    configs = {"as loaded, 2x500": list(batches)}
+    if X.dim() == 4:
+        configs["NCHW copy, 2x500"] = _nchw_copy(batches)
+        configs["NCHW copy, 40x25"] = _nchw_copy([(X[i:i + 25], Y[i:i + 25]) for i in range(0, len(X), 25)])
+    else:
+        configs["40x25"] = [(X[i:i + 25], Y[i:i + 25]) for i in range(0, len(X), 25)]
+    print(f"\n{name}: H @ V, block of {block}, per-vector cost in gradients (median of {repeats} interleaved repeats)")
+    print("| data | gradient ms | column loop | auto (batched=None) | one vmapped pass (batched=True) | notes |")
+    print("|---|---:|---:|---:|---:|---|")
+    for label, data in configs.items():
+        ops = {key: HessianOperator(model, loss_fn, data, cache_graph=True, batched=batched)
+               for key, batched in (("loop", False), ("auto", None), ("forced", True))}
+        V = torch.randn(ops["loop"].num_params, block)
+        fns = {"gradient": ops["loop"].gradient}
+        fns.update({key: (lambda op: lambda: op @ V)(op) for key, op in ops.items()})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="HessianOperator: the batched")  # reported below instead
+            medians, cpu = interleaved_medians(fns, repeats)
+        t_grad = medians["gradient"]
+        cost = {key: medians[key] / block / t_grad for key in ops}
+        notes = "; ".join(f"{key}: fell back ({op.batched_disabled[:70]})" for key, op in ops.items()
+                          if op.batched_disabled) or "no fallback"
+        print(f"| {label} | {1e3 * t_grad:.1f} | {cost['loop']:.2f} | {cost['auto']:.2f} | {cost['forced']:.2f} "
+              f"| {notes} |", flush=True)
+        ROWS.append({"model": name, "task": f"block-{block} cost", "data": label, "repeats": repeats,
+                     "gradient ms": 1e3 * t_grad, **{f"{key} x gradient per vector": c for key, c in cost.items()},
+                     **{f"{key} x gradient per vector (CPU time)": cpu[key] / block / cpu["gradient"] for key in ops},
+                     "fallbacks": notes})
+        NOTES.append(f"{name}, {label}: block of {block} per vector = {cost['loop']:.2f}x a gradient looped, "
+                     f"{cost['auto']:.2f}x auto, {cost['forced']:.2f}x one vmapped pass ({notes})")
+    print(flush=True)
+
+
 def bench_lanczos_wall(name: str, model, loss_fn, batches, *, repeats: int) -> None:
     """Wall time of top-5 Lanczos (residual tol 1e-6, seed 0) on a fresh operator (graph building included)."""
     factories = {
@@ -300,6 +352,7 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
     n = H.num_params
     # --- cost of one product relative to one gradient; top-5 wall time of each product path ------------------
     bench_cost(name, model, loss_fn, batches, H, repeats=5 if quick else 15, pyhessian=pyhessian)
+    bench_block_cost(name, model, loss_fn, batches, repeats=5 if quick else 15)
     bench_lanczos_wall(name, model, loss_fn, batches, repeats=1 if quick else 7)
     if cost_only:
         return

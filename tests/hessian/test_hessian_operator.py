@@ -262,7 +262,8 @@ def test_cached_products_equal_recomputed(problem):
     assert plain.cached_batches == 0 and plain.cache_bytes == 0
     for actual in (first, again):
         _assert_same(actual, expected, problem.device)
-    _assert_same(single, expected[:, 1], problem.device)
+    # a single column takes the plain double backward, a block the batched one: compare like with like
+    _assert_same(single, plain @ V[:, 1], problem.device)
     assert cached.num_matvecs == 7
 
 
