@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -322,3 +323,86 @@ def test_a_second_report_with_other_settings_never_overwrites(run_dir, tmp_path)
     second = invoke("report", run_dir, *tiny, "--grid", "-1:1:5", "--out", out)
     assert second.exit_code == 1 and "--overwrite" in second.output, second.output
     assert files_in(out) == before
+
+
+# ------------------------------------------------------------------------------------------------ kill -9 mid-epoch
+def _last_step(path: Path) -> int | None:
+    """The step of the resume point ``path`` (None while there is none). Written atomically: never half a file."""
+    try:
+        return int(torch.load(path, weights_only=True)["step"])
+    except FileNotFoundError:
+        return None
+
+
+#: digits, batch 64: 23 steps an epoch; a resume point every 5 steps, so most of them fall inside an epoch
+KILLED_TRAIN = ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "sam", "--batch-size", "64", "--lr",
+                "0.05", "--epochs", "5", "--save-every", "0", "--resume-every", "5steps", "--threads", "1",
+                "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def straight_train(tmp_path_factory):
+    """KILLED_TRAIN's run, uninterrupted (in-process, one thread like the killed process)."""
+    from sharpscope.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = TrainConfig(dataset="digits", model="mlp", optimizer="sam", batch_size=64, lr=0.05, epochs=5,
+                             save_every=0)
+        train(config, out_dir=out, device="cpu", progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", [0, 1])
+def test_train_killed_at_a_random_moment_resumes_mid_epoch_bit_identically(straight_train, tmp_path, draw):
+    """SIGKILL a real ``sharpscope train`` at a seeded random moment (after the k-th resume point, plus a random
+    delay that can land inside a step or a save); the same command resumes from the newest resume point on disk,
+    mid-epoch, and ends with the weights and metrics of an uninterrupted run."""
+    rng = random.Random(f"train-kill-{draw}")
+    k = rng.randrange(2, 9)  # kill after the k-th resume point (steps 10..40 of 115: epochs 1-2 of 5)
+    delay = rng.uniform(0.0, 0.03)
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = tmp_path / "killed.stderr"
+    with open(log, "w") as stderr:  # a test's own log file, not sharpscope output
+        proc = subprocess.Popen([sys.executable, "-m", "sharpscope", "-q", *KILLED_TRAIN, "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        deadline, seen_stat = time.monotonic() + 120, None
+        while proc.poll() is None and time.monotonic() < deadline:
+            stat = (out / "last.pt").stat() if (out / "last.pt").exists() else None
+            key = stat and (stat.st_ino, stat.st_mtime_ns)
+            if key and key != seen_stat:  # a new resume point: read its step only then
+                seen_stat = key
+                step = _last_step(out / "last.pt")
+                if step is not None and step >= 5 * k:
+                    break
+            time.sleep(0.002)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"ended before the kill ({proc.returncode}): {log.read_text()}"
+    assert not (out / "final.pt").exists(), "killed too late to test resume"
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert saved["step"] >= 5 * k and (saved["step"] % 5 == 0 or saved["step"] % 23 == 0), saved["step"]
+
+    rerun = invoke(*KILLED_TRAIN, "--out", out)
+    assert rerun.exit_code == 0, rerun.output
+    # it goes on from the newest resume point: it lost at most the work since that was written (< 5 steps)
+    if "position" in saved:
+        where = saved["position"]
+        assert f"resuming {out} at step {saved['step']} (epoch {where['epoch']}, batch {where['batch']} of 23)" \
+            in rerun.output, rerun.output
+    else:
+        assert f"resuming {out} after epoch {saved['epoch']}" in rerun.output, rerun.output
+
+    a, b = (torch.load(p / "final.pt", weights_only=True) for p in (straight_train, out))
+    assert [k for k in a["model_state"] if not torch.equal(a["model_state"][k], b["model_state"][k])] == []
+    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                       for line in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(straight_train) == strip(out) and len(strip(out)) == 5
+    assert [p.name for p in out.iterdir() if io.is_temporary(p.name)] == []

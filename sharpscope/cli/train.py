@@ -9,18 +9,28 @@ from sharpscope.cli.options import MAX_SEED, OutDir, device_option, resolve_devi
 
 
 def _parse_model(value: str) -> tuple[str, dict]:
-    """``convnet`` or ``mlp:hidden=256`` -> (name, kwargs)."""
-    from sharpscope.train.checkpoint import _parse_value
+    """``convnet``, ``mlp:hidden=256`` or ``mypkg.nets:make_net[:width=2]`` -> (name, kwargs)."""
+    from sharpscope.errors import UsageError
+    from sharpscope.models import list_models
+    from sharpscope.specs import is_factory_spec, parse_spec
 
-    name, _, arg_text = value.partition(":")
-    kwargs = {}
-    for item in filter(None, arg_text.split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected NAME[:key=value,...] like mlp:hidden=256, got {value!r}",
-                                     param_hint="--model")
-        kwargs[key.strip()] = _parse_value(raw.strip())
-    return name, kwargs
+    try:
+        if is_factory_spec(value) and value.split(":")[0] in list_models():  # mlp:hidden is a registry name
+            raise UsageError(value)
+        return parse_spec(value)
+    except UsageError:
+        raise click.BadParameter(f"expected NAME[:key=value,...] like mlp:hidden=256 or package.module:factory"
+                                 f"[:key=value,...], got {value!r}", param_hint="--model") from None
+
+
+def _parse_resume_every(ctx, param, value: str):
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.train.config import ResumeEvery
+
+    try:
+        return ResumeEvery.parse(value)
+    except SharpscopeError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 #: Options that only mean something for SAM/ASAM: given with --optimizer sgd they are refused.
@@ -29,9 +39,14 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 
 @click.command(context_settings={"show_default": True})
 @click.option("--dataset", default="digits", metavar="NAME",
-              help="digits (bundled), synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn.")
+              help="digits (bundled), synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn; or your own data "
+                   "as package.module:factory[:k=v,...], a function returning a sharpscope.data.ImageDataset "
+                   "(uint8 images, int64 labels, mean/std, augmentation name; see its docstring).")
 @click.option("--model", default="convnet", metavar="NAME[:k=v,...]",
-              help="mlp, convnet, resnet20/32/56(-noshort), wrn16-8, wrn28-10; factory arguments after ':'.")
+              help="mlp, convnet, resnet20/32/56(-noshort), wrn16-8, wrn28-10, factory arguments after ':'; or your "
+                   "own architecture as package.module:factory[:k=v,...] (a function returning the nn.Module, "
+                   "called with the k=v arguments; the current folder is importable). Checkpoints record it, so "
+                   "analyses need no --model.")
 @click.option("--optimizer", type=click.Choice(["sgd", "sam", "asam"]), default="sgd",
               help="sgd, SAM (Foret et al. 2021) or adaptive SAM (Kwon et al. 2021).")
 @click.option("--base-optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
@@ -67,6 +82,11 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
               help="Seed for init, shuffling, augmentation.")
 @click.option("--save-every", type=click.IntRange(min=0), default=1,
               help="Write a trajectory checkpoint every k epochs (0: final.pt only).")
+@click.option("--resume-every", default="3min", metavar="TIME|Nsteps|epoch", callback=_parse_resume_every,
+              help="Also rewrite the resume point last.pt this often in the middle of an epoch: a time (3min, "
+                   "90s, 1h), a step count (500steps) or 'epoch' (epoch ends only). A killed run loses at most "
+                   "this much work; rerunning the command resumes it bit-identically. Under torchrun: epoch ends "
+                   "only.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = float16 autocast with a GradScaler "
                    "(dynamic loss scaling, one update per step).")
@@ -82,8 +102,8 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 @click.pass_context
 def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
             sam_every, sync_perturbation, epochs, batch_size, train_samples, warmup_epochs, label_smoothing,
-            no_augment, max_grad_norm, seed, save_every, precision, compile_, data_dir, download, threads, device,
-            out, overwrite):
+            no_augment, max_grad_norm, seed, save_every, resume_every, precision, compile_, data_dir, download,
+            threads, device, out, overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
     \b
@@ -94,22 +114,29 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
       sharpscope train --optimizer sam --m 16 --base-optimizer adamw --lr 1e-3 --out runs/msam
       sharpscope train --optimizer sam --rho-schedule lr --precision fp16 --device cuda --out runs/gsam-fp16
       torchrun --nproc_per_node=2 -m sharpscope train --optimizer sam --micro-batch-size 16 --out runs/ddp
+      sharpscope train --model mynets:make_net:width=2 --dataset mydata:load --out runs/mine
 
     Writes config.json, metrics.jsonl, ckpt-epochNNN.pt (every --save-every epochs, from the initialisation)
-    and final.pt into --out. Rerunning the same command after an interruption resumes the run.
+    and final.pt into --out. Rerunning the same command after an interruption resumes the run where its last
+    resume point was written (--resume-every, in the middle of an epoch too), bit-identically.
     """
     from sharpscope import distributed
     from sharpscope.data import load_dataset
     from sharpscope.data import list_datasets
     from sharpscope.errors import unknown_name_error
     from sharpscope.models import list_models
+    from sharpscope.specs import import_factory, is_factory_spec, parse_spec
     from sharpscope.train import TrainConfig, train
     from sharpscope.train.config import optimizer_label
 
     model_name, model_kwargs = _parse_model(model)
-    if dataset not in list_datasets():
+    if is_factory_spec(dataset):
+        import_factory(parse_spec(dataset, what="dataset")[0], what="dataset")  # import errors before any work
+    elif dataset not in list_datasets():
         raise unknown_name_error("dataset", dataset, list_datasets())
-    if model_name not in list_models():
+    if is_factory_spec(model_name):
+        import_factory(model_name)
+    elif model_name not in list_models():
         raise unknown_name_error("model", model_name, list_models())
     if p != p or p < 1:
         raise click.BadParameter(f"p must be >= 1 (2 or inf), got {p}", param_hint="--p")
@@ -141,10 +168,10 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
         label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
         save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
     )
-    if download:
+    if download and not is_factory_spec(dataset):
         load_dataset(dataset, data_dir=data_dir, download=True)
     result = train(config, out_dir=out, device=resolve_device(device), overwrite=overwrite,
-                   progress=show_progress(ctx))
+                   progress=show_progress(ctx), resume_every=resume_every)
     if not distributed.info().is_main:  # under torchrun: rank 0 speaks for the job
         return
     last = result.metrics[-1]

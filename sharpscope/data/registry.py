@@ -3,6 +3,13 @@
 Each format module registers its datasets with :func:`register_dataset`; an entry is a loader function
 ``(*, data_dir, download) -> ImageDataset`` plus the shape facts (channels, size, classes) that let a model be
 built without reading any file.
+
+Your own data need no registration: ``load_dataset("mypkg.data:make_data")`` (``--dataset mypkg.data:make_data``
+on the command line, arguments as ``mypkg.data:make_data:size=500``) imports ``make_data`` (also from the
+current folder) and calls it with those keyword arguments; it must return an :class:`ImageDataset`, the object
+every registered loader returns (uint8 images (N, C, H, W), int64 labels, per-channel mean/std from
+:func:`~sharpscope.data.dataset.channel_stats`, an augmentation name). A run trained on it records the spec,
+so analyses of its checkpoints load the same data again with no ``--dataset``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 
 from sharpscope.data.dataset import AUGMENTATIONS, ImageDataset
 from sharpscope.errors import SharpscopeError, unknown_name_error
+from sharpscope.specs import call_factory, is_factory_spec, parse_spec
 
 Loader = Callable[..., ImageDataset]
 
@@ -57,7 +65,13 @@ def list_datasets(pattern: str | None = None) -> list[str]:
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The registry entry of ``name`` (shapes, classes, augmentation) without loading any data."""
+    """The registry entry of ``name`` (shapes, classes, augmentation) without loading any data.
+
+    For a ``package.module:factory`` spec the facts come from calling the factory (loading the data)."""
+    if is_factory_spec(name):
+        dataset = _from_factory(name)
+        return DatasetInfo(name, dataset.in_channels, dataset.image_size, dataset.num_classes, dataset.augment,
+                           f"{dataset!r} from {name}", lambda *, data_dir=None, download=False: _from_factory(name))
     try:
         return _DATASETS[name]
     except KeyError:
@@ -68,16 +82,21 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
     """Load the whole dataset ``name`` into memory (uint8 images, int64 labels, CPU).
 
     Args:
-        name: one of :func:`list_datasets` (digits, synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn).
+        name: one of :func:`list_datasets` (digits, synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn),
+            or ``package.module:factory[:key=value,...]``: your own function returning an :class:`ImageDataset`
+            (``data_dir`` and ``download`` are not passed to it).
         data_dir: folder searched first for the dataset's files (then ``$SHARPSCOPE_DATA``, the user cache
             ``~/.cache/sharpscope/<name>``, and system folders such as ``/usr/share/datasets/fashion-mnist``).
             Ignored by the built-in digits and synthetic sets.
         download: fetch the official files into the user cache when they are not found, verifying checksums.
 
     Raises:
-        SharpscopeError: unknown name; files missing (the message says where it looked and how to get them);
+        SharpscopeError: unknown name; a factory that cannot be imported or returns something other than an
+            ImageDataset; files missing (the message says where it looked and how to get them);
             corrupt or truncated files (the message names the file).
     """
+    if is_factory_spec(name):
+        return _from_factory(name)
     info = dataset_info(name)
     dataset = info.loader(data_dir=data_dir, download=download)
     found = (dataset.in_channels, dataset.image_size, dataset.num_classes)
@@ -86,5 +105,17 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             f"dataset {name!r}: expected {info.in_channels}x{info.image_size}x{info.image_size} images in "
             f"{info.num_classes} classes, the files hold {found[0]}x{found[1]}x{found[1]} in {found[2]}; "
             "are they the right dataset?"
+        )
+    return dataset
+
+
+def _from_factory(spec: str) -> ImageDataset:
+    """Call the user's dataset factory named by ``spec`` and check it returned an :class:`ImageDataset`."""
+    name, kwargs = parse_spec(spec, what="dataset")
+    dataset = call_factory(name, kwargs, what="dataset")
+    if not isinstance(dataset, ImageDataset):
+        raise SharpscopeError(
+            f"dataset factory {name!r} returned {type(dataset).__name__}, not a sharpscope.data.ImageDataset; "
+            "build one from uint8 images (N, C, H, W), int64 labels and channel_stats(train_images)"
         )
     return dataset

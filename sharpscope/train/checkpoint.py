@@ -15,8 +15,12 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
     optimizer_state   optimizer.state_dict() (SAM includes its base optimizer's state) or None
     scheduler_state   LR scheduler state or None
     grad_scaler_state fp16 GradScaler state (loss scale, growth tracker) or None (absent in older files)
-    rng_state         {"torch": ByteTensor} for exact resume
-    metrics           the last epoch's metrics (train/test loss and accuracy, lr, seconds)
+    rng_state         {"torch": ByteTensor} (plus "cuda" for the CUDA device trained on) for exact resume
+    metrics           the last finished epoch's metrics (train/test loss and accuracy, lr, seconds)
+    position          only in a mid-epoch resume point ``last.pt``, else absent: where in epoch ``epoch + 1``
+                      training stopped and the partial epoch's running sums, so a resume goes on bit for bit:
+                      {"epoch", "batch" (batches taken), "steps_per_epoch", "world_size", "loss_sum" (float64,
+                      sum of batch mean loss x batch size), "correct" (int64), "seen" (samples), "seconds"}
 
 Files are written atomically (:func:`sharpscope.io.save_torch`). A plain ``state_dict`` saved by other code loads
 too, given a model spec (``NAME[:key=value,...]`` or ``package.module:factory``).
@@ -25,11 +29,9 @@ too, given a model spec (``NAME[:key=value,...]`` or ``package.module:factory``)
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
-import os
+import itertools
 import pickle
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +41,9 @@ import torch
 from torch import nn
 
 from sharpscope import __version__
-from sharpscope.errors import SharpscopeError, UsageError
+from sharpscope.errors import SharpscopeError
 from sharpscope.io import save_torch
+from sharpscope.specs import call_factory, parse_spec
 
 FORMAT = "sharpscope-checkpoint"
 FORMAT_VERSION = 1
@@ -90,9 +93,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     grad_scaler: torch.amp.GradScaler | None = None,
+    position: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically. Tensors are saved from the CPU so the file loads anywhere."""
+    """Write a checkpoint atomically. Tensors are saved from the CPU so the file loads anywhere.
+
+    ``position`` marks a mid-epoch resume point (see the module docstring); its tensors are copied to the CPU.
+    """
     state = {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+    rng_state = {"torch": torch.get_rng_state()}
+    device = _model_device(model)
+    if device is not None and device.type == "cuda":
+        rng_state["cuda"] = torch.cuda.get_rng_state(device)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -107,10 +118,20 @@ def save_checkpoint(
         "optimizer_state": optimizer.state_dict() if optimizer is not None else None,
         "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
         "grad_scaler_state": grad_scaler.state_dict() if grad_scaler is not None else None,
-        "rng_state": {"torch": torch.get_rng_state()},
+        "rng_state": rng_state,
         "metrics": dict(metrics or {}),
     }
+    if position is not None:
+        payload["position"] = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                               for k, v in position.items()}
     return save_torch(payload, path)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer (None for a module without tensors)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -285,28 +306,9 @@ def _find_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _parse_value(text: str) -> Any:
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
 def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, Any]]:
     """``resnet20``, ``mlp:hidden=256``, ``mypkg.nets:make_net`` or ``mypkg.nets:make_net:width=2``."""
-    parts = spec.split(":")
-    if len(parts) >= 2 and parts[1].isidentifier():  # module:factory[:args] (registry args hold '=')
-        name, arg_text = ":".join(parts[:2]), ":".join(parts[2:])
-    else:
-        name, arg_text = parts[0], ":".join(parts[1:])
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, arg_text.split(",")):
-        if "=" not in item:
-            raise UsageError(f"model spec {spec!r}: expected key=value arguments after ':', got {item!r}")
-        key, value = item.split("=", 1)
-        kwargs[key.strip()] = _parse_value(value.strip())
+    name, kwargs = parse_spec(spec)
     if ":" not in name and dataset is not None:
         from sharpscope.data import dataset_info
 
@@ -316,35 +318,9 @@ def _parse_model_spec(spec: str, dataset: str | None) -> tuple[str, dict[str, An
     return name, kwargs
 
 
-def _import_from_here(module_name: str) -> Any:
-    """Import ``module_name`` as ``python -m`` would: also from the current folder. The ``sharpscope`` console
-    script does not put the current folder on ``sys.path``, so ``--model mynets:make_net`` run next to
-    ``mynets.py`` would otherwise fail where ``python -m sharpscope`` succeeds."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        here = os.getcwd()
-        if exc.name != module_name.split(".")[0] or here in sys.path or "" in sys.path:
-            raise
-        sys.path.insert(0, here)
-        return importlib.import_module(module_name)
-
-
 def _build_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if ":" in name:
-        module_name, factory_name = name.split(":", 1)
-        try:
-            module = _import_from_here(module_name)
-        except (ImportError, ValueError, TypeError) as exc:  # ValueError: empty name; TypeError: relative name
-            raise UsageError(f"model factory {name!r}: cannot import {module_name!r} ({exc})") from None
-        factory = getattr(module, factory_name, None)
-        if not callable(factory):
-            raise UsageError(f"model factory {name!r}: {module_name} has no callable {factory_name!r}")
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:  # wrong or missing key=value arguments
-            raise UsageError(f"model factory {name!r} rejected its arguments {kwargs} ({exc}); fix the "
-                                  "key=value list after its name") from None
+        model = call_factory(name, kwargs)
         if not isinstance(model, nn.Module):
             raise SharpscopeError(f"model factory {name!r} returned {type(model).__name__}, not an nn.Module")
         return model

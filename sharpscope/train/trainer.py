@@ -5,20 +5,24 @@
     config.json            the resolved TrainConfig plus the environment it ran in
     metrics.jsonl          one JSON object per epoch: epoch, train_loss, train_acc, test_loss, test_acc, lr, seconds
     ckpt-epoch000.pt ...   the trajectory: the initialisation and every ``save_every`` epochs (model weights)
-    last.pt                the resume point (model, optimizer, scheduler, RNG), rewritten atomically each epoch
+    last.pt                the resume point (model, optimizer, scheduler, RNG, loader position, the partial epoch's
+                           running sums), rewritten atomically at each epoch's end and every ``resume_every``
+                           (default 3 minutes) in between; removed when final.pt is written
     final.pt               the trained model (with optimizer state), written last
 
 With ``precision="fp16"`` the ``torch.amp.GradScaler`` state (loss scale, growth tracker) is saved in ``last.pt``
 and ``final.pt`` (``grad_scaler_state``) and restored on resume.
 
 On the CPU the same config and seed give bit-identical metrics and weights; a killed run started again with
-the same command resumes from ``last.pt`` and ends exactly where an uninterrupted run would.
+the same command resumes from ``last.pt``, in the middle of an epoch if that is where it was written (the loader's
+plan is a function of (seed, epoch), so skipping the batches already taken puts it back in place), and ends
+exactly where an uninterrupted run would: the same weights and metrics.jsonl apart from ``seconds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import itertools
 import math
 import platform
 import sys
@@ -35,8 +39,9 @@ from torch import nn
 from sharpscope import __version__
 from sharpscope.errors import SharpscopeError
 from sharpscope.io import append_jsonl, prepare_out_dir, write_json
-from sharpscope.train.checkpoint import read_checkpoint_file, save_checkpoint
-from sharpscope.train.config import TrainConfig
+from sharpscope.specs import is_factory_spec
+from sharpscope.train.checkpoint import _build_model, read_checkpoint_file, save_checkpoint
+from sharpscope.train.config import DEFAULT_RESUME_EVERY, ResumeEvery, TrainConfig
 
 
 class TrainingDiverged(SharpscopeError):
@@ -54,7 +59,8 @@ class TrainResult:
     final_checkpoint: Path  # out_dir / "final.pt"
     checkpoints: list[Path]  # the trajectory, in epoch order (final.pt last)
     metrics: list[dict[str, Any]]  # one record per epoch, as in metrics.jsonl
-    resumed_from_epoch: int | None  # the epoch a resumed run continued after (None for a fresh run)
+    resumed_from_epoch: int | None  # the last whole epoch before the resume point (None for a fresh run)
+    resumed_from_step: int | None = None  # the step a resumed run continued after (None for a fresh run)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -113,17 +119,29 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    resume_every: str | ResumeEvery = DEFAULT_RESUME_EVERY,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.dataset`` with SGD, SAM or ASAM and write the run into ``out_dir``.
 
     Resumes automatically when ``out_dir`` holds an unfinished run with the same config; refuses to touch a
     finished or different run unless ``overwrite``.
 
+    ``config.model`` is a registry name (built with the dataset's ``in_channels``, ``num_classes``,
+    ``image_size`` plus ``config.model_kwargs``) or ``package.module:factory`` (called with
+    ``config.model_kwargs`` only); ``config.dataset`` a registry name or ``package.module:factory`` returning an
+    :class:`~sharpscope.data.ImageDataset`. Both are recorded in every checkpoint, so analyses rebuild the model
+    and reload the data from the checkpoint alone.
+
+    ``resume_every`` (:class:`ResumeEvery` or its text, e.g. ``"3min"``, ``"200steps"``, ``"epoch"``) sets how
+    often ``last.pt`` is rewritten in the middle of an epoch, on top of every epoch's end; a run killed at any
+    moment loses at most that much work and resumes bit-identically (same weights and metrics as an uninterrupted
+    run for the same seed, device and thread count). Under torchrun resume points are written at epoch ends only.
+
     Raises:
         TrainingDiverged: a loss became NaN/inf. Each step records on the device the first step (counted over the
-            run, from 1) whose loss was not finite; it is read every 20 steps and at the end of each epoch (no host
-            sync per step), and the message names that step, its lr (and rho) and the newest checkpoint written
-            before its epoch, which is left in place.
+            run, from 1) whose loss was not finite; it is read every 20 steps, before each resume point and at the
+            end of each epoch (no host sync per step), and the message names that step, its lr (and rho) and the
+            newest checkpoint written before it, which is left in place.
         SharpscopeError: a refused ``out_dir``, or ``precision="fp16"`` where torch has no fp16 autocast.
     """
     from sharpscope.data import DeviceLoader, eval_batches, load_dataset
@@ -132,6 +150,7 @@ def train(
 
     from sharpscope import distributed
 
+    schedule = ResumeEvery.parse(resume_every) if isinstance(resume_every, str) else resume_every
     dist_info, device = distributed.setup(torch.device(device) if device is not None else None)
     is_main = dist_info.is_main
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
@@ -143,9 +162,13 @@ def train(
 
     dataset = _train_subset(load_dataset(config.dataset, data_dir=config.data_dir), config.train_samples)
     torch.manual_seed(config.seed)
-    model_kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
-                    "image_size": dataset.image_size, **config.model_kwargs}
-    model = create_model(config.model, **model_kwargs).to(device)
+    if is_factory_spec(config.model):  # the user's own architecture: only their arguments
+        model_kwargs = dict(config.model_kwargs)
+        model = _build_model(config.model, model_kwargs).to(device)
+    else:
+        model_kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
+                        "image_size": dataset.image_size, **config.model_kwargs}
+        model = create_model(config.model, **model_kwargs).to(device)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" and has_conv)
     if channels_last:
@@ -182,41 +205,62 @@ def train(
 
     meta = {"model_name": config.model, "model_kwargs": model_kwargs, "dataset": config.dataset,
             "config": config.to_dict()}
-    start_epoch, step, resumed_from = 1, 0, None
+    state = {"optimizer": optimizer, "scheduler": scheduler, "grad_scaler": grad_scaler}
+    start_epoch, step, resumed_from, resumed_step, position, last_record = 1, 0, None, None, None, {}
     if resume_payload is not None:
         model.load_state_dict(resume_payload["model_state"])
         optimizer.load_state_dict(resume_payload["optimizer_state"])
         scheduler.load_state_dict(resume_payload["scheduler_state"])
         if grad_scaler is not None and resume_payload.get("grad_scaler_state") is not None:
             grad_scaler.load_state_dict(resume_payload["grad_scaler_state"])
-        torch.set_rng_state(resume_payload["rng_state"]["torch"])
+        _set_rng_state(resume_payload["rng_state"], device)
         resumed_from = int(resume_payload["epoch"])
         start_epoch, step = resumed_from + 1, int(resume_payload["step"])
+        resumed_step = step
+        last_record = dict(resume_payload.get("metrics") or {})
+        position = resume_payload.get("position")
         _truncate_metrics(out / "metrics.jsonl", resumed_from)
-        log(f"resuming {out} after epoch {resumed_from}")
+        if position is not None:
+            _check_position(position, out, steps_per_epoch, dist_info.world_size, resumed_from, step)
+            log(f"resuming {out} at step {step} (epoch {position['epoch']}, batch {position['batch']} of "
+                f"{steps_per_epoch})")
+        else:
+            log(f"resuming {out} after epoch {resumed_from}")
     elif is_main:
         for stale in ("metrics.jsonl", "final.pt", "last.pt", *[p.name for p in out.glob("ckpt-epoch*.pt")]):
             (out / stale).unlink(missing_ok=True)
         write_json(out / "config.json", {**config.to_dict(), "environment": {
-            **_environment(device), "world_size": dist_info.world_size}})
+            **_environment(device), "world_size": dist_info.world_size, "resume_every": str(schedule)}})
         if config.save_every:
             save_checkpoint(out / checkpoint_name(0), model=model, epoch=0, step=0, **meta)
 
     from tqdm.auto import tqdm
 
+    # mid-epoch resume points hold one process's partial sums and loader position: single-process runs only
+    mid_epoch_saves = is_main and not dist_info.enabled and (schedule.seconds or schedule.steps)
+    last_saved = time.monotonic()
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
         loader.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        seen, start_batch, seconds_before = 0, 0, 0.0
+        if position is not None:  # resuming inside this epoch: its partial sums, then the batches not yet taken
+            loss_sum = position["loss_sum"].to(device=device, dtype=torch.float64)
+            correct = position["correct"].to(device=device, dtype=torch.long)
+            seen, start_batch = int(position["seen"]), int(position["batch"])
+            seconds_before = float(position["seconds"])
+            position = None
         # the first step whose loss was not finite, recorded on the device (no host sync per step)
         step_on_device = torch.full((), step, dtype=torch.int64, device=device)
         first_bad_step = torch.full((), _NO_STEP, dtype=torch.int64, device=device)
-        seen = 0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for batch_index, (images, labels) in enumerate(bar):
+        # the loader's plan depends on (seed, epoch) only: skipping the batches already taken puts it where the
+        # killed run was (each skipped batch costs one gather, no training step)
+        batches = loader if start_batch == 0 else itertools.islice(loader, start_batch, None)
+        bar = tqdm(batches, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
+                   leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for batch_index, (images, labels) in enumerate(bar, start=start_batch):
             result = training_step(train_model, optimizer, loss_fn, images, labels, micro_batch_size=config.m,
                                    autocast_dtype=autocast_dtype, grad_scaler=grad_scaler,
                                    max_grad_norm=config.max_grad_norm, sync_perturbation=config.sync_perturbation)
@@ -228,13 +272,25 @@ def train(
             loss_sum += result.loss.double() * len(labels)
             correct += result.correct
             seen += len(labels)
-            if batch_index % 20 == 19 or batch_index == steps_per_epoch - 1:  # one host sync per 20 steps
+            last_batch = batch_index == steps_per_epoch - 1
+            if batch_index % 20 == 19 or last_batch:  # one host sync per 20 steps
                 bad_step = _first_bad_step_everywhere(first_bad_step, dist_info.enabled)
                 if bad_step is not None:
                     _diverged(out, config, bad_step, steps_per_epoch, lr_factor)
                 if progress:
                     bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
                                     refresh=False)
+            if mid_epoch_saves and not last_batch and schedule.due(step, time.monotonic() - last_saved):
+                bad_step = _first_bad_step_everywhere(first_bad_step, False)
+                if bad_step is not None:  # never save past a non-finite loss
+                    _diverged(out, config, bad_step, steps_per_epoch, lr_factor)
+                here = {"epoch": epoch, "batch": batch_index + 1, "steps_per_epoch": steps_per_epoch,
+                        "world_size": 1, "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                        "seconds": seconds_before + time.perf_counter() - started}
+                if _weights_finite(model):  # else the next step's loss is NaN and the run stops there
+                    save_checkpoint(out / "last.pt", model=model, epoch=epoch - 1, step=step, metrics=last_record,
+                                    position=here, **state, **meta)
+                last_saved = time.monotonic()
         bar.close()
         if dist_info.enabled:
             totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64,
@@ -246,8 +302,9 @@ def train(
         record = {
             "epoch": epoch, "step": step, "train_loss": train_loss, "train_acc": train_acc,
             "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds_before + time.perf_counter() - started,
         }
+        last_record = record
         if not is_main:
             continue
         append_jsonl(out / "metrics.jsonl", record)
@@ -256,12 +313,11 @@ def train(
         log(f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
             f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({record['seconds']:.1f}s)")
         if epoch == config.epochs:
-            save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=scheduler, grad_scaler=grad_scaler, **meta)
+            save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record, **state, **meta)
             (out / "last.pt").unlink(missing_ok=True)
         else:
-            save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record,
-                            optimizer=optimizer, scheduler=scheduler, grad_scaler=grad_scaler, **meta)
+            save_checkpoint(out / "last.pt", model=model, epoch=epoch, step=step, metrics=record, **state, **meta)
+        last_saved = time.monotonic()
 
     distributed.barrier()
     return TrainResult(
@@ -270,7 +326,39 @@ def train(
         checkpoints=sorted(out.glob("ckpt-epoch*.pt")) + [out / "final.pt"],
         metrics=_read_metrics(out / "metrics.jsonl"),
         resumed_from_epoch=resumed_from,
+        resumed_from_step=resumed_step,
     )
+
+
+def _set_rng_state(rng_state: dict[str, Any], device: torch.device) -> None:
+    """Restore the global RNGs a resume point saved (CPU; the CUDA device's too when it was saved there)."""
+    torch.set_rng_state(rng_state["torch"])
+    if device.type == "cuda" and rng_state.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng_state["cuda"], device)
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one host sync; called only at resume points)."""
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _check_position(position: dict[str, Any], out: Path, steps_per_epoch: int, world_size: int, resumed_from: int,
+                    step: int) -> None:
+    """Refuse a mid-epoch resume point this run cannot continue from bit for bit."""
+    if int(position.get("world_size", 1)) != world_size:
+        raise SharpscopeError(
+            f"{out}/last.pt was written mid-epoch by a run of {position.get('world_size', 1)} process(es), this one "
+            f"has {world_size}; resume it with the same launch (with or without torchrun) as it was started"
+        )
+    expected = (resumed_from + 1, resumed_from * steps_per_epoch + int(position["batch"]))
+    if (int(position.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch
+            or (int(position["epoch"]), step) != expected or not 0 < int(position["batch"]) < steps_per_epoch):
+        raise SharpscopeError(
+            f"{out}/last.pt is a mid-epoch resume point (epoch {position['epoch']}, batch {position['batch']}, step "
+            f"{step}) that does not fit this run's {steps_per_epoch} batches per epoch; pass --overwrite to start "
+            "afresh"
+        )
 
 
 def _train_subset(dataset, train_samples: int | None):
@@ -375,20 +463,28 @@ def _first_bad_step_everywhere(first_bad_step: torch.Tensor, distributed_run: bo
     return None if value == _NO_STEP else value
 
 
-def _last_good_checkpoint(out: Path, before_epoch: int) -> tuple[Path, int] | None:
-    """The newest checkpoint in ``out`` from an epoch before ``before_epoch`` (a trajectory file if one is as new
-    as ``last.pt``), with its epoch; None if there is none."""
+def _last_good_checkpoint(out: Path, bad_step: int, steps_per_epoch: int) -> tuple[Path, str] | None:
+    """The newest checkpoint in ``out`` written before step ``bad_step`` (a trajectory file when it is as new as
+    ``last.pt``), with a description of where it is ("epoch 1", "step 37, in epoch 2"); None if there is none."""
     found = []
     for path in out.glob("ckpt-epoch*.pt"):
         number = path.stem[len("ckpt-epoch"):]
-        if number.isdigit() and int(number) < before_epoch:
-            found.append((int(number), 1, path))
-    if (out / "last.pt").exists():  # rewritten after every finished epoch, so it is from the one before
-        found.append((before_epoch - 1, 0, out / "last.pt"))
+        if number.isdigit() and int(number) * steps_per_epoch < bad_step:
+            found.append((int(number) * steps_per_epoch, 1, path, int(number)))
+    if (out / "last.pt").exists():  # an epoch end or a mid-epoch resume point: it says which
+        try:
+            payload, _ = read_checkpoint_file(out / "last.pt")
+            last_step, last_epoch = int(payload["step"]), int(payload["epoch"])
+        except (SharpscopeError, KeyError, TypeError, ValueError):
+            last_step = None
+        if last_step is not None and last_step < bad_step:
+            found.append((last_step, 0, out / "last.pt", last_epoch))
     if not found:
         return None
-    epoch, _, path = max(found)
-    return path, epoch
+    step, _, path, epoch = max(found)
+    if step != epoch * steps_per_epoch:
+        return path, f"step {step}, in epoch {epoch + 1}"
+    return path, f"epoch {epoch}{'' if epoch else ', the initialisation'}"
 
 
 def _diverged(out: Path, config: TrainConfig, bad_step: int, steps_per_epoch: int,
@@ -399,12 +495,12 @@ def _diverged(out: Path, config: TrainConfig, bad_step: int, steps_per_epoch: in
     cause = f"lr {config.lr * factor:.3g}"
     if config.optimizer != "sgd":
         cause += f", rho {config.rho * (factor if config.rho_schedule == 'lr' else 1.0):.3g}"
-    good = _last_good_checkpoint(out, epoch)
+    good = _last_good_checkpoint(out, bad_step, steps_per_epoch)
     if good is None:
         kept = "no checkpoint was written before it" + ("" if config.save_every else " (--save-every 0)")
     else:
-        path, good_epoch = good
-        kept = f"the last good checkpoint is {path} (epoch {good_epoch}{'' if good_epoch else ', the initialisation'})"
+        path, where = good
+        kept = f"the last good checkpoint is {path} ({where})"
     raise TrainingDiverged(
         f"training diverged: the loss became NaN/inf at step {bad_step} (epoch {epoch}; {cause}); "
         f"lower --lr{' or --rho' if config.optimizer != 'sgd' else ''} or add --max-grad-norm; {kept}"

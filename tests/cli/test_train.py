@@ -135,3 +135,76 @@ def test_threads_sets_and_records_the_thread_count(tmp_path):
         assert json.loads((tmp_path / "run" / "config.json").read_text())["environment"]["num_threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ your own code
+FACTORIES = "tests_factory_module"
+
+
+@pytest.fixture
+def factories(monkeypatch):
+    """tests/train/tests_factory_module.py importable, as a user's own module next to their script."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "train"))
+
+
+def test_your_architecture_and_data_train_and_every_analysis_reloads_them(tmp_path, factories):
+    """--model/--dataset package.module:factory[:k=v]: the checkpoints record both specs, so analyses need neither."""
+    from sharpscope.train import load_checkpoint
+
+    run = tmp_path / "run"
+    model, data = f"{FACTORIES}:make_mlp:hidden=12,norm=layer", f"{FACTORIES}:small_digits:train=256,test=128"
+    result = invoke("-q", "train", "--model", model, "--dataset", data, "--epochs", "2", "--batch-size", "64",
+                    "--lr", "0.05", "--optimizer", "sam", "--out", str(run))
+    assert result.exit_code == 0, result.output
+    assert f"sam {FACTORIES}:make_mlp on {data}: test accuracy" in result.output
+    checkpoint = load_checkpoint(run / "final.pt")  # no model spec, no dataset
+    assert checkpoint.model_name == f"{FACTORIES}:make_mlp"
+    assert checkpoint.model_kwargs == {"hidden": 12, "norm": "layer"}
+    assert checkpoint.dataset == data and checkpoint.epoch == 2
+    assert isinstance(checkpoint.model[2], torch.nn.LayerNorm) and checkpoint.model[1].out_features == 12
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["dataset"]) == (f"{FACTORIES}:make_mlp", data)
+
+    spectrum = invoke("-q", "hessian-spectrum", str(run), "--top-k", "1", "--num-samples", "64",
+                      "--out", str(tmp_path / "spectrum"))
+    assert spectrum.exit_code == 0, spectrum.output
+    records = json.loads((tmp_path / "spectrum" / "spectrum.json").read_text())["checkpoints"]
+    assert len(records) == 3 and all(r["num_samples"] == 64 for r in records)
+    landscape = invoke("-q", "landscape", str(run / "final.pt"), "--dim", "1", "--x=-1:1:3", "--num-samples", "64",
+                       "--out", str(tmp_path / "landscape"))
+    assert landscape.exit_code == 0, landscape.output
+    assert any(p.suffix == ".npz" for p in (tmp_path / "landscape").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--model", "no_such_module_xyz:make"], "model factory 'no_such_module_xyz:make': cannot import", 2),
+        (["--model", f"{FACTORIES}:missing"], f"{FACTORIES} has no callable 'missing'", 2),
+        (["--model", f"{FACTORIES}:make_mlp:width=3"], "rejected its arguments {'width': 3}", 2),
+        (["--model", f"{FACTORIES}:small_digits"], "returned ImageDataset, not an nn.Module", 1),
+        (["--dataset", "no_such_module_xyz:data"], "dataset factory 'no_such_module_xyz:data': cannot import", 2),
+        (["--dataset", f"{FACTORIES}:not_a_dataset"], "returned dict, not a sharpscope.data.ImageDataset", 1),
+        (["--dataset", f"{FACTORIES}:small_digits:train"], "dataset spec", 2),
+        (["--resume-every", "soon"], "Invalid value for '--resume-every': resume interval 'soon': expected", 2),
+    ],
+)
+def test_bad_factories_and_intervals_one_line(tmp_path, factories, args, message, code):
+    result = CliRunner().invoke(cli, [*FAST, "--epochs", "1", *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_resume_every_is_recorded_and_does_not_block_a_resume(tmp_path):
+    """The interval changes what a kill costs, not the run: a rerun with another value still resumes."""
+    out = tmp_path / "run"
+    result = invoke("-q", *FAST, "--epochs", "1", "--resume-every", "90s", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["environment"]["resume_every"] == "90s"
+    (out / "final.pt").unlink()  # as if killed after the last epoch
+    again = invoke("-q", *FAST, "--epochs", "1", "--resume-every", "10steps", "--out", str(out))
+    assert again.exit_code == 0 and "different config" not in again.output, again.output

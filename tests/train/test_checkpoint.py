@@ -121,3 +121,16 @@ def test_non_checkpoints_are_named_without_torch_advice(tmp_path, content, kind)
     message = str(info.value)
     assert kind in message and "\n" not in message, message
     assert "weights_only" not in message, f"torch's advice to load with weights_only=False leaked: {message}"
+
+
+def test_a_foreign_state_dict_takes_its_input_shape_from_a_dataset_factory(tmp_path, monkeypatch):
+    """``--model mlp --dataset package.module:factory``: the registry model's shape comes from the user's data."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    model = create_model("mlp", **SHAPE)
+    torch.save(model.state_dict(), tmp_path / "mlp.pt")
+    ckpt = load_checkpoint(tmp_path / "mlp.pt", model_spec="mlp", dataset="tests_factory_module:small_digits:train=50")
+    assert ckpt.model_kwargs == SHAPE and ckpt.dataset == "tests_factory_module:small_digits:train=50"
+    from sharpscope.data import dataset_info, load_dataset
+
+    assert dataset_info("tests_factory_module:small_digits").num_classes == 10
+    assert len(load_dataset("tests_factory_module:small_digits:train=50").train_labels) == 50
