@@ -4,8 +4,8 @@
 
     H = \\nabla^2_\\theta L(\\theta), \\qquad L(\\theta) = \\frac{1}{N} \\sum_b n_b \\, L_b(\\theta),
 
-where ``L_b`` is ``loss_fn(model(x_b), y_b)`` (a mean over the ``n_b`` samples of batch ``b``) and
-``N = sum_b n_b``. ``H @ v`` is computed by double backward (Pearlmutter 1994): per batch one forward and one
+where ``L_b`` is ``loss_fn(model(inputs_b), targets_b)`` or ``BatchLoss(fn)(model, batch_b)`` (a mean over the
+``n_b`` samples of batch ``b``; batches follow :mod:`sharpscope.batches`) and ``N = sum_b n_b``. ``H @ v`` is computed by double backward (Pearlmutter 1994): per batch one forward and one
 ``autograd.grad(create_graph=True)`` build the gradient graph ``g_b``, then one more ``autograd.grad(g_b, params, v)``
 per vector gives ``H_b v``. Two things make repeated products cheap (``benchmarks/bench_hessian.py``):
 
@@ -39,7 +39,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
+from sharpscope.batches import (
+    BatchLoss,
+    batch_loss,
+    check_fixed_batches,
+    num_samples,
+    split_batch,
+    unfused_attention,
+)
 from sharpscope.errors import SharpscopeError
 
 __all__ = ["HessianOperator", "eval_mode", "select_parameters"]
@@ -151,24 +160,17 @@ def _materialize(batches: Iterable[Any]) -> Iterable[Any]:
 
 
 def _batch_size(y: Any, x: Any) -> int:
-    for obj in (y, x):
-        if isinstance(obj, Tensor) and obj.dim() > 0:
-            return int(obj.shape[0])
-    raise SharpscopeError(
-        f"cannot tell the number of samples in a batch: expected (x, y) with x or y a tensor whose first "
-        f"dimension is the batch, got {type(x).__name__} and {type(y).__name__}"
-    )
+    """Samples in the batch ``(x, y)`` (:func:`sharpscope.batches.num_samples`; kept for ``reference.py``)."""
+    return num_samples((x, y))
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
-    try:
-        x, y = batch
-    except (TypeError, ValueError):
-        raise SharpscopeError(
-            f"each batch must be a pair (x, y), got {type(batch).__name__}; wrap your data as a list of "
-            "(inputs, labels) tuples or use sharpscope.data.EvalBatches"
-        ) from None
-    return x, y
+    """``(inputs, targets)`` of a batch (:func:`sharpscope.batches.split_batch`; kept for ``reference.py``)."""
+    return split_batch(batch)
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(batch) if isinstance(t, Tensor)]
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
@@ -276,9 +278,13 @@ class HessianOperator:
 
     Args:
         model: the network; its parameters are read live, so later in-place changes show up in products.
-        loss_fn: ``loss_fn(model(x), y) -> 0-d`` mean loss over the batch (e.g. ``nn.CrossEntropyLoss()``).
-        batches: any re-iterable of ``(x, y)`` pairs (``sharpscope.data.EvalBatches``, a list of tuples); the
-            same samples in the same order on every pass. A one-shot generator is materialised into a list.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d`` mean loss over the batch (e.g. ``nn.CrossEntropyLoss()``),
+            or :class:`sharpscope.batches.BatchLoss` ``(fn)`` with ``fn(model, batch) -> 0-d`` for anything else.
+        batches: any re-iterable of batches (``sharpscope.data.EvalBatches``, a list, a ``DataLoader`` with
+            ``shuffle=False``); the same samples in the same order on every pass. A batch is ``(inputs, targets)``
+            with inputs a tensor, a tuple of tensors (``model(*inputs)``) or a dict (``model(**inputs)`` /
+            ``model(inputs)``), see :mod:`sharpscope.batches`; batches are weighted by their sample count (dim 0 of
+            their first tensor). A one-shot generator is materialised into a list.
         params: the parameters the Hessian is taken with respect to: ``None`` (all that require grad) or a list
             of names / parameter tensors. A subset gives the diagonal block ``H[S, S]`` (per-layer spectra).
         eval_mode: run every product with the model in eval mode (BatchNorm uses running statistics, dropout
@@ -378,7 +384,10 @@ class HessianOperator:
         self._shapes = [p.shape for p in self.params]
         self.num_params = sum(self._numels)
         self.num_matvecs = 0
-        sizes = [_batch_size(*reversed(_unpack(b))) for b in self.batches]
+        if not isinstance(loss_fn, BatchLoss):
+            for b in self.batches:
+                split_batch(b)  # a malformed batch fails here with the contract, not inside the model
+        sizes = [num_samples(b) for b in self.batches]
         if not sizes:
             raise SharpscopeError("batches is empty; the Hessian needs at least one (x, y) batch")
         self._batch_sizes = sizes
@@ -453,8 +462,8 @@ class HessianOperator:
         return [chunk.view(shape) for chunk, shape in zip(vector.split(self._numels), self._shapes)]
 
     # --------------------------------------------------------------------------------------------- products
-    def _batch_loss(self, x: Any, y: Any) -> Tensor:
-        loss = self.loss_fn(self.model(x), y)
+    def _batch_loss(self, batch: Any) -> Tensor:
+        loss = batch_loss(self.model, self.loss_fn, batch)[1]
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise SharpscopeError(
@@ -613,11 +622,12 @@ class HessianOperator:
             )
 
     def _gradient_graph(self, batch: Any) -> tuple[Tensor, ...]:
-        """``g_b = grad L_b`` with its graph (``create_graph=True``), eval-mode BatchNorm in affine form."""
-        x, y = _unpack(batch)
+        """``g_b = grad L_b`` with its graph (``create_graph=True``), eval-mode BatchNorm in affine form, attention
+        unfused (:class:`sharpscope.batches.unfused_attention`: torch's fused attention kernels have no double
+        backward)."""
         mode = _EvalBatchNormAsAffine() if self._affine_batchnorm else contextlib.nullcontext()
-        with mode:
-            loss = self._batch_loss(x, y)
+        with mode, unfused_attention():
+            loss = self._batch_loss(batch)
             return torch.autograd.grad(loss, self.params, create_graph=True)
 
     # ------------------------------------------------------------------------------------------- graph cache
@@ -646,7 +656,7 @@ class HessianOperator:
     def _fixed_storages(self) -> set[int]:
         """Storages that exist without any graph: the model's parameters and buffers and the batches' tensors."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [t for batch in self.batches for t in _unpack(batch) if isinstance(t, Tensor)]
+        tensors += [t for batch in self.batches for t in _tensors(batch)]
         return {t.untyped_storage().data_ptr() for t in tensors}
 
     def _take_snapshot(self) -> dict[str, Any]:
@@ -661,7 +671,7 @@ class HessianOperator:
         }
 
     def _input_versions(self) -> list[tuple[int, int]]:
-        return [(t.data_ptr(), t._version) for batch in self.batches for t in _unpack(batch) if isinstance(t, Tensor)]
+        return [(t.data_ptr(), t._version) for batch in self.batches for t in _tensors(batch)]
 
     def _snapshot_matches(self, snapshot: dict[str, Any] | None = None) -> bool:
         """Whether the model still has the parameters, buffers, modes and inputs of ``snapshot`` (default: the
@@ -689,7 +699,7 @@ class HessianOperator:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with eval_mode(self.model, self.eval_mode), torch.no_grad():
             for batch, n_b in zip(self.batches, self._batch_sizes):
-                total += self._batch_loss(*_unpack(batch)).to(self.dtype) * (n_b / self.num_samples)
+                total += self._batch_loss(batch).to(self.dtype) * (n_b / self.num_samples)
         return total
 
     def gradient(self) -> Tensor:
@@ -697,7 +707,7 @@ class HessianOperator:
         out = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         with eval_mode(self.model, self.eval_mode), torch.enable_grad():
             for batch, n_b in zip(self.batches, self._batch_sizes):
-                grads = torch.autograd.grad(self._batch_loss(*_unpack(batch)), self.params, allow_unused=True)
+                grads = torch.autograd.grad(self._batch_loss(batch), self.params, allow_unused=True)
                 flat = torch.cat([
                     (g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)
                 ])
@@ -722,8 +732,9 @@ class HessianOperator:
     def _check_deterministic(self) -> None:
         """Refuse setups whose loss is not a fixed function of the parameters (STYLE.md 5).
 
-        Checks (two forward passes, no backward): the first batch is the same tensor on two passes over
-        ``batches`` (catches shuffling loaders and augmentation), and the loss on it evaluates identically
+        Checks (two forward passes, no backward): :func:`sharpscope.batches.check_fixed_batches` (a shuffling
+        ``DataLoader`` is refused; the first batch must be equal on two passes over ``batches``, which catches
+        other shuffling and augmentation), and the loss on it evaluates identically
         twice, up to ``256 * eps`` relative (catches dropout and other randomness in the forward). BatchNorm
         layers that would run in train mode are refused up front: their output depends on the batch and every
         forward overwrites the running statistics.
@@ -740,18 +751,11 @@ class HessianOperator:
                 "(eval_mode=False on a model in train mode): the loss then depends on batch composition and every "
                 f"product overwrites the running statistics. Use eval_mode=True or call model.eval(). {opt_out}"
             )
-        first = _unpack(next(iter(self.batches)))
-        second = _unpack(next(iter(self.batches)))
-        if not all(_same(a, b) for a, b in zip(first, second)):
-            raise SharpscopeError(
-                "the batches are not deterministic: two passes gave a different first batch. Likely causes: a "
-                "shuffling DataLoader, data augmentation, or a sampler. Use fixed evaluation batches "
-                "(sharpscope.data.eval_batches / EvalBatches.from_tensors) or a list of (x, y) tensors. "
-                + opt_out
-            )
+        check_fixed_batches(self.batches, opt_out="check_deterministic=False")
+        first = next(iter(self.batches))
         with eval_mode(self.model, self.eval_mode), torch.no_grad():
-            first_loss = self._batch_loss(*first).detach()
-            second_loss = self._batch_loss(*first).detach()
+            first_loss = self._batch_loss(first).detach()
+            second_loss = self._batch_loss(first).detach()
         difference = (first_loss - second_loss).abs()
         # Two evaluations of the same graph on the same input agree to the last bit on CPU; 256 eps leaves room
         # for non-deterministic GPU reductions, while dropout moves the loss by many orders of magnitude more.
@@ -764,8 +768,3 @@ class HessianOperator:
                 f"eval_mode=False, or randomness inside the model's forward. Use eval_mode=True. {opt_out}"
             )
 
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
-    return a is b or a == b

@@ -8,9 +8,10 @@ surface as a single pass. The grid centre ``(0, 0)`` is the unperturbed model, b
 
 Evaluation: the model in eval mode (BatchNorm uses its running statistics, which random directions never move),
 under ``torch.inference_mode``, over a fixed list of batches held on the model's device; the loss is the
-sample-weighted mean ``sum_b n_b L_b / sum_b n_b`` of ``loss_fn(model(x_b), y_b)`` (a batch-mean loss), the
+sample-weighted mean ``sum_b n_b L_b / sum_b n_b`` of ``loss_fn(model(inputs_b), targets_b)`` (a batch-mean loss;
+batches, their sample counts and :class:`sharpscope.batches.BatchLoss` as in :mod:`sharpscope.batches`), the
 accuracy the fraction of argmax predictions equal to the integer labels (NaN when the outputs are not
-``(batch, classes)`` logits with integer labels).
+``(batch, classes)`` logits with integer labels, or the loss is a ``BatchLoss``).
 
 Speed (measured on CPU in ``benchmarks/bench_landscape.py``): the cost is one forward pass over the evaluation set
 per point; what the fast path removes is everything else a serial loop adds per point (``deepcopy`` of the state
@@ -37,7 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
+from sharpscope.batches import BatchLoss, batch_loss, check_fixed_batches, num_samples, split_batch, to_device
 from sharpscope.errors import SharpscopeError, unknown_name_error
 from sharpscope.io import write_npz
 from sharpscope.landscape.directions import Direction, check_directions
@@ -249,21 +252,19 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def materialize_batches(
-    batches: Iterable[tuple[Tensor, Tensor]], *, device: torch.device, channels_last: bool = False
-) -> list[tuple[Tensor, Tensor]]:
-    """The batches as a list on ``device`` (read once; ``EvalBatches``, a DataLoader or a list all work). With
-    ``channels_last`` 4-D inputs are stored in that memory format."""
+    batches: Iterable[Any], *, device: torch.device, channels_last: bool = False, loss_fn: Any = None
+) -> list[Any]:
+    """The batches as a list on ``device`` (read once; ``EvalBatches``, a DataLoader or a list all work), every
+    tensor moved (:func:`sharpscope.batches.to_device`). With ``channels_last`` 4-D tensor inputs are stored in that
+    memory format. Batches must be ``(inputs, targets)`` pairs unless ``loss_fn`` is a ``BatchLoss``."""
     out = []
     for item in batches:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise SharpscopeError(
-                f"expected batches of (inputs, targets) pairs, got an item of type {type(item).__name__}"
-            )
-        x, y = item
-        x = x.to(device, non_blocking=True)
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append((x, y.to(device, non_blocking=True)))
+        inputs, _ = split_batch(item, loss_fn)
+        num_samples(item)  # refuse a batch without samples here, with the contract
+        item = to_device(tuple(item) if isinstance(item, list) and len(item) == 2 else item, device)
+        if channels_last and isinstance(inputs, Tensor) and inputs.dim() == 4 and isinstance(item, (tuple, list)):
+            item = (item[0].contiguous(memory_format=torch.channels_last), item[1])
+        out.append(item)
     if not out:
         raise SharpscopeError("the evaluation batches are empty; give at least one (inputs, targets) batch")
     return out
@@ -282,7 +283,7 @@ class _Evaluator:
     this halves the non-forward work per point (measured in benchmarks/bench_landscape.py).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: list[tuple[Tensor, Tensor]], *,
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: list[Any], *,
                  precision: str = "fp32", compile: bool = False) -> None:
         if precision not in PRECISIONS:
             raise unknown_name_error("precision", str(precision), PRECISIONS)
@@ -291,42 +292,41 @@ class _Evaluator:
         # parameters, which _WeightSetter changes in place, so every point runs the compiled graph
         self.forward = torch.compile(model) if compile else model
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
-        self.num_samples = sum(int(y.shape[0]) for _, y in batches)
-        device = batches[0][1].device
+        sizes = [num_samples(batch) for batch in batches]
+        self.num_samples = sum(sizes)
+        device = _model_device(model)
         acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.weights = torch.tensor([int(y.shape[0]) / self.num_samples for _, y in batches], dtype=acc_dtype,
-                                    device=device)
+        self.weights = torch.tensor([n / self.num_samples for n in sizes], dtype=acc_dtype, device=device)
         self.classification: bool | None = None  # decided on the first evaluation
         self.labels: Tensor | None = None
         self.calls = 0
 
-    def _first(self, out: Any, loss: Any, y: Tensor) -> None:
+    def _first(self, out: Any, loss: Any, y: Any) -> None:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise SharpscopeError(
                 "loss_fn must return the batch-mean loss as a 0-d tensor (e.g. nn.CrossEntropyLoss()), got "
                 f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
             )
         self.classification = (
-            isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > 1
+            isinstance(out, Tensor) and out.dim() == 2 and out.shape[1] > 1 and isinstance(y, Tensor)
             and y.dim() == 1 and not y.is_floating_point() and not y.is_complex()
         )
         if self.classification:
-            self.labels = torch.cat([y for _, y in self.batches])
+            self.labels = torch.cat([batch[1] for batch in self.batches])
 
     def point(self) -> tuple[list[Tensor], list[Tensor]]:
         """One pass over the batches at the current weights: per-batch losses and argmax predictions."""
         self.calls += 1
         losses, predictions = [], []
-        for x, y in self.batches:
+        for batch in self.batches:
             if self.autocast_dtype is None:
-                out = self.forward(x)
-                loss = self.loss_fn(out, y)
+                out, loss = batch_loss(self.forward, self.loss_fn, batch)
             else:
-                with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                    out = self.forward(x)
-                    loss = self.loss_fn(out, y).float()
+                with torch.autocast(self.weights.device.type, dtype=self.autocast_dtype):
+                    out, loss = batch_loss(self.forward, self.loss_fn, batch)
+                    loss = loss.float() if isinstance(loss, Tensor) else loss
             if self.calls == 1:
-                self._first(out, loss, y)
+                self._first(out, loss, None if isinstance(self.loss_fn, BatchLoss) else batch[1])
             losses.append(loss.reshape(()))
             if self.classification:
                 predictions.append(out.argmax(dim=1))
@@ -350,16 +350,16 @@ class _Evaluator:
         return float(loss[0]), float(accuracy[0])
 
 
-def _wants_channels_last(
-    channels_last: bool | None, batches: list[tuple[Tensor, Tensor]], model: nn.Module
-) -> bool:
+def _wants_channels_last(channels_last: bool | None, batches: list[Any], model: nn.Module) -> bool:
     """Default: on for 4-D inputs on a CUDA device to a model with 2-D convolutions (an MLP would only pay for
     copies in ``flatten``). Off on the CPU: there it did not reliably help (``benchmarks/bench_landscape.py`` and
     paired runs on 2 shared cores, 1-2 threads: 0.5-1.8x of the contiguous speed on the anchor CNN depending on the
     load, the contiguous layout ahead in the best times; the convnet on digits 0.9-1.06x)."""
     if channels_last is None:
-        images = isinstance(batches[0][0], Tensor) and batches[0][0].dim() == 4
-        on_cuda = images and batches[0][0].device.type == "cuda"
+        first = batches[0]
+        inputs = first[0] if isinstance(first, (tuple, list)) and len(first) == 2 else None
+        images = isinstance(inputs, Tensor) and inputs.dim() == 4
+        on_cuda = images and inputs.device.type == "cuda"
         return on_cuda and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return bool(channels_last)
 
@@ -395,16 +395,16 @@ class Evaluation:
 
 
 def evaluate(
-    model: nn.Module, loss_fn: LossFn, batches: Iterable[tuple[Tensor, Tensor]], *, channels_last: bool | None = None,
+    model: nn.Module, loss_fn: LossFn, batches: Iterable[Any], *, channels_last: bool | None = None,
     precision: str = "fp32",
 ) -> Evaluation:
     """Loss and accuracy of ``model`` as it is, in eval mode, under ``torch.inference_mode`` (the model's
     train/eval mode is restored). The same computation as every grid point of :func:`loss_surface` (same
     ``channels_last`` and ``precision``), so it equals a surface's centre bit for bit."""
     device = _model_device(model)
-    data = materialize_batches(batches, device=device)
+    data = materialize_batches(batches, device=device, loss_fn=loss_fn)
     channels_last = _wants_channels_last(channels_last, data, model)
-    data = materialize_batches(data, device=device, channels_last=channels_last)
+    data = materialize_batches(data, device=device, channels_last=channels_last, loss_fn=loss_fn)
     evaluator = _Evaluator(model, loss_fn, data, precision=precision)
     was_training = model.training
     model.eval()
@@ -459,12 +459,18 @@ class _WeightSetter:
         return h.hexdigest()
 
 
-def _data_fingerprint(batches: list[tuple[Tensor, Tensor]]) -> str:
+def _data_fingerprint(batches: list[Any]) -> str:
     h = hashlib.sha256()
-    for x, y in batches:
-        for t in (x, y):
-            h.update(f"{tuple(t.shape)}{t.dtype};".encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for batch in batches:
+        leaves, spec = tree_flatten(batch)
+        if not (isinstance(batch, tuple) and len(batch) == 2 and len(leaves) == 2):  # (x, y) pairs: old fingerprint
+            h.update(str(spec).encode())
+        for t in leaves:
+            if isinstance(t, Tensor):
+                h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                h.update(repr(t).encode())
     return h.hexdigest()
 
 
@@ -506,7 +512,7 @@ class ChunkDone:
 def loss_surface(
     model: nn.Module,
     loss_fn: LossFn,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[Any],
     *,
     directions: Sequence[Direction],
     coords: Any,
@@ -528,8 +534,11 @@ def loss_surface(
     Args:
         model: evaluated on its own device, in eval mode; its weights are changed in place during the call and
             restored exactly (bit for bit) at the end, as is its train/eval mode.
-        loss_fn: ``loss_fn(outputs, targets) -> 0-d batch-mean loss``.
-        batches: the fixed evaluation set, an iterable of ``(inputs, targets)`` read once (``EvalBatches``).
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d batch-mean loss``, or a :class:`sharpscope.batches.BatchLoss`
+            ``(fn)`` with ``fn(model, batch) -> 0-d`` (no accuracy is reported then).
+        batches: the fixed evaluation set, an iterable of ``(inputs, targets)`` read once (``EvalBatches``, a list,
+            a ``DataLoader`` with ``shuffle=False``); inputs a tensor, a tuple of tensors or a dict, as in
+            :mod:`sharpscope.batches`.
         directions: ``(d1,)`` for a curve, ``(d1, d2)`` for a surface (:mod:`sharpscope.landscape.directions`).
         coords: ``xs`` (1-D array) for a curve, ``(xs, ys)`` for a surface; use :func:`grid`.
         checkpoint_path: an ``.npz`` resume file: if it exists (same grid, directions, weights and data, else an
@@ -550,8 +559,10 @@ def loss_surface(
             precisions are not mixed: the precision is part of the resume fingerprint).
         compile: run the forward passes through ``torch.compile`` (worth it for large grids on a GPU; the first
             point pays the compilation).
-        check_determinism: evaluate the centre twice and refuse a model/data pair whose two evaluations differ
-            (relative 1e-5): dropout in a custom module, stochastic layers (STYLE.md 5).
+        check_determinism: refuse data that differ between passes (a shuffling ``DataLoader``, augmentation:
+            :func:`sharpscope.batches.check_fixed_batches`, one more read of the first batch), and evaluate the
+            centre twice and refuse a model/data pair whose two evaluations differ (relative 1e-5): dropout in a
+            custom module, stochastic layers (STYLE.md 5).
         progress: show a tqdm progress bar on stderr.
         label: display name stored in ``metadata["label"]``.
 
@@ -574,9 +585,11 @@ def loss_surface(
             raise SharpscopeError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
 
     device = _model_device(model)
-    data = materialize_batches(batches, device=device)
+    if check_determinism:
+        check_fixed_batches(batches, opt_out="check_determinism=False")
+    data = materialize_batches(batches, device=device, loss_fn=loss_fn)
     channels_last = _wants_channels_last(channels_last, data, model)
-    data = materialize_batches(data, device=device, channels_last=channels_last)
+    data = materialize_batches(data, device=device, channels_last=channels_last, loss_fn=loss_fn)
     with _channels_last_weights(model, channels_last):
         # the moved tensors are looked up again: channels-last conv kernels are new tensors for the call
         targets = check_directions(model, directions)

@@ -7,6 +7,13 @@ than a Python loop over chunks (measured on a small ConvNet, 512 chunks of 4 sam
 eval mode (BatchNorm uses its running statistics), so the per-chunk results do not depend on how chunks are
 grouped. A plain loop over chunks is kept as the fallback for models whose forward ``vmap`` cannot batch, and
 as the serial reference the vectorised path is tested against.
+
+Data follow :mod:`sharpscope.batches`: ``x`` (inputs) and ``y`` (targets) below are any nesting of tensors (a
+tensor, a tuple of tensors for ``model(*inputs)``, a dict for ``model(**inputs)``); every tensor of dimension >= 1
+holds the samples along dim 0 and is sliced and reshaped into chunks alike (:func:`take`, :func:`make_chunks`);
+0-d tensors and non-tensors are constants. With a :class:`sharpscope.batches.BatchLoss` the objective is
+``fn(model_{w + delta}, batch)`` evaluated through ``functional_call`` (``vmap`` over chunks, never the structured
+path, which needs the model's outputs).
 """
 
 from __future__ import annotations
@@ -14,20 +21,35 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils._pytree import tree_map
 
+from sharpscope.batches import (
+    NO_TARGETS,
+    BatchLoss,
+    check_sample_dims,
+    concat_batches,
+    join_batch,
+    map_samples,
+    model_arguments,
+    num_samples,
+    sample_tensors,
+    split_batch,
+    to_device,
+    unfused_attention,
+)
 from sharpscope.errors import SharpscopeError
 from sharpscope.hessian.operator import select_parameters
 
 __all__ = [
     "ChunkedObjective", "stack_data", "make_chunks", "chunk_group_size", "seeded_draws", "mean_and_stderr",
-    "MAX_GROUP_ELEMENTS",
+    "MAX_GROUP_ELEMENTS", "take", "leading_size",
 ]
 
 #: At most this many perturbation entries (chunks in a group x perturbed parameters) per group: the ascent keeps
@@ -36,56 +58,78 @@ MAX_GROUP_ELEMENTS = 1 << 24
 
 _log = logging.getLogger(__name__)
 
-Data = Any  # (x, y) tensors, or an iterable of (x, y) batches such as sharpscope.data.EvalBatches
+Data = Any  # one batch (inputs, targets), or an iterable of batches such as sharpscope.data.EvalBatches
 
 
-def stack_data(data: Data, *, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """All samples of ``data`` as two tensors ``(x (N, ...), y (N, ...))`` on ``device``.
+def take(tree: Any, index: Any) -> Any:
+    """``tree`` with every sample tensor indexed along dim 0 by ``index`` (an int, a slice or an index tensor)."""
+    return map_samples(lambda t: t[index], tree)
 
-    ``data`` is either a pair of tensors ``(x, y)`` with the samples along dim 0, or an iterable of such pairs
-    (``sharpscope.data.EvalBatches``, a list of batches), concatenated in order. Floating-point inputs are cast
-    to ``dtype`` (the model's), labels keep theirs.
+
+def leading_size(tree: Any, dim: int = 0) -> int:
+    """Size of dimension ``dim`` of the first sample tensor of ``tree`` (chunks: dim 0, samples per chunk: dim 1)."""
+    tensors = sample_tensors(tree)
+    if not tensors:
+        raise SharpscopeError("the data hold no tensor with the samples along dim 0")
+    return int(tensors[0].shape[dim])
+
+
+def _is_one_batch(data: Any, loss_fn: Any) -> bool:
+    """Whether ``data`` is one batch rather than an iterable of batches: a pair whose inputs or targets is a
+    tensor (a list of batches holds pairs, not tensors), or a dict given with a ``BatchLoss``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return isinstance(data[0], Tensor) or isinstance(data[1], Tensor)
+    return isinstance(data, Mapping) and isinstance(loss_fn, BatchLoss)
+
+
+def stack_data(data: Data, *, device: torch.device, dtype: torch.dtype, loss_fn: Any = None) -> tuple[Any, Any]:
+    """All samples of ``data`` as one batch ``(inputs, targets)`` on ``device``, the samples along dim 0.
+
+    ``data`` is one batch ``(inputs, targets)`` whose inputs or targets is a tensor (e.g. ``(x, y)`` tensors), or
+    an iterable of batches (``sharpscope.data.EvalBatches``, a list, a ``DataLoader``), concatenated in order;
+    batches follow :mod:`sharpscope.batches` (inputs a tensor, a tuple or a dict; with a ``BatchLoss`` any
+    structure, returned as ``(batch, NO_TARGETS)``). Floating-point tensors of the inputs are cast to ``dtype``
+    (the model's), targets keep theirs. With tensor data the result is the pair of tensors ``(x (N, ...), y (N, ...))``.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        batches: Iterable[Any] = [tuple(data)]
-    else:
-        batches = data
-    xs, ys = [], []
+    batches: Iterable[Any] = [data] if _is_one_batch(data, loss_fn) else data
     try:
-        for batch in batches:
-            x, y = batch
-            xs.append(x)
-            ys.append(y)
-    except (TypeError, ValueError):
+        items = list(batches)
+    except TypeError:
         raise SharpscopeError(
-            f"data must be (x, y) tensors or an iterable of (x, y) batches (e.g. sharpscope.data.EvalBatches), "
-            f"got {type(data).__name__}; wrap your data as (inputs, labels) or EvalBatches.from_tensors(x, y, ...)"
+            f"data must be (x, y) tensors or an iterable of (inputs, targets) batches (e.g. sharpscope.data."
+            f"EvalBatches), got {type(data).__name__}; wrap your data as (inputs, labels) or "
+            "EvalBatches.from_tensors(x, y, ...)"
         ) from None
-    if not xs or not all(isinstance(t, Tensor) and t.dim() > 0 for t in xs + ys):
+    if not items:
         raise SharpscopeError(
-            "data holds no samples (or a batch is not a pair of tensors with the samples along dim 0); "
-            "pass (x, y) tensors or a non-empty EvalBatches"
+            "data holds no samples (no batches); pass (x, y) tensors or a non-empty EvalBatches"
         )
-    x = torch.cat([t.to(device) for t in xs])
-    y = torch.cat([t.to(device) for t in ys])
-    if x.shape[0] != y.shape[0]:
-        raise SharpscopeError(f"data has {x.shape[0]} inputs but {y.shape[0]} labels; they must match")
-    if x.is_floating_point():
-        x = x.to(dtype)
-    return x, y
+    pairs = []
+    for item in items:
+        inputs, targets = split_batch(item, loss_fn)
+        n = num_samples(item)
+        if targets is not NO_TARGETS and sample_tensors(inputs) and sample_tensors(targets):
+            n_targets = num_samples(targets)
+            if n_targets != n:
+                raise SharpscopeError(f"data has {n} inputs but {n_targets} labels; they must match")
+        check_sample_dims(item, n)
+        pairs.append((to_device(inputs, device, dtype=dtype), to_device(targets, device)))
+    inputs, targets = concat_batches(pairs)
+    return inputs, targets
 
 
 def make_chunks(
-    x: Tensor, y: Tensor, *, m: int | None, shuffle: bool, seed: int, max_chunks: int | None
-) -> tuple[Tensor, Tensor]:
-    """Partition ``N`` samples into ``C = N // m`` disjoint chunks of ``m``: ``(C, m, ...)`` views.
+    x: Any, y: Any, *, m: int | None, shuffle: bool, seed: int, max_chunks: int | None
+) -> tuple[Any, Any]:
+    """Partition ``N`` samples into ``C = N // m`` disjoint chunks of ``m``: every sample tensor as ``(C, m, ...)``.
 
     With ``shuffle`` the samples are first permuted by a CPU generator seeded with ``seed`` (the chunks do not
     follow the dataset's order, which may be sorted by class); otherwise chunk ``j`` is samples
     ``j*m .. (j+1)*m - 1``. The last ``N mod m`` samples are left out. ``max_chunks`` keeps the first chunks
-    only. ``m=None`` means one chunk of all ``N`` samples (full-batch).
+    only. ``m=None`` means one chunk of all ``N`` samples (full-batch). ``x`` and ``y`` are nestings of tensors
+    (:mod:`sharpscope.batches`), each sample tensor cut alike.
     """
-    n = x.shape[0]
+    n = num_samples((x, y))
     if m is None:
         m = n
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -98,11 +142,11 @@ def make_chunks(
         raise SharpscopeError(f"max_chunks must be a positive integer or None, got {max_chunks!r}")
     num_chunks = n // m if max_chunks is None else min(n // m, max_chunks)
     if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: num_chunks * m].to(x.device)
-        x, y = x[order], y[order]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: num_chunks * m]
+        x, y = map_samples(lambda t: t[order.to(t.device)], (x, y))
     else:
-        x, y = x[: num_chunks * m], y[: num_chunks * m]
-    return x.reshape(num_chunks, m, *x.shape[1:]), y.reshape(num_chunks, m, *y.shape[1:])
+        x, y = take((x, y), slice(0, num_chunks * m))
+    return map_samples(lambda t: t.reshape(num_chunks, m, *t.shape[1:]), (x, y))
 
 
 def chunk_group_size(m: int, num_params: int, *, batch_size: int, copies: int = 1) -> int:
@@ -212,22 +256,27 @@ def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, d
 _VECTORIZE = (None, True, False, "structured", "vmap")
 
 
-class _unfused_attention:
-    """Switch off torch's fused ``nn.MultiheadAttention`` fast path (``_native_multi_head_attention`` has no
-    vmap rule and would run per sample) and the fused scaled-dot-product kernels (the same); restores both."""
+#: torch's fused nn.MultiheadAttention fast path and fused scaled-dot-product kernels have no vmap rule (they
+#: would run per sample); every path runs with them off (the same math, unfused)
+_unfused_attention = unfused_attention
 
-    def __enter__(self) -> None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        self.previous = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        # the fused scaled-dot-product kernels have no vmap rule either; the math backend is plain matmuls
-        self.kernel = sdpa_kernel([SDPBackend.MATH])
-        self.kernel.__enter__()
+def _in_dims(tree: Any, dim: int | None) -> Any:
+    """``vmap`` in_dims for a data tree: ``dim`` for its sample tensors, None for constants."""
+    return tree_map(lambda leaf: dim if isinstance(leaf, Tensor) and leaf.dim() > 0 else None, tree)
 
-    def __exit__(self, *exc: Any) -> None:
-        self.kernel.__exit__(*exc)
-        torch.backends.mha.set_fastpath_enabled(self.previous)
+
+class _LossCall(nn.Module):
+    """``forward(batch) = fn(model, batch)``: a :class:`BatchLoss` as a module, so ``functional_call`` swaps the
+    model's parameters for the perturbed ones (state keys ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, fn: BatchLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(self.model, batch)
 
 
 def _as_tensor_objective(value: Any) -> Tensor:
@@ -247,7 +296,7 @@ class ChunkedObjective:
         model: the network; its current parameters are the centre ``w`` (read once, detached). Call inside
             ``eval_mode(model)``: the mode is whatever the model is in when the objective is evaluated.
         objective: ``objective(outputs, labels) -> 0-d`` mean over the samples (a loss such as
-            ``nn.CrossEntropyLoss()``, or an accuracy).
+            ``nn.CrossEntropyLoss()``, or an accuracy), or a :class:`sharpscope.batches.BatchLoss`.
         params: the perturbed parameters: ``None`` for all with ``requires_grad``, or names / parameter tensors
             (:func:`sharpscope.hessian.operator.select_parameters`). The others stay at their values.
         batch_size: at most this many samples per forward pass (memory only; results do not depend on it
@@ -272,7 +321,8 @@ class ChunkedObjective:
 
     Perturbations are lists with one tensor ``(G, *p.shape)`` per perturbed parameter ``p``; data are
     ``x (G, m, ...)``, ``y (G, m, ...)`` (one chunk per perturbation) or, with ``shared=True``,
-    ``x (m, ...)``, ``y (m, ...)`` (the same samples for every perturbation).
+    ``x (m, ...)``, ``y (m, ...)`` (the same samples for every perturbation); ``x`` and ``y`` may be nestings of
+    such tensors (:mod:`sharpscope.batches`).
     """
 
     def __init__(
@@ -292,6 +342,7 @@ class ChunkedObjective:
             raise SharpscopeError(f"batch_size must be a positive integer (samples per forward), got {batch_size!r}")
         self.model = model
         self.objective = objective
+        self._loss_call = _LossCall(model, objective) if isinstance(objective, BatchLoss) else None
         self.names, tensors = select_parameters(model, params)
         self.params = [p.detach() for p in tensors]
         chosen = set(self.names)
@@ -319,31 +370,41 @@ class ChunkedObjective:
         """A stack of ``count`` zero perturbations."""
         return [torch.zeros((count, *p.shape), dtype=self.dtype, device=self.device) for p in self.params]
 
-    def _single(self, delta: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _single(self, delta: Sequence[Tensor], x: Any, y: Any) -> Tensor:
         state = {name: p + d for name, p, d in zip(self.names, self.params, delta)}
         state.update(self.fixed)
-        return _as_tensor_objective(self.objective(functional_call(self.model, state, (x,)), y))
+        if self._loss_call is not None:
+            state = {f"model.{name}": t for name, t in state.items()}
+            return _as_tensor_objective(functional_call(self._loss_call, state, (join_batch(x, y),)))
+        args, kwargs = model_arguments(self.model, x)
+        return _as_tensor_objective(self.objective(functional_call(self.model, state, args, kwargs), y))
 
-    def _pieces(self, x: Tensor, y: Tensor, *, shared: bool, group: int) -> list[tuple[Tensor, Tensor, float]]:
+    def _pieces(self, x: Any, y: Any, *, shared: bool, group: int) -> list[tuple[Any, Any, float]]:
         dim = 0 if shared else 1
-        m = x.shape[dim]
+        m = leading_size((x, y), dim)
         size = max(1, self.batch_size // max(1, group))
         if m <= size:
             return [(x, y, 1.0)]
-        return [(xs, ys, xs.shape[dim] / m) for xs, ys in zip(x.split(size, dim), y.split(size, dim))]
+        pieces = []
+        for start in range(0, m, size):
+            stop = min(start + size, m)
+            where = (slice(None),) * dim + (slice(start, stop),)
+            xs, ys = map_samples(lambda t: t[where], (x, y))
+            pieces.append((xs, ys, (stop - start) / m))
+        return pieces
 
     # ------------------------------------------------------------------------------------------- evaluation
-    def value(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, shared: bool = False) -> Tensor:
+    def value(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool = False) -> Tensor:
         """``(G,)`` objective values at ``w + delta[g]`` on chunk ``g`` (or on the shared samples)."""
         return self._run(delta, x, y, shared=shared, grad=False)[0]
 
     def value_and_grad(
-        self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, shared: bool = False
+        self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool = False
     ) -> tuple[Tensor, list[Tensor]]:
         """``(G,)`` values and their gradients with respect to ``delta`` (a list of ``(G, *p.shape)``)."""
         return self._run(delta, x, y, shared=shared, grad=True)
 
-    def _run(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, shared: bool, grad: bool):
+    def _run(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool, grad: bool):
         with _unfused_attention():
             if self.vectorize is not False and self.vectorize != "vmap" and not shared:
                 out = self._try_structured(delta, x, y, grad=grad)
@@ -371,6 +432,8 @@ class ChunkedObjective:
     # ----------------------------------------------------------------------------------------- structured
     def _plan(self) -> list[tuple[nn.Module, type, dict[str, int]]]:
         """The layers holding perturbed parameters, with their supported base class; _Unsupported otherwise."""
+        if self._loss_call is not None:
+            raise _Unsupported("a BatchLoss computes the loss itself (the per-chunk outputs are not seen)")
         owners: dict[str, tuple[nn.Module, type, dict[str, int]]] = {}
         for index, name in enumerate(self.names):
             prefix, _, local = name.rpartition(".")
@@ -381,7 +444,7 @@ class ChunkedObjective:
             owners.setdefault(prefix, (module, base, {}))[2][local] = index
         return list(owners.values())
 
-    def _try_structured(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, grad: bool):
+    def _try_structured(self, delta: Sequence[Tensor], x: Any, y: Any, *, grad: bool):
         """The structured path's result, or None where it does not apply (then vmap runs)."""
         if self._structured_plan is False:
             return None
@@ -399,16 +462,16 @@ class ChunkedObjective:
             self._structured_plan = False
             return None
 
-    def _check_structured(self, x: Tensor, y: Tensor) -> None:
+    def _check_structured(self, x: Any, y: Any) -> None:
         """One-time run-time check: the structured path equals the serial loop on two chunks at a random
         perturbation (~10% of each weight), values and gradients to ``sqrt(eps)`` relative. Catches what the
         plan cannot see: a perturbed tensor also used outside its layer's forward (tied weights), a layer fed
         something else than the batch on dim 0, layers mixing samples."""
-        samples = x.shape[0] * x.shape[1]
+        samples = leading_size((x, y), 0) * leading_size((x, y), 1)
         count = 2 if samples >= 2 else 1
         size = min(4, samples // count)
-        xs = x.reshape(samples, *x.shape[2:])[: count * size].reshape(count, size, *x.shape[2:])
-        ys = y.reshape(samples, *y.shape[2:])[: count * size].reshape(count, size, *y.shape[2:])
+        xs, ys = map_samples(
+            lambda t: t.reshape(samples, *t.shape[2:])[: count * size].reshape(count, size, *t.shape[2:]), (x, y))
         generator = torch.Generator(device=self.device).manual_seed(12345)
         delta = [0.1 * (p.abs() + p.abs().mean() + 1e-3)
                  * torch.randn((count, *p.shape), generator=generator, dtype=self.dtype, device=self.device)
@@ -427,7 +490,7 @@ class ChunkedObjective:
             )
         self._structured_checked = True
 
-    def _structured(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, grad: bool):
+    def _structured(self, delta: Sequence[Tensor], x: Any, y: Any, *, grad: bool):
         group = delta[0].shape[0]
         values = torch.zeros(group, dtype=self.dtype, device=self.device)
         grads = None
@@ -453,12 +516,13 @@ class ChunkedObjective:
         pieces = self._pieces(x, y, shared=False, group=group)
         try:
             for xs, ys, weight in pieces:
-                m = xs.shape[1]
-                flat = xs.reshape(group * m, *xs.shape[2:])
+                m = leading_size((xs, ys), 1)
+                flat = map_samples(lambda t: t.reshape(group * m, *t.shape[2:]), xs)
+                args, kwargs = model_arguments(self.model, flat)
                 with torch.enable_grad() if grad else torch.no_grad():
                     current[:] = [d.detach().requires_grad_(grad) for d in delta]
                     fired[:] = [0] * len(plan)
-                    outputs = functional_call(self.model, state, (flat,))
+                    outputs = functional_call(self.model, state, args, kwargs)
                     if not all(fired):
                         raise _Unsupported("a layer holding perturbed parameters was not called through its forward")
                     v = self._chunk_objective(outputs, ys, group, m)
@@ -477,42 +541,44 @@ class ChunkedObjective:
             current.clear()
         return values, grads
 
-    def _chunk_objective(self, outputs: Any, y: Tensor, group: int, m: int) -> Tensor:
+    def _chunk_objective(self, outputs: Any, y: Any, group: int, m: int) -> Tensor:
         """``(G,)`` objective of each chunk from the outputs of all ``G m`` samples (batch on dim 0)."""
         if not isinstance(outputs, Tensor):
             raise _Unsupported(f"the model returns {type(outputs).__name__}, not a tensor")
         per_chunk = _chunk_view(outputs, group, group * m)
         try:
-            return vmap(lambda o, t: _as_tensor_objective(self.objective(o, t)))(per_chunk, y)
+            return vmap(lambda o, t: _as_tensor_objective(self.objective(o, t)), in_dims=(0, _in_dims(y, 0)))(
+                per_chunk, y)
         except SharpscopeError:
             raise
         except (RuntimeError, NotImplementedError):
-            return torch.stack([_as_tensor_objective(self.objective(per_chunk[g], y[g])) for g in range(group)])
+            return torch.stack([_as_tensor_objective(self.objective(per_chunk[g], take(y, g))) for g in range(group)])
 
-    def _vmapped(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, shared: bool, grad: bool):
+    def _vmapped(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool, grad: bool):
         group = delta[0].shape[0]
         data_dim = None if shared else 0
         values = torch.zeros(group, dtype=self.dtype, device=self.device)
         grads = [torch.zeros_like(d) for d in delta] if grad else None
         delta = list(delta)
         for xs, ys, weight in self._pieces(x, y, shared=shared, group=group):
+            in_dims = (0, _in_dims(xs, data_dim), _in_dims(ys, data_dim))
             if grad:
-                g, v = vmap(grad_and_value(self._single), in_dims=(0, data_dim, data_dim))(delta, xs, ys)
+                g, v = vmap(grad_and_value(self._single), in_dims=in_dims)(delta, xs, ys)
                 for total, part in zip(grads, g):
                     total.add_(part, alpha=weight)
             else:
                 with torch.no_grad():
-                    v = vmap(self._single, in_dims=(0, data_dim, data_dim))(delta, xs, ys)
+                    v = vmap(self._single, in_dims=in_dims)(delta, xs, ys)
             values.add_(v.detach().to(self.dtype), alpha=weight)
         return values, grads
 
-    def _looped(self, delta: Sequence[Tensor], x: Tensor, y: Tensor, *, shared: bool, grad: bool):
+    def _looped(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool, grad: bool):
         """The serial reference: one chunk at a time with plain autograd."""
         group = delta[0].shape[0]
         values = torch.zeros(group, dtype=self.dtype, device=self.device)
         grads = [torch.zeros_like(d) for d in delta] if grad else None
         for g in range(group):
-            xg, yg = (x, y) if shared else (x[g], y[g])
+            xg, yg = (x, y) if shared else take((x, y), g)
             for xs, ys, weight in self._pieces(xg, yg, shared=True, group=1):
                 if grad:
                     leaf = [d[g].detach().requires_grad_(True) for d in delta]
@@ -548,16 +614,17 @@ class ChunkedObjective:
         return [torch.stack(parts) for parts in zip(*results)]
 
     # ------------------------------------------------------------------------------------------ determinism
-    def check_deterministic(self, x: Tensor, y: Tensor) -> None:
+    def check_deterministic(self, x: Any, y: Any) -> None:
         """Refuse a model whose objective is not a fixed function of the weights (STYLE.md 5).
 
         Evaluates the first chunk twice at ``delta = 0``; dropout or other randomness in the forward changes
         the value by far more than the ``256 eps`` relative room left for non-deterministic GPU reductions.
         """
         delta = self.zeros(1)
+        x0, y0 = take((x, y), 0)
         with torch.no_grad():
-            first = self._single([d[0] for d in delta], x[0], y[0]).detach()
-            second = self._single([d[0] for d in delta], x[0], y[0]).detach()
+            first = self._single([d[0] for d in delta], x0, y0).detach()
+            second = self._single([d[0] for d in delta], x0, y0).detach()
         tolerance = 256 * torch.finfo(self.dtype).eps * max(float(first.abs()), 1e-30)
         if not float((first - second).abs()) <= tolerance:
             raise SharpscopeError(

@@ -22,13 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from sharpscope import distributed
+from sharpscope.batches import map_samples
 from sharpscope.hessian.operator import eval_mode
 from sharpscope.sharpness._objective import (
     ChunkedObjective,
     chunk_group_size,
     gather_blocks,
+    leading_size,
     make_chunks,
     seeded_draws,
+    take,
 )
 from sharpscope.sharpness.result import SharpnessEstimate
 from sharpscope.sharpness.worst_case import (
@@ -61,22 +64,22 @@ def _average_case_on_chunks(
     With ``shard=(rank, world_size)`` this rank evaluates its contiguous block of chunks (every draw of a chunk
     comes from that chunk's own seeded stream) and the ranks exchange the per-draw increases.
     """
-    num_chunks, m = xc.shape[0], xc.shape[1]
+    num_chunks, m = leading_size((xc, yc), 0), leading_size((xc, yc), 1)
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=2)
     mine = distributed.block(num_chunks, shard)
     clean = torch.cat([torch.zeros(0, dtype=objective.dtype, device=objective.device)] + [
-        objective.value(objective.zeros(min(group, mine.stop - first)), xc[first:min(first + group, mine.stop)],
-                        yc[first:min(first + group, mine.stop)])
+        objective.value(objective.zeros(min(group, mine.stop - first)),
+                        *take((xc, yc), slice(first, min(first + group, mine.stop))))
         for first in range(mine.start, mine.stop, group)
     ])
     perturbed = [torch.zeros(0, dtype=objective.dtype, device=objective.device)]
     for first in range(mine.start * num_draws, mine.stop * num_draws, group):
         items = range(first, min(first + group, mine.stop * num_draws))  # item = chunk * num_draws + draw
-        index = torch.arange(items.start, items.stop, device=xc.device) // num_draws
+        index = torch.arange(items.start, items.stop) // num_draws
         xi = seeded_draws(objective, items, seed=seed, kind="uniform" if p == math.inf else "normal")
         delta = [rho * t for t in xi] if scale is None else [rho * t * c for t, c in zip(xi, scale)]
-        perturbed.append(objective.value(delta, xc[index], yc[index]))
+        perturbed.append(objective.value(delta, *map_samples(lambda t: t[index.to(t.device)], (xc, yc))))
         if progress is not None:  # the other ranks advance alike: count the whole job
             progress(index.shape[0] / num_draws * (shard[1] if shard else 1))
     # a perturbation so large that the logits overflow gives a NaN loss (inf - inf inside log-softmax): the loss
@@ -145,7 +148,8 @@ def average_case_sharpness(
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     num_draws = _check_count("num_draws", num_draws)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
+    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+                             check_deterministic=check_deterministic)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):
         if check_deterministic:

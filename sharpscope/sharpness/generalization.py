@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sharpscope.batches import BatchLoss, call_model, num_samples, split_batch, to_device
 from sharpscope.errors import SharpscopeError
 
 __all__ = ["GeneralizationGap", "generalization_gap"]
@@ -47,29 +48,38 @@ class GeneralizationGap:
         return {**self.__dict__, "generalization_gap": self.generalization_gap}
 
 
-def _error_and_loss(model: nn.Module, loss_fn: Any, data: Iterable[tuple[Tensor, Tensor]], which: str,
+def _error_and_loss(model: nn.Module, loss_fn: Any, data: Iterable[Any], which: str,
                     progress: Callable[[int], Any] | None) -> tuple[float, float | None, int]:
-    """``(error, mean loss or None, samples)`` of ``model`` over the ``(x, y)`` batches of ``data``; counts stay
-    on the device until the end (one host sync per split)."""
+    """``(error, mean loss or None, samples)`` of ``model`` over the ``(inputs, targets)`` batches of ``data``;
+    counts stay on the device until the end (one host sync per split)."""
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
+    device = parameter.device if parameter is not None else torch.device("cpu")
     wrong = loss_sum = None
     count = 0
     for batch in data:
         try:
-            x, y = batch
-        except (TypeError, ValueError):
-            raise SharpscopeError(f"{which} data must be an iterable of (x, y) batches (e.g. sharpscope.data."
-                                  f"EvalBatches), found an item of type {type(batch).__name__}") from None
-        outputs = model(x.to(dtype) if x.is_floating_point() else x)
+            inputs, y = split_batch(batch)
+        except SharpscopeError as exc:
+            raise SharpscopeError(f"{which} data: {exc} (the error rate needs the labels as targets)") from None
+        if not isinstance(y, Tensor):
+            raise SharpscopeError(f"{which} data: the targets of a batch must be a tensor of class labels to count "
+                                  f"errors, got {type(y).__name__}")
+        n = num_samples(batch)
+        inputs, y = to_device(inputs, device, dtype=dtype), y.to(device)
+        outputs = call_model(model, inputs)
+        if not isinstance(outputs, Tensor):
+            raise SharpscopeError(f"generalization_gap needs a classifier returning logits (batch, classes); the "
+                                  f"model returned {type(outputs).__name__}")
         batch_wrong = (outputs.argmax(-1) != y).sum()
         wrong = batch_wrong if wrong is None else wrong + batch_wrong
         if loss_fn is not None:
-            batch_loss = loss_fn(outputs, y).detach().double() * len(y)  # loss_fn returns the batch mean
-            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        count += len(y)
+            # loss_fn returns the batch mean; a BatchLoss sees the batch as given, on the model's device
+            mean = loss_fn(model, to_device(batch, device)) if isinstance(loss_fn, BatchLoss) else loss_fn(outputs, y)
+            loss_sum = mean.detach().double() * n if loss_sum is None else loss_sum + mean.detach().double() * n
+        count += n
         if progress is not None:
-            progress(len(y))
+            progress(n)
     if not count:
         raise SharpscopeError(f"the {which} data holds no samples; pass at least one (x, y) batch")
     return int(wrong) / count, None if loss_sum is None else float(loss_sum) / count, count
@@ -88,11 +98,14 @@ def generalization_gap(
     Args:
         model: a classifier returning logits ``(batch, classes)``; evaluated in eval mode under
             ``torch.no_grad`` (its mode is restored afterwards, its weights are not touched).
-        loss_fn: ``loss_fn(outputs, labels) -> batch mean`` (e.g. ``nn.CrossEntropyLoss()``) to also report the
-            mean losses, or None to skip them.
-        train_data: ``(x, y)`` batches of the train samples, without augmentation (e.g. ``sharpscope.data.
-            eval_batches(dataset, split="train")``; any iterable, so batches may be built lazily). Floating-point
-            inputs are cast to the model's dtype.
+        loss_fn: ``loss_fn(outputs, labels) -> batch mean`` (e.g. ``nn.CrossEntropyLoss()``) or a
+            :class:`sharpscope.batches.BatchLoss` (one more forward per batch) to also report the mean losses, or
+            None to skip them.
+        train_data: ``(inputs, labels)`` batches of the train samples, without augmentation (e.g.
+            ``sharpscope.data.eval_batches(dataset, split="train")``; any iterable, so batches may be built lazily);
+            inputs a tensor, a tuple of tensors or a dict (:mod:`sharpscope.batches`), labels a tensor of class
+            indices. Floating-point inputs are cast to the model's dtype and moved to its device. The order of
+            the samples does not change the errors, so a shuffling ``DataLoader`` is accepted here.
         test_data: the same for the test samples.
         progress: called with the number of samples of each batch done (train, then test).
 

@@ -49,14 +49,18 @@ from torch import Tensor, nn
 from sharpscope import distributed
 from sharpscope.errors import SharpscopeError, unknown_name_error
 from sharpscope.hessian.operator import eval_mode
+from sharpscope.batches import check_fixed_batches
 from sharpscope.sharpness._objective import (
     ChunkedObjective,
+    _is_one_batch,
     chunk_group_size,
     gather_blocks,
+    leading_size,
     make_chunks,
     mean_and_stderr,
     seeded_draws,
     stack_data,
+    take,
 )
 from sharpscope.sharpness.result import SharpnessEstimate, SharpnessResult
 
@@ -234,7 +238,7 @@ def ascend(
         each step (never negative, non-decreasing), ``clean (G,)`` the values ``L_B(w)``, and the best
         perturbations found.
     """
-    group = x.shape[0]
+    group = leading_size((x, y), 0)
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     if start is None:
         current = objective.zeros(group)
@@ -316,7 +320,7 @@ def _worst_case_on_chunks(
     With ``shard=(rank, world_size)`` this rank ascends its contiguous block of chunks and the ranks exchange
     the traces (each chunk's ascent depends on that chunk alone, its random start included).
     """
-    num_chunks, m = xc.shape[0], xc.shape[1]
+    num_chunks, m = leading_size((xc, yc), 0), leading_size((xc, yc), 1)
     if shard is not None and keep_perturbation:
         raise SharpscopeError("return_perturbation=True cannot be combined with shard (the perturbations stay "
                               "on the rank that found them); run in one process")
@@ -328,8 +332,8 @@ def _worst_case_on_chunks(
     deltas = []
     for first in range(mine.start, mine.stop, group):
         last = min(first + group, mine.stop)
-        x, y = xc[first:last], yc[first:last]
-        chunks = range(first, first + x.shape[0])
+        x, y = take((xc, yc), slice(first, last))
+        chunks = range(first, last)
         start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
         trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
                                     start=start)
@@ -338,17 +342,23 @@ def _worst_case_on_chunks(
         if keep_perturbation:
             deltas.append(best)
         if progress is not None:
-            progress(x.shape[0] * (shard[1] if shard else 1))  # the others advance alike: count the whole job
+            progress((last - first) * (shard[1] if shard else 1))  # the others advance alike: count the whole job
     perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
     trace, clean = gather_blocks((torch.cat(traces), torch.cat(cleans)), shard)
     return trace, clean, perturbation
 
 
 def _setup(
-    model: nn.Module, loss_fn: Any, data: Any, *, params: Any, batch_size: int, vectorize: bool | None
-) -> tuple[ChunkedObjective, Tensor, Tensor]:
+    model: nn.Module, loss_fn: Any, data: Any, *, params: Any, batch_size: int, vectorize: bool | None,
+    check_deterministic: bool = True,
+) -> tuple[ChunkedObjective, Any, Any]:
+    """The objective and all samples as one batch ``(inputs, targets)`` (:func:`stack_data`); with
+    ``check_deterministic`` data that change between passes (a shuffling ``DataLoader``) are refused first
+    (:func:`sharpscope.batches.check_fixed_batches`, the message every analysis gives)."""
     objective = ChunkedObjective(model, loss_fn, params=params, batch_size=batch_size, vectorize=vectorize)
-    x, y = stack_data(data, device=objective.device, dtype=objective.dtype)
+    if check_deterministic and not _is_one_batch(data, loss_fn):
+        check_fixed_batches(data, opt_out="check_deterministic=False")
+    x, y = stack_data(data, device=objective.device, dtype=objective.dtype, loss_fn=loss_fn)
     return objective, x, y
 
 
@@ -395,9 +405,12 @@ def worst_case_sharpness(
     Args:
         model: the network at ``w``; evaluated in eval mode (each submodule's mode is restored afterwards)
             and never modified.
-        loss_fn: ``loss_fn(model(x), y) -> 0-d`` mean loss over a chunk (e.g. ``nn.CrossEntropyLoss()``).
-        data: ``(x, y)`` tensors or an iterable of ``(x, y)`` batches (``sharpscope.data.EvalBatches``); all
-            samples are used as one fixed evaluation set.
+        loss_fn: ``loss_fn(outputs, targets) -> 0-d`` mean loss over a chunk (e.g. ``nn.CrossEntropyLoss()``), or
+            a :class:`sharpscope.batches.BatchLoss` ``(fn)`` with ``fn(model, batch) -> 0-d``.
+        data: one batch ``(inputs, targets)`` whose inputs or targets is a tensor (e.g. ``(x, y)`` tensors), or an
+            iterable of batches (``sharpscope.data.EvalBatches``, a list, a ``DataLoader`` with ``shuffle=False``);
+            inputs a tensor, a tuple of tensors (``model(*inputs)``) or a dict (:mod:`sharpscope.batches`); all
+            samples are used as one fixed evaluation set, cut into chunks along dim 0 of every tensor.
         rho: radius of the perturbation set (in units of ``c``).
         m: samples per chunk ``B``; ``None`` = the whole set (full-batch sharpness). ``m`` larger than the set
             is an error; the last ``N mod m`` samples are left out.
@@ -413,7 +426,8 @@ def worst_case_sharpness(
         params: which parameters are perturbed: ``None`` for all with ``requires_grad``, or names / tensors.
         batch_size: at most this many samples per forward pass (memory only).
         vectorize: ``vmap`` over chunks (``True``), a loop (``False``), or try ``vmap`` first (``None``).
-        check_deterministic: refuse a model whose loss changes between two identical evaluations.
+        check_deterministic: refuse data that change between passes (a shuffling ``DataLoader``) and a model whose
+            loss changes between two identical evaluations.
         return_perturbation: also return the best perturbation of every chunk (memory: one model per chunk).
         progress: called with the number of chunks finished after each group (e.g. ``tqdm.update``).
         shard: ``(rank, world_size)`` inside a ``torch.distributed`` job: every rank calls with the same
@@ -429,7 +443,8 @@ def worst_case_sharpness(
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     steps = _check_count("steps", steps)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
+    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+                             check_deterministic=check_deterministic)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):
         if check_deterministic:
@@ -438,7 +453,7 @@ def worst_case_sharpness(
             objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps, random_init=random_init,
             seed=seed, keep_perturbation=return_perturbation, progress=progress, shard=shard,
         )
-    return _estimate("worst", trace, clean, m=int(xc.shape[1]), rho=rho, p=p, adaptive=adaptive, eta=eta,
+    return _estimate("worst", trace, clean, m=leading_size((xc, yc), 1), rho=rho, p=p, adaptive=adaptive, eta=eta,
                      steps=steps, perturbation=delta)
 
 
@@ -492,7 +507,8 @@ def m_sharpness(
     steps = _check_count("steps", steps)
     num_draws = _check_count("num_draws", num_draws)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize)
+    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+                             check_deterministic=check_deterministic)
     chunks = [make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks) for m in m_list]
     estimates = []
     with eval_mode(model):
@@ -518,6 +534,7 @@ def m_sharpness(
         values=np.array([e.value for e in estimates]).reshape(shape),
         stderr=np.array([e.stderr for e in estimates]).reshape(shape),
         clean_loss=np.array([e.clean_loss for e in estimates]).reshape(shape),
-        num_chunks=np.array([int(c[0].shape[0]) for c in chunks]), p=p, adaptive=adaptive, eta=eta,
-        steps=steps if measure == "worst" else num_draws, num_samples=int(x.shape[0]), estimates=tuple(estimates),
+        num_chunks=np.array([leading_size(c, 0) for c in chunks]), p=p, adaptive=adaptive, eta=eta,
+        steps=steps if measure == "worst" else num_draws, num_samples=leading_size((x, y), 0),
+        estimates=tuple(estimates),
     )

@@ -192,7 +192,7 @@ def test_generator_batches_are_materialized():
         ({"params": []}, r"params= is empty"),
         ({"params": [3]}, r"must be names or parameters"),
         ({"batches": []}, r"batches is empty"),
-        ({"batches": [torch.zeros(3)]}, r"must be a pair \(x, y\)"),
+        ({"batches": [torch.zeros(3)]}, r"expected batches of \(inputs, targets\) pairs, got a tensor of shape \(3,\)"),
         ({"batches": [("a", "b")]}, r"cannot tell the number of samples"),
         ({"cache_graph": "yes"}, r"cache_graph must be None, True or False, got 'yes'"),
         ({"max_cache_bytes": -1}, r"max_cache_bytes must be a number of bytes >= 0"),

@@ -57,7 +57,7 @@ def test_without_loss_fn_and_with_a_float64_model():
     ("train", "message"),
     [
         ([], "the train data holds no samples"),
-        ([torch.zeros(3)], "train data must be an iterable of \\(x, y\\) batches .* found an item of type Tensor"),
+        ([torch.zeros(3)], "train data: expected batches of \\(inputs, targets\\) pairs, got a tensor of shape \\(3,\\)"),
     ],
 )
 def test_bad_data_is_explained(train, message):
