@@ -7,6 +7,7 @@ Accepted operators (STYLE.md 1): :class:`~sharpscope.hessian.operator.HessianOpe
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -56,13 +57,7 @@ class Float64Operator:
         if len(shape) != 2 or shape[0] != shape[1]:
             raise SharpscopeError(f"expected a square operator of shape (n, n), got shape {shape}")
         self.n = int(shape[0])
-        try:
-            from scipy.sparse.linalg import LinearOperator
-            import numpy as np
-
-            self._numpy = isinstance(op, (LinearOperator, np.ndarray))
-        except ImportError:  # pragma: no cover - scipy is a dependency
-            self._numpy = False
+        self._numpy = _is_numpy_or_scipy(op)
         if self._numpy:
             self.device = torch.device("cpu")
             self.dtype = torch.float64
@@ -87,6 +82,17 @@ class Float64Operator:
             )
         self.num_matvecs += k
         return result
+
+
+def _is_numpy_or_scipy(op: Any) -> bool:
+    """Whether ``op`` is a NumPy array or a SciPy ``LinearOperator``, without importing either: an object can only be
+    an instance of a class whose module is already imported, so ``sys.modules`` answers for free (importing
+    ``scipy.sparse.linalg`` just for this check cost ~0.85 s on the first Hessian call)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(op, numpy.ndarray):
+        return True
+    scipy_linalg = sys.modules.get("scipy.sparse.linalg")
+    return scipy_linalg is not None and isinstance(op, scipy_linalg.LinearOperator)
 
 
 def make_generator(seed: int) -> torch.Generator:

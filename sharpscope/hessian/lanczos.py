@@ -12,17 +12,26 @@ Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal. Ap
 3. When the basis reaches ``krylov_dim`` vectors, keep the wanted Ritz vectors plus half of the rest, append the
    residual direction, and continue (the projected matrix becomes an arrowhead; it is recomputed exactly by the
    full orthogonalisation of the next product).
+4. Before accepting, lock the converged wanted pairs and run a check block from a fresh random vector orthogonal
+   to them (Lanczos on the deflated operator; the couplings ``X^T H v`` to the locked vectors ``X`` are dropped
+   from ``T`` but kept in the residuals, which stay exact). A Ritz value of the check beyond the k-th wanted one
+   is merged and the run continues; otherwise, after ``max(6, 10% of the products so far)`` steps, the flags are
+   set. After a breakdown (an invariant block) all its pairs are locked and the search goes on the same way.
 
 One product per step, so ``num_matvecs`` counts Hessian-vector products one to one. Measured in
-``benchmarks/bench_hessian.py`` (digits MLP and ConvNet, float32): top-1 in 8-11 products and top-5 in 18-24 at
-<= 1.3e-6 relative error (``criterion="eigenvalue"`` at ``tol=1e-4``: 6 and 16-17 products at <= 3e-5), against
-21 / 21-57 for scipy ``eigsh`` and 49-70 for PyHessian's top-5 power iteration, which stops at ~2e-3 error.
+``benchmarks/bench_hessian.py`` before the check run (digits MLP and ConvNet, float32): top-1 in 8-11 products and
+top-5 in 18-24 at <= 1.3e-6 relative error (``criterion="eigenvalue"`` at ``tol=1e-4``: 6 and 16-17 products at
+<= 3e-5), against 21 / 21-57 for scipy ``eigsh`` and 49-70 for PyHessian's top-5 power iteration, which stops at
+~2e-3 error. The check run adds 6-8 products to these (ConvNet top-5: 21 -> 27; bottom-5: 131 with a 30-vector
+basis -> 90 with the 100-vector default).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import math
 
 import torch
 from torch import Tensor
@@ -34,6 +43,9 @@ __all__ = ["EigenResult", "lanczos_eigs"]
 
 WHICH = ("top", "bottom", "both")
 CRITERIA = ("residual", "eigenvalue")
+BOTTOM_KRYLOV_DIM = 100  # default basis for "bottom"/"both": the clustered low end restarts a 30-vector basis often
+CHECK_MIN_STEPS = 6  # check-run length: at least this many steps ...
+CHECK_FRACTION = 0.1  # ... and at least this fraction of the products spent before it
 
 
 @dataclass(frozen=True)
@@ -145,16 +157,27 @@ def lanczos_eigs(
             to relative accuracy ``tol`` with about half the products of a residual test at the same ``tol``.
         max_matvecs: product budget [default ``max(300, 30 * pairs)``]; on exhaustion the best Ritz pairs are
             returned with ``converged`` flags saying which met ``tol``.
-        krylov_dim: basis size before a thick restart [default ``max(2 * pairs + 10, 30)``, capped at ``n``];
-            memory is ``n * krylov_dim`` float64 numbers on the operator's device. Larger bases restart less and
-            need fewer products for clustered ends (the bottom of a Hessian spectrum), see the benchmark.
+        krylov_dim: basis size before a thick restart [default ``max(2 * pairs + 10, 30)`` for ``"top"``,
+            ``max(2 * pairs + 10, 100)`` for ``"bottom"``/``"both"``, capped at ``n``]; memory is
+            ``n * krylov_dim`` float64 numbers on the operator's device. Larger bases restart less and need fewer
+            products for clustered ends: bottom-5 of the digits ConvNet (``benchmarks/bench_hessian.py``, tol 1e-6)
+            took 131 products with 8 restarts in a 30-vector basis, 97 with 1 restart in a 60-vector one.
         v0: start vector ``(n,)`` or a warm-start block ``(n, b)`` (e.g. the previous checkpoint's eigenvectors);
             the start is their normalised sum plus a 1% random component [default: a seeded Gaussian vector].
         seed: seeds the random start (drawn on the CPU, so results do not depend on the device).
 
     Returns:
-        :class:`EigenResult`. Multiplicities: single-vector Lanczos finds one copy of a repeated eigenvalue
-        reliably; further copies only appear through rounding, so ``k`` pairs may skip a copy.
+        :class:`EigenResult`. ``converged`` is a promise about the set, not only each residual: when every wanted
+        pair meets ``tol``, those pairs are locked and a check run starts from a fresh random vector orthogonal to
+        them (Lanczos on the operator deflated by the locked vectors, at least ``CHECK_MIN_STEPS`` = 6 steps and
+        ``CHECK_FRACTION`` = 10% of the products spent so far). A single Krylov space misses an eigenvalue whose
+        component in the start vector is tiny (or the second copy of a near-repeated one); the fresh vector has an
+        ordinary component along it, so a Ritz value of the check run moves beyond the k-th wanted one, is merged
+        into the wanted set and the run continues (another check follows). Pairs are flagged converged only after
+        a check run passes (or the whole space is spanned); a budget that runs out first leaves every flag False.
+        Measured (``tests/hessian/test_hessian_lanczos.py``): 200 clustered spectra with a wanted eigenvector
+        missing from the start, 32 false "converged" before, none now, at ~35% more products there; on digits MLP
+        Hessians the check costs ~8 products (CHECK_MIN_STEPS = 6 plus rounding to the fraction).
 
     Raises:
         SharpscopeError: for ``k < 1``, more pairs than ``n``, an unknown ``which``, ``tol <= 0``, a too small
@@ -171,11 +194,12 @@ def lanczos_eigs(
         raise SharpscopeError(f"tol must be > 0 (a relative residual such as 1e-6), got {tol}")
     if criterion not in CRITERIA:
         raise unknown_name_error("convergence criterion", criterion, CRITERIA)
-    m = min(krylov_dim if krylov_dim is not None else max(2 * count + 10, 30), n)
+    default_dim = max(2 * count + 10, 30 if which == "top" else BOTTOM_KRYLOV_DIM)
+    m = min(krylov_dim if krylov_dim is not None else default_dim, n)
     if m < min(count + 1, n):
         raise SharpscopeError(
             f"krylov_dim={krylov_dim} is too small for {count} eigenpairs; use at least {count + 1} (default "
-            f"max(2 * pairs + 10, 30))"
+            f"max(2 * pairs + 10, 30) for which='top', max(2 * pairs + 10, {BOTTOM_KRYLOV_DIM}) otherwise)"
         )
     max_matvecs = max_matvecs if max_matvecs is not None else max(300, 30 * count)
     if max_matvecs < 1:
@@ -183,85 +207,119 @@ def lanczos_eigs(
 
     device = A.device
     generator = make_generator(seed)
+    # Locked pairs: Ritz pairs taken out of the Krylov basis once converged (or exact after a breakdown). Later
+    # blocks are kept orthogonal to them, so the blocks explore the operator deflated by them; the coupling
+    # X^T H v (= the Gram–Schmidt coefficients against X) is dropped from T but kept in the residuals.
+    X = torch.zeros(n, 0, dtype=torch.float64, device=device)
+    locked_theta = torch.zeros(0, dtype=torch.float64)
+    locked_res = torch.zeros(0, dtype=torch.float64)
     V = torch.zeros(n, m + 1, dtype=torch.float64, device=device)
     T = torch.zeros(m, m, dtype=torch.float64)
+    E = torch.zeros(0, m, dtype=torch.float64)
     V[:, 0] = _start_vector(v0, n, device, generator)
-    j = 0  # basis vectors whose product has been taken
-    block_start = 0  # first basis index of the current Krylov block (a new block starts after a breakdown)
+    j = 0  # basis vectors of the current block whose product has been taken
     beta = 0.0
     num_restarts = 0
-    theta = Y = residuals = None
-    finished = False
+    check_steps = check_started = 0
+    checking = False  # the current block is a check run from a fresh random vector (see the docstring)
+    verified = False
+    values = residuals_all = order = theta = Y = None
     while True:
-        while j < m:
+        while j < m and X.shape[1] + j < n:
             w = A.matmat(V[:, j : j + 1])[:, 0]
             basis = V[:, : j + 1]
-            h = basis.T @ w
-            w = w - basis @ h
-            correction = basis.T @ w  # second Gram–Schmidt pass ("twice is enough")
-            w = w - basis @ correction
+            h, hx = basis.T @ w, X.T @ w
+            w = w - basis @ h - X @ hx
+            correction, correction_x = basis.T @ w, X.T @ w  # second Gram–Schmidt pass ("twice is enough")
+            w = w - basis @ correction - X @ correction_x
             h = (h + correction).cpu()
             T[: j + 1, j] = h
             T[j, : j + 1] = h
+            E[:, j] = (hx + correction_x).cpu()
             beta = float(w.norm())
             j += 1
             theta, Y = torch.linalg.eigh(T[:j, :j])
-            residuals = beta * Y[j - 1, :].abs()
-            scale = float(theta.abs().max()) if j else 0.0
-            wanted = _wanted(theta, count, which)
-            done = wanted.numel() == count and bool(_converged(theta, residuals, wanted, tol, scale, criterion).all())
+            # H (V y) - theta V y = beta y_j v_{j+1} + X E y: two orthogonal parts
+            res_block = torch.sqrt((beta * Y[j - 1, :]) ** 2 + (E[:, :j] @ Y).pow(2).sum(dim=0))
+            values, order = torch.sort(torch.cat([locked_theta, theta]))
+            residuals_all = torch.cat([locked_res, res_block])[order]
+            scale = float(values.abs().max())
+            wanted = _wanted(values, count, which)
+            from_block = order[wanted] >= locked_theta.numel()  # wanted pairs that live in the current block
+            done = wanted.numel() == count and bool(
+                _converged(values, residuals_all, wanted, tol, scale, criterion).all())
             breakdown = beta <= 64 * torch.finfo(torch.float64).eps * max(scale, float(T[:j, :j].abs().max()), 1e-300)
-            # A block started from a fresh vector after a breakdown must grow a little before its Ritz values are
-            # trusted not to hide a larger eigenvalue of the unexplored complement.
-            grown = j - block_start >= (count if block_start == 0 else count + 1)
-            if j == n or A.num_matvecs >= max_matvecs or (done and grown and not breakdown):
-                finished = True
+            exhausted = X.shape[1] + j >= n  # the whole space is explored: nothing can be missing
+            if checking and _beats_wanted(theta, locked_theta, which, k, 64 * torch.finfo(torch.float64).eps * scale):
+                checking = False  # the check found a Ritz value beyond the k-th wanted one: merge and continue
+            if checking and done and A.num_matvecs - check_started >= check_steps:
+                verified = True
+            if exhausted and done:
+                verified = True
+            if verified or A.num_matvecs >= max_matvecs or (exhausted and not breakdown and not done):
                 break
-            if breakdown:
-                # V[:, :j] spans an invariant subspace, so its Ritz pairs are exact. A Krylov block started from a
-                # random vector reveals every distinct eigenvalue of the space it starts in, but only one copy of
-                # each: if the block just finished changed the wanted set, the complement may hold further copies
-                # (or, for the first block, anything), so continue there with a fresh orthogonal random vector.
-                before = torch.linalg.eigvalsh(T[:block_start, :block_start]) if block_start else theta[:0]
-                current = torch.linalg.eigvalsh(T[block_start:j, block_start:j])
-                if done and not _block_changes_wanted(before, current, count, which, 64 * 2.2e-16 * scale):
-                    finished = True
+            if (done and not checking) or breakdown:
+                # Lock the wanted pairs of the block (all of its pairs after a breakdown: they are exact in the
+                # deflated operator), then start a block from a fresh random vector orthogonal to the locked ones:
+                # a check run when everything wanted has converged, a continued search otherwise.
+                if breakdown:
+                    lock = torch.arange(j)
+                else:
+                    lock = (order[wanted] - locked_theta.numel())[from_block]
+                X = torch.cat([X, V[:, :j] @ Y[:, lock].to(device)], dim=1)
+                locked_theta = torch.cat([locked_theta, theta[lock]])
+                locked_res = torch.cat([locked_res, res_block[lock]])
+                if X.shape[1] >= n:  # everything is locked: the final pairs are the locked ones, in this order
+                    verified = done
+                    j, Y = 0, Y[:0, :0]
                     break
+                if done and not checking:  # a new check run (a breakdown inside a check run continues it)
+                    check_steps = max(CHECK_MIN_STEPS, math.ceil(CHECK_FRACTION * A.num_matvecs))
+                    check_started = A.num_matvecs
+                checking = done
                 w = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
                 for _ in range(2):
-                    w = w - V[:, :j] @ (V[:, :j].T @ w)
-                V[:, j] = w / w.norm()  # nonzero: j < n
+                    w = w - X @ (X.T @ w)
+                V.zero_()
+                V[:, 0] = w / w.norm()  # nonzero: fewer than n locked vectors
+                T.zero_()
+                E = torch.zeros(X.shape[1], m, dtype=torch.float64)
+                j = 0
                 beta = 0.0
-                block_start = j
-            else:
-                V[:, j] = w / beta
-        if finished:
-            break
-        # Thick restart: keep the wanted Ritz vectors and half of the others; the residual direction V[:, m]
-        # becomes the next basis vector, coupled to the kept ones through beta * (last row of Y).
-        keep_count = min(count + max((m - count) // 2, 1), m - 1)
-        keep = _wanted(theta, keep_count, which)  # for "both": keep_count // 2 >= k from each end
-        coupling = beta * Y[m - 1, keep]
-        l = keep.numel()
-        V[:, :l] = V[:, :m] @ Y[:, keep].to(device)
-        V[:, l] = V[:, m]
-        T.zero_()
-        T[:l, :l] = torch.diag(theta[keep])
-        T[l, :l] = coupling
-        T[:l, l] = coupling
-        j = l
-        block_start = l if beta == 0.0 else 0  # a restart right after a breakdown keeps the fresh block apart
-        num_restarts += 1
+                continue
+            V[:, j] = w / beta
+        else:
+            # Thick restart: keep the wanted Ritz vectors of the block and half of the others; the residual
+            # direction V[:, m] becomes the next basis vector, coupled to the kept ones through beta * (last row of
+            # Y). The couplings to the locked vectors transform like the basis: E Y.
+            keep_count = min(count + max((m - count) // 2, 1), m - 1)
+            keep = _wanted(theta, keep_count, which)  # for "both": keep_count // 2 >= k from each end
+            coupling = beta * Y[m - 1, keep]
+            l = keep.numel()
+            V[:, :l] = V[:, :m] @ Y[:, keep].to(device)
+            V[:, l] = V[:, m]
+            E_kept = E[:, :m] @ Y[:, keep]
+            E.zero_()
+            E[:, :l] = E_kept
+            T.zero_()
+            T[:l, :l] = torch.diag(theta[keep])
+            T[l, :l] = coupling
+            T[:l, l] = coupling
+            j = l
+            num_restarts += 1
+            continue
+        break
 
-    wanted = _wanted(theta, count, which)
-    scale = float(theta.abs().max())
-    eigenvectors = V[:, :j] @ Y[:, wanted].to(device)
-    res = residuals[wanted].clone()
+    scale = float(values.abs().max())
+    wanted = _wanted(values, count, which)
+    all_vectors = torch.cat([X, V[:, :j] @ Y.to(device)], dim=1)
+    indices = order[wanted]
+    eigenvectors = all_vectors[:, indices.to(device)]
     return EigenResult(
-        eigenvalues=theta[wanted].clone(),
+        eigenvalues=values[wanted].clone(),
         eigenvectors=eigenvectors,
-        residuals=res,
-        converged=_converged(theta, residuals, wanted, tol, scale, criterion),
+        residuals=residuals_all[wanted].clone(),
+        converged=_converged(values, residuals_all, wanted, tol, scale, criterion) & verified,
         num_matvecs=A.num_matvecs,
         num_restarts=num_restarts,
         tol=float(tol),
@@ -269,6 +327,14 @@ def lanczos_eigs(
         which=which,
         criterion=criterion,
     )
+
+
+def _beats_wanted(theta: Tensor, locked_theta: Tensor, which: str, k: int, rounding: float) -> bool:
+    """Whether a check block's extreme Ritz value lies beyond the k-th wanted locked value by more than rounding."""
+    ordered = locked_theta.sort().values
+    if which in ("top", "both") and bool(theta.max() > ordered[-k] + rounding):
+        return True
+    return which in ("bottom", "both") and bool(theta.min() < ordered[k - 1] - rounding)
 
 
 def _converged(theta: Tensor, residuals: Tensor, wanted: Tensor, tol: float, scale: float, criterion: str) -> Tensor:
