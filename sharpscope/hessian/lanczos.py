@@ -206,6 +206,7 @@ def lanczos_eigs(
         raise SharpscopeError(f"max_matvecs must be >= 1, got {max_matvecs}")
 
     device = A.device
+    _check_memory(n, m, count, device)
     generator = make_generator(seed)
     # Locked pairs: Ritz pairs taken out of the Krylov basis once converged (or exact after a breakdown). Later
     # blocks are kept orthogonal to them, so the blocks explore the operator deflated by them; the coupling
@@ -348,3 +349,20 @@ def _converged(theta: Tensor, residuals: Tensor, wanted: Tensor, tol: float, sca
     distance[torch.arange(wanted.numel()), wanted] = float("inf")  # not to itself
     gap = distance.min(dim=1).values.clamp(min=torch.finfo(torch.float64).tiny)
     return (res**2 / gap <= tol * theta[wanted].abs()) & (res <= tol**0.5 * scale)
+
+
+def _check_memory(n: int, m: int, count: int, device: torch.device) -> None:
+    """Refuse, in one line and before allocating, a run whose float64 vectors would not fit: the Krylov basis
+    ``n x (m + 1)``, the locked pairs ``n x count`` and a few work vectors, against the memory free on ``device``
+    (an out-of-memory kill, or torch's allocator traceback, is what the user would get otherwise)."""
+    from sharpscope.hessian.operator import _available_memory
+
+    needed = 8 * n * (m + 1 + count + 4)
+    free = _available_memory(device)
+    if needed > free:
+        raise SharpscopeError(
+            f"Lanczos for {count} eigenpairs of a {n:,}-parameter Hessian needs about {needed / 2**30:.1f} GiB of "
+            f"float64 vectors (a basis of {n:,} x {m + 1:,} plus the converged pairs) on {device}, but only "
+            f"{free / 2**30:.1f} GiB are free; ask for fewer eigenpairs (--top-k), a smaller krylov_dim, or a "
+            "parameter subset (params=, --per-layer)"
+        )

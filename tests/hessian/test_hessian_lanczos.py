@@ -304,3 +304,17 @@ def test_scipy_and_numpy_operators_still_work():
     for op in (np.diag(d), aslinearoperator(np.diag(d))):
         result = lanczos_eigs(op, 2, tol=1e-10)
         assert torch.allclose(result.eigenvalues, torch.tensor([40.0, 39.0], dtype=torch.float64), atol=1e-8)
+
+
+def test_a_basis_that_cannot_fit_is_refused_in_one_line_before_allocating():
+    class Huge:
+        """A billion-parameter operator: only its shape is ever read, since the run is refused first."""
+
+        shape = (10**9, 10**9)
+
+        def __matmul__(self, V):
+            raise AssertionError("no product may be taken")
+
+    with pytest.raises(SharpscopeError, match=r"needs about \d+\.\d GiB of float64 vectors .* only .* GiB are free") as info:
+        lanczos_eigs(Huge(), k=5)
+    assert "\n" not in str(info.value)
