@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import click
 from click.core import ParameterSource
 
@@ -31,6 +34,21 @@ def _parse_resume_every(ctx, param, value: str):
         return ResumeEvery.parse(value)
     except SharpscopeError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """``torch.set_num_threads(threads)`` for the block, restored after (the CLI also runs inside other
+    processes: the report's stages, notebooks, tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 #: Options that only mean something for SAM/ASAM: given with --optimizer sgd they are refused.
@@ -156,10 +174,11 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
             raise click.BadParameter(f"{' and '.join(given)} only affect SAM's perturbation, which --optimizer sgd "
                                      "does not take; use --optimizer sam (or asam), or drop them",
                                      param_hint=given[0])
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > cpus:
+        # more threads than CPUs only makes them wait for each other (and 5000 of them exhaust the process)
+        raise click.BadParameter(f"this machine has {cpus} CPU(s); use at most {cpus} threads, got {threads}",
+                                 param_hint="--threads")
     config = TrainConfig(
         dataset=dataset, model=model_name, model_kwargs=model_kwargs, optimizer=optimizer,
         base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, eta=eta,
@@ -170,8 +189,9 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     )
     if download and not is_factory_spec(dataset):
         load_dataset(dataset, data_dir=data_dir, download=True)
-    result = train(config, out_dir=out, device=resolve_device(device), overwrite=overwrite,
-                   progress=show_progress(ctx), resume_every=resume_every)
+    with _torch_threads(threads):
+        result = train(config, out_dir=out, device=resolve_device(device), overwrite=overwrite,
+                       progress=show_progress(ctx), resume_every=resume_every)
     if not distributed.info().is_main:  # under torchrun: rank 0 speaks for the job
         return
     last = result.metrics[-1]

@@ -55,6 +55,7 @@ def test_train_sgd_then_sam_prints_where_outputs_went(tmp_path):
         (["--rho-schedule", "lr"], "--rho-schedule only affect SAM's perturbation, which --optimizer sgd", 2),
         (["--rho", "0.1"], "--rho only affect SAM's perturbation", 2),
         (["--m", "8", "--sam-every", "2"], "--m and --sam-every only affect SAM's perturbation", 2),
+        (["--threads", "5000"], "CPU(s); use at most", 2),
         (["--rho-schedule", "cosine"], "'cosine' is not one of 'constant', 'lr'", 2),
         (["--precision", "fp8"], "'fp8' is not one of 'auto', 'fp32', 'bf16', 'fp16'", 2),
         (["--epochs", "0"], "Invalid value for '--epochs'", 2),
