@@ -22,6 +22,8 @@ from sharpscope.cli.options import (
 FORMAT = "sharpscope-hessian-spectrum"
 FORMAT_VERSION = 1
 JSON_NAME, NPZ_NAME = "spectrum.json", "spectrum.npz"
+#: Results of checkpoints whose eigenvectors take at most this many bytes are kept for reuse by a later identical file.
+TWIN_BYTES = 256 << 20
 TOP_FIGURE, DENSITY_FIGURE = "top_eigenvalues.png", "density.png"
 
 
@@ -178,6 +180,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
     outputs = [out_dir / JSON_NAME, out_dir / NPZ_NAME]
     loss_fn = torch.nn.CrossEntropyLoss()
     previous_top: dict[str, Any] = {}  # run -> EigenResult of its last computed checkpoint (warm start)
+    same_weights: dict[str, Any] = {}  # _weights_key -> result of a checkpoint computed in this command
     bar = tqdm(entries, desc="hessian-spectrum", unit="ckpt", disable=not (show_progress(ctx) and rank_info.is_main),
                file=click.get_text_stream("stderr"))
     for entry in bar:
@@ -200,19 +203,26 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
             entry["path"], dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
             device=torch_device, data_dir=data_dir, model_spec=model_spec,
         )
-        check_finite_loss(checkpoint.model, loss_fn, batches, entry["path"])
-        result = analyze_checkpoint(
-            checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, criterion=criterion,
-            max_matvecs=max_matvecs,
-            trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs, trace_rtol=trace_rtol,
-            density=density and not rank_info.enabled, **_density_budget(density_tol, density_iters),
-            density_runs=density_runs, per_layer=per_layer,
-            warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
-            progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
-        )
-        if rank_info.enabled and (trace or density):
-            result = _sharded_trace_density(result, checkpoint.model, loss_fn, batches, trace=trace,
-                                            density=density, shard=(rank_info.rank, rank_info.world_size))
+        # The same model and weights seen earlier in this command (runs that share their seed's initialisation
+        # start from the same weights, in files that differ by their config): reuse that result.
+        weights = _weights_key(checkpoint)
+        result = same_weights.get(weights)
+        if result is None:
+            check_finite_loss(checkpoint.model, loss_fn, batches, entry["path"])
+            result = analyze_checkpoint(
+                checkpoint.model, loss_fn, batches, top_k=top_k, bottom_k=bottom_k, tol=tol, criterion=criterion,
+                max_matvecs=max_matvecs,
+                trace=trace and not rank_info.enabled, trace_matvecs=trace_matvecs, trace_rtol=trace_rtol,
+                density=density and not rank_info.enabled, **_density_budget(density_tol, density_iters),
+                density_runs=density_runs, per_layer=per_layer,
+                warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
+                progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
+            )
+            if rank_info.enabled and (trace or density):
+                result = _sharded_trace_density(result, checkpoint.model, loss_fn, batches, trace=trace,
+                                                density=density, shard=(rank_info.rank, rank_info.world_size))
+            if result.top.eigenvectors.numel() * 8 <= TWIN_BYTES:
+                same_weights[weights] = result
         previous_top[entry["run"]] = result.top
         record, new_arrays = _record(entry, checkpoint, result)
         arrays.update(new_arrays)
@@ -420,6 +430,22 @@ def _write(out_dir: Path, config: dict[str, Any], records: list[dict[str, Any]],
         "format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "checkpoints": records,
         "provenance": made_by,
     })
+
+
+def _weights_key(checkpoint) -> str:
+    """What a checkpoint's Hessian depends on besides the command's settings: its architecture, evaluation dataset
+    and every parameter and buffer, by value (files with other configs or optimizer states but the same weights
+    get the same key)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256(f"{checkpoint.model_name}|{checkpoint.model_kwargs}|{checkpoint.dataset}".encode())
+    for name, tensor in checkpoint.model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _previous_results(path: Path) -> dict[str, Any] | None:

@@ -203,3 +203,23 @@ def test_fixed_budgets_and_their_conflicts(runs, tmp_path):
     result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", "--trace", "--trace-matvecs", 12, "--trace-rtol",
                     0.05, "--out", tmp_path / "other")
     assert result.exit_code == 2 and "give --trace-rtol (a precision target) or --trace-matvecs" in result.output
+
+
+def test_identical_checkpoints_are_computed_once(runs, tmp_path, monkeypatch):
+    """SGD and SAM of one seed start from the same weights (in files that differ by their config): the spectrum of
+    those weights is computed once and reused."""
+    import sharpscope.hessian as hessian
+
+    first, second = (torch.load(runs / run / "ckpt-epoch000.pt", weights_only=True) for run in ("sgd", "sam"))
+    assert all(torch.equal(first["model_state"][k], v) for k, v in second["model_state"].items())
+    calls = []
+    real = hessian.analyze_checkpoint
+    monkeypatch.setattr(hessian, "analyze_checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "twins"
+    result = invoke("hessian-spectrum", runs / "sgd" / "ckpt-epoch000.pt", runs / "sam" / "ckpt-epoch000.pt",
+                    runs / "sam" / "final.pt", "--top-k", 2, "--num-samples", 200, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 2, f"3 checkpoints, 2 distinct weights: analyze_checkpoint ran {len(calls)} times"
+    records = {(r["run"], r["epoch"]): r for r in json.loads((out / "spectrum.json").read_text())["checkpoints"]}
+    assert records["sgd", 0]["top_eigenvalues"] == records["sam", 0]["top_eigenvalues"]
+    assert records["sam", 0]["path"].endswith("sam/ckpt-epoch000.pt")
