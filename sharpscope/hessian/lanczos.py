@@ -88,19 +88,6 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
     return torch.cat([top, bottom.flip(0)])  # descending overall
 
 
-def _block_changes_wanted(before: Tensor, block: Tensor, count: int, which: str, slack: float) -> bool:
-    """Whether eigenvalues ``block`` (of a new invariant block) strictly improve the wanted set of ``before``."""
-    if which == "both":
-        half = count // 2
-        return _block_changes_wanted(before, block, half, "top", slack) or _block_changes_wanted(
-            before, block, half, "bottom", slack)
-    if before.numel() < count:
-        return True
-    if which == "top":
-        return bool(block.max() > before.sort(descending=True).values[count - 1] + slack)
-    return bool(block.min() < before.sort().values[count - 1] - slack)
-
-
 def _start_vector(v0: Tensor | None, n: int, device: torch.device, generator: torch.Generator) -> Tensor:
     random = torch.randn(n, generator=generator, dtype=torch.float64).to(device)
     random /= random.norm()

@@ -159,16 +159,6 @@ def _materialize(batches: Iterable[Any]) -> Iterable[Any]:
     return batches
 
 
-def _batch_size(y: Any, x: Any) -> int:
-    """Samples in the batch ``(x, y)`` (:func:`sharpscope.batches.num_samples`; kept for ``reference.py``)."""
-    return num_samples((x, y))
-
-
-def _unpack(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch (:func:`sharpscope.batches.split_batch`; kept for ``reference.py``)."""
-    return split_batch(batch)
-
-
 def _tensors(batch: Any) -> list[Tensor]:
     return [t for t in tree_leaves(batch) if isinstance(t, Tensor)]
 

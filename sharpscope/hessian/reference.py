@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.hessian.operator import _batch_size, _materialize, _unpack, select_parameters
+from sharpscope.batches import num_samples, split_batch
+from sharpscope.hessian.operator import _materialize, select_parameters
 from sharpscope.hessian.operator import eval_mode as _eval_mode
 
 __all__ = ["dense_hessian", "exact_eigenvalues"]
@@ -93,8 +94,8 @@ def dense_hessian(
     batches = list(_materialize(batches))
     if not batches:
         raise SharpscopeError("batches is empty; the Hessian needs at least one (x, y) batch")
-    pairs = [_unpack(batch) for batch in batches]
-    sizes = [_batch_size(y, x) for x, y in pairs]
+    pairs = [split_batch(batch) for batch in batches]
+    sizes = [num_samples(batch) for batch in batches]
     total = sum(sizes)
     shapes = [t.shape for t in tensors]
     numels = [t.numel() for t in tensors]

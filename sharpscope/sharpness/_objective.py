@@ -256,9 +256,6 @@ def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, d
 _VECTORIZE = (None, True, False, "structured", "vmap")
 
 
-#: torch's fused nn.MultiheadAttention fast path and fused scaled-dot-product kernels have no vmap rule (they
-#: would run per sample); every path runs with them off (the same math, unfused)
-_unfused_attention = unfused_attention
 
 
 def _in_dims(tree: Any, dim: int | None) -> Any:
@@ -405,7 +402,8 @@ class ChunkedObjective:
         return self._run(delta, x, y, shared=shared, grad=True)
 
     def _run(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool, grad: bool):
-        with _unfused_attention():
+        # fused attention kernels have no vmap rule (they would run per sample): every path runs them unfused
+        with unfused_attention():
             if self.vectorize is not False and self.vectorize != "vmap" and not shared:
                 out = self._try_structured(delta, x, y, grad=grad)
                 if out is not None:
