@@ -156,6 +156,33 @@ def out_options(f: Callable) -> Callable:
     )(f)
 
 
+def figure_options(f: Callable) -> Callable:
+    """``--format png,pdf,svg`` and ``--dpi``: how figures are written (:class:`sharpscope.plots.output.FigureOutput`).
+
+    The command receives ``figure_output``, a ``FigureOutput``; a bad value is one usage line (exit 2).
+    """
+    from sharpscope.plots.output import DEFAULT_DPI
+
+    def to_output(ctx, param, value):
+        from sharpscope.errors import UsageError
+        from sharpscope.plots.output import FigureOutput
+
+        formats = ctx.params.pop("figure_formats", "png")
+        try:
+            return FigureOutput.parse(formats, value)
+        except UsageError as err:
+            raise click.BadParameter(str(err).split(": ", 1)[-1], ctx=ctx, param_hint="'--format'/'--dpi'") from None
+
+    return _compose(
+        click.option("--format", "figure_formats", default="png", show_default=True, metavar="FMT[,FMT...]",
+                     is_eager=True,
+                     help="Figure file formats, comma-separated: png, pdf, svg (one file per format and figure)."),
+        click.option("--dpi", "figure_output", type=click.IntRange(30, 1200), default=DEFAULT_DPI,
+                     show_default=True, callback=to_output,
+                     help="Resolution of raster figures (dots per inch)."),
+    )(f)
+
+
 def seed_option(f: Callable) -> Callable:
     """``--seed``: every random choice (directions, probe vectors, shuffling) derives from it."""
     return click.option("--seed", type=click.IntRange(min=0, max=MAX_SEED), default=0, show_default=True,
