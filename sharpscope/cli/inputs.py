@@ -8,6 +8,11 @@ import torch
 
 from sharpscope.errors import SharpscopeError
 
+#: The dataset loaded last, by (name, data_dir): a command analysing many checkpoints of one run (22 along a
+#: trajectory) reads and decodes its files once, not once per checkpoint. Emptied after each CLI command
+#: (:meth:`sharpscope.cli.main.LazyGroup.invoke`), so a command always reads the files as they are when it starts.
+_LAST_DATASET: dict[tuple[str, str | None], object] = {}
+
 
 def analysis_inputs(
     ckpt_path: str | Path,
@@ -27,16 +32,21 @@ def analysis_inputs(
     as in training, without augmentation.
     """
     from sharpscope.data import eval_batches, load_dataset
+    from sharpscope.specs import is_factory_spec
     from sharpscope.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(ckpt_path, device=device, model_spec=model_spec, dataset=dataset)
     name = dataset or checkpoint.dataset
     if name is None:
         raise SharpscopeError(f"{ckpt_path}: the checkpoint does not say which data it was trained on; pass --dataset")
+    key = (name, None if data_dir is None else str(data_dir))
     try:
-        data = load_dataset(name, data_dir=data_dir)
+        data = _LAST_DATASET[key] if key in _LAST_DATASET else load_dataset(name, data_dir=data_dir)
     except OSError as exc:  # e.g. a --data-dir this user may not read
         raise SharpscopeError(f"cannot read dataset {name!r} ({exc}); check --data-dir and its permissions") from None
+    _LAST_DATASET.clear()
+    if not is_factory_spec(name):  # user code may return other data on each call: call it each time
+        _LAST_DATASET[key] = data
     expected = checkpoint.model_kwargs
     for key, found in (("in_channels", data.in_channels), ("num_classes", data.num_classes),
                        ("image_size", data.image_size)):

@@ -81,6 +81,10 @@ class LazyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted; finished work is saved and the same command resumes it.", err=True)
             sys.exit(130)
+        finally:
+            inputs = sys.modules.get("sharpscope.cli.inputs")  # not imported by --help: keep that instant
+            if inputs is not None:
+                inputs._LAST_DATASET.clear()
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
