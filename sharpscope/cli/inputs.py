@@ -72,13 +72,16 @@ def check_finite_loss(model: torch.nn.Module, loss_fn, batches, path: str | Path
     The mean is sample-weighted, ``sum_b n_b L_b / sum_b n_b`` (``loss_fn`` returns the batch mean), in the
     model's current mode, without gradients: one forward pass over the evaluation set and one host sync.
     """
+    from sharpscope.batches import batch_loss, num_samples
+
     total = None
     count = 0
     with torch.no_grad():
-        for x, y in batches:
-            batch_loss = loss_fn(model(x), y).detach().double() * len(y)
-            total = batch_loss if total is None else total + batch_loss
-            count += len(y)
+        for batch in batches:  # the batch contract: tensor, tuple or dict inputs, or a BatchLoss
+            n = num_samples(batch)
+            weighted = batch_loss(model, loss_fn, batch)[1].detach().double() * n
+            total = weighted if total is None else total + weighted
+            count += n
     if not count:
         raise SharpscopeError(f"{path}: the evaluation set is empty; pass --num-samples 1 or more")
     loss = float(total) / count
