@@ -12,7 +12,8 @@ Functions of an operator (a HessianOperator, a dense symmetric tensor, or anythi
     spectral_density(op, *, tol=0.01 | num_iters, num_runs=5, ...)    -> SpectralDensity
 
 Model-level helpers: ``per_layer_eigs`` (a block of the Hessian per module), ``analyze_checkpoint`` and
-``spectrum_series`` (checkpoint series with warm start). The dense truth lives in ``sharpscope.hessian.reference``.
+``spectrum_series`` (checkpoint series with warm start). ``run(checkpoints, *, top_k=5, ..., out=...)`` is
+``sharpscope hessian-spectrum`` as a function: checkpoint files in, spectrum.json/.npz and figures out. The dense truth lives in ``sharpscope.hessian.reference``.
 """
 
 from sharpscope.hessian.density import SpectralDensity, spectral_density
@@ -25,6 +26,7 @@ from sharpscope.hessian.series import (
     per_layer_eigs,
     spectrum_series,
 )
+from sharpscope.hessian.runner import SpectrumRun, run
 from sharpscope.hessian.trace import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __all__ = [
@@ -48,4 +50,7 @@ __all__ = [
     "parameter_groups",
     "per_layer_eigs",
     "spectrum_series",
+    # checkpoint files to results on disk (the hessian-spectrum command)
+    "SpectrumRun",
+    "run",
 ]

@@ -77,6 +77,19 @@ class SpectralDensity:
     error_bounds: Tensor | None = None  # (num_runs,) W1 bound of each run's quadrature / its spectral range
     tol: float | None = None  # the stopping tolerance on error_bounds (None: fixed number of steps)
 
+    def __repr__(self) -> str:
+        """One line: support, implied trace +- stderr, runs, steps and products; not the grid."""
+        if self.converged is None:
+            rule = "fixed steps"
+        else:
+            rule = f"W1 bound <= {self.tol:g} {'met' if self.converged else 'NOT met'}"
+        steps = "" if self.num_steps is None else f" ({int(self.num_steps.min())}-{int(self.num_steps.max())} steps)"
+        stderr = self.trace_stderr
+        return (f"SpectralDensity(n={self.num_params:,}, eigenvalues in [{self.lambda_min:.4g}, "
+                f"{self.lambda_max:.4g}], SLQ trace {self.trace_estimate:.6g} +- "
+                f"{stderr:.2g}, {self.nodes.shape[0]} runs{steps}, {rule}, sigma {self.sigma:.2g}, "
+                f"{self.grid.numel()} grid points, {self.num_matvecs} HVPs)")
+
     @property
     def converged(self) -> bool | None:
         """Every run met ``tol`` (or ended in an exact invariant subspace); None for a fixed number of steps."""

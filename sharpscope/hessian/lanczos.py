@@ -63,6 +63,18 @@ class EigenResult:
     which: str  # "top" | "bottom" | "both"
     criterion: str = "residual"  # the convergence test of ``converged``: "residual" | "eigenvalue"
 
+    def __repr__(self) -> str:
+        """One line: each eigenvalue +- its residual (``|lambda - theta| <= residual`` for a symmetric operator),
+        convergence and products, never the eigenvector tensor."""
+        shown = 6
+        pairs = ", ".join(f"{float(v):.6g} +- {float(r):.1g}"
+                          for v, r in zip(self.eigenvalues[:shown], self.residuals[:shown]))
+        more = f", ... ({self.eigenvalues.numel() - shown} more)" if self.eigenvalues.numel() > shown else ""
+        done = int(self.converged.sum())
+        return (f"EigenResult({self.which} {self.eigenvalues.numel()}: [{pairs}{more}], converged "
+                f"{done}/{self.converged.numel()} ({self.criterion}, tol {self.tol:g}), {self.num_matvecs} HVPs, "
+                f"{self.num_restarts} restarts, vectors {tuple(self.eigenvectors.shape)})")
+
     @property
     def all_converged(self) -> bool:
         """True if every returned pair met the tolerance."""

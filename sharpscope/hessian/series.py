@@ -111,6 +111,19 @@ class CheckpointSpectrum:
     seconds: float  # wall time
     config: dict[str, Any] = field(default_factory=dict)  # the settings used (for provenance and resuming)
 
+    def __repr__(self) -> str:
+        """A few lines: the sizes and cost, then one line per result computed (each its own short repr)."""
+        lines = [f"CheckpointSpectrum(n={self.num_params:,} parameters, {self.num_samples} samples, loss "
+                 f"{self.loss:.5g}, {self.num_matvecs} HVPs in {self.seconds:.1f} s"]
+        lines.append(f"  top={self.top!r}")
+        for name in ("bottom", "trace", "density"):
+            if getattr(self, name) is not None:
+                lines.append(f"  {name}={getattr(self, name)!r}")
+        if self.per_layer is not None:
+            blocks = ", ".join(f"{layer}: {float(r.eigenvalues[0]):.4g}" for layer, r in self.per_layer.items())
+            lines.append(f"  per_layer lambda_1={{{blocks}}}")
+        return "\n".join(lines) + ")"
+
 
 def analyze_checkpoint(
     model: nn.Module,

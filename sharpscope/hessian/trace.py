@@ -87,6 +87,14 @@ class TraceEstimate:
     converged: bool | None = None  # stderr <= rtol * |value| was reached within max_matvecs (None: fixed budget)
     deflation_rank: int = 0  # columns of the deflation basis Q (Hutch++ sketch and/or given vectors)
 
+    def __repr__(self) -> str:
+        """One line: the estimate +- its standard error, the stopping rule met, the products spent."""
+        rule = ("fixed budget" if self.rtol is None else
+                f"rtol {self.rtol:g} {'met' if self.converged else 'NOT met'}")
+        deflated = f", deflation rank {self.deflation_rank}" if self.deflation_rank else ""
+        return (f"TraceEstimate({self.method}: {self.value:.6g} +- {self.stderr:.2g} (stderr), {rule}, "
+                f"{self.samples.numel()} probes{deflated}, {self.num_matvecs} HVPs)")
+
     @property
     def interval(self) -> tuple[float, float]:
         """An approximate 95% confidence interval ``value -+ 1.96 stderr`` (normal approximation)."""

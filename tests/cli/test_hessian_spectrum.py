@@ -223,3 +223,16 @@ def test_identical_checkpoints_are_computed_once(runs, tmp_path, monkeypatch):
     records = {(r["run"], r["epoch"]): r for r in json.loads((out / "spectrum.json").read_text())["checkpoints"]}
     assert records["sgd", 0]["top_eigenvalues"] == records["sam", 0]["top_eigenvalues"]
     assert records["sam", 0]["path"].endswith("sam/ckpt-epoch000.pt")
+
+
+def test_figure_formats_and_final_only_chart(runs, tmp_path):
+    """--format/--dpi pick the figure files; two final checkpoints give the per-run chart, not a training curve."""
+    out = tmp_path / "out"
+    result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", runs / "sam" / "final.pt", "--top-k", 1,
+                    "--num-samples", 64, "--device", "cpu", "--format", "svg,png", "--dpi", 50, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "top_eigenvalues.svg").stat().st_size > 0 and (out / "top_eigenvalues.png").exists()
+    assert "during training" not in (out / "top_eigenvalues.svg").read_text()
+    assert "Top Hessian eigenvalues at epoch 2" in (out / "top_eigenvalues.svg").read_text()
+    result = invoke("hessian-spectrum", runs / "sgd" / "final.pt", "--format", "gif", "--out", tmp_path / "bad")
+    assert result.exit_code == 2 and "unknown figure format" in result.output
