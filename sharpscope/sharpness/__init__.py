@@ -11,7 +11,9 @@ the model evaluated in eval mode on a fixed evaluation set, cut into disjoint ch
 * :func:`pac_bayes_flatness`: Jiang et al. 2020's PAC-Bayes ``sigma'`` and ``1/sigma'^2``;
 * :func:`generalization_gap`: the gap those are ranked against, test error - train error measured at ``w``;
 * :func:`kendall_tau` / :func:`kendall_tau_table`: rank correlation of a measure with the generalization gap;
-* :func:`run_measure` with a :class:`SuiteConfig`: any of the above by name, as a JSON-ready record.
+* :func:`run_measure` with a :class:`SuiteConfig`: any of the above by name, as a JSON-ready record;
+* :func:`run`: ``sharpscope sharpness`` as a function (checkpoints in, results and figures written to a folder,
+  resumable mid-measure), returning a :class:`SharpnessRun`.
 """
 
 from sharpscope.sharpness.average_case import average_case_sharpness
@@ -21,6 +23,7 @@ from sharpscope.sharpness.keskar import keskar_sharpness
 from sharpscope.sharpness.pac_bayes import pac_bayes_flatness, top1_accuracy
 from sharpscope.sharpness.result import PacBayesResult, SharpnessEstimate, SharpnessResult
 from sharpscope.sharpness.suite import MEASURES, SuiteConfig, ranking_values, run_measure
+from sharpscope.sharpness.runner import SharpnessRun, run
 from sharpscope.sharpness.worst_case import m_sharpness, worst_case_sharpness
 
 __all__ = [
@@ -41,6 +44,9 @@ __all__ = [
     "SuiteConfig",
     "run_measure",
     "ranking_values",
+    # the command as a function
+    "run",
+    "SharpnessRun",
     # results
     "SharpnessEstimate",
     "SharpnessResult",

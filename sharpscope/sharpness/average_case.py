@@ -33,6 +33,8 @@ from sharpscope.sharpness._objective import (
     seeded_draws,
     take,
 )
+from sharpscope.errors import SharpscopeError
+from sharpscope.sharpness.partial import PartialResults
 from sharpscope.sharpness.result import SharpnessEstimate
 from sharpscope.sharpness.worst_case import (
     _check_count,
@@ -58,15 +60,29 @@ def _average_case_on_chunks(
     seed: int,
     progress: Callable[[float], Any] | None,
     shard: tuple[int, int] | None = None,
+    partial: PartialResults | None = None,
 ) -> SharpnessEstimate:
     """Average-case sharpness of every chunk; the ``C x num_draws`` (chunk, draw) pairs run in vmapped groups.
 
     With ``shard=(rank, world_size)`` this rank evaluates its contiguous block of chunks (every draw of a chunk
     comes from that chunk's own seeded stream) and the ranks exchange the per-draw increases.
+
+    With ``partial`` every finished group's perturbed losses are recorded under ``a|m|rho|first-last`` (item
+    indices) and groups found there are not evaluated again (the clean losses, one forward per group, are).
+    The group is shrunk to the memory available (:func:`sharpscope.sharpness.memory.fit_group`).
     """
+    from sharpscope.sharpness.memory import fit_group
+    from sharpscope.sharpness.worst_case import objective_activations
+
+    if partial is not None and shard is not None:
+        raise SharpscopeError("partial results are kept in one process only (not with shard)")
     num_chunks, m = leading_size((xc, yc), 0), leading_size((xc, yc), 1)
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=2)
+    group = fit_group(group, m=m, num_params=objective.num_params, copies=2,
+                      itemsize=torch.finfo(objective.dtype).bits // 8, batch_size=objective.batch_size,
+                      activations=objective_activations(objective, xc), device=objective.device,
+                      what=f"{'adaptive ' if adaptive else ''}average-case sharpness")
     mine = distributed.block(num_chunks, shard)
     clean = torch.cat([torch.zeros(0, dtype=objective.dtype, device=objective.device)] + [
         objective.value(objective.zeros(min(group, mine.stop - first)),
@@ -77,9 +93,17 @@ def _average_case_on_chunks(
     for first in range(mine.start * num_draws, mine.stop * num_draws, group):
         items = range(first, min(first + group, mine.stop * num_draws))  # item = chunk * num_draws + draw
         index = torch.arange(items.start, items.stop) // num_draws
-        xi = seeded_draws(objective, items, seed=seed, kind="uniform" if p == math.inf else "normal")
-        delta = [rho * t for t in xi] if scale is None else [rho * t * c for t, c in zip(xi, scale)]
-        perturbed.append(objective.value(delta, *map_samples(lambda t: t[index.to(t.device)], (xc, yc))))
+        key = f"a|m={m}|rho={rho!r}|{items.start}-{items.stop}"
+        saved = partial.get(key) if partial is not None else None
+        if saved is not None:
+            perturbed.append(torch.from_numpy(saved).to(device=objective.device, dtype=objective.dtype))
+        else:
+            xi = seeded_draws(objective, items, seed=seed, kind="uniform" if p == math.inf else "normal")
+            delta = [rho * t for t in xi] if scale is None else [rho * t * c for t, c in zip(xi, scale)]
+            perturbed.append(objective.value(delta, *map_samples(lambda t: t[index.to(t.device)], (xc, yc))))
+            del xi, delta
+            if partial is not None:
+                partial.put(key, perturbed[-1].detach().cpu().numpy(), chunks=len(items) / num_draws)
         if progress is not None:  # the other ranks advance alike: count the whole job
             progress(index.shape[0] / num_draws * (shard[1] if shard else 1))
     # a perturbation so large that the logits overflow gives a NaN loss (inf - inf inside log-softmax): the loss

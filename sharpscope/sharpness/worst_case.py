@@ -62,6 +62,7 @@ from sharpscope.sharpness._objective import (
     stack_data,
     take,
 )
+from sharpscope.sharpness.partial import PartialResults
 from sharpscope.sharpness.result import SharpnessEstimate, SharpnessResult
 
 __all__ = ["worst_case_sharpness", "m_sharpness"]
@@ -105,6 +106,23 @@ def _check_count(name: str, value: Any, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SharpscopeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def objective_activations(objective: ChunkedObjective, xc: Any) -> int:
+    """Elements of the leaf modules' outputs on one sample (:func:`sharpscope.sharpness.memory.activations_per_sample`),
+    measured once per objective; 0 where the model cannot be called on one sample alone (a ``BatchLoss``)."""
+    from sharpscope.batches import map_samples
+    from sharpscope.sharpness.memory import activations_per_sample
+
+    cached = getattr(objective, "_activations_per_sample", None)
+    if cached is None:
+        try:
+            one = map_samples(lambda t: t[0, :1], xc)
+            cached = activations_per_sample(objective.model, one)
+        except Exception:  # noqa: BLE001 - only an estimate: a model it cannot call is sized by its parameters
+            cached = 0
+        objective._activations_per_sample = cached
+    return cached
 
 
 # --------------------------------------------------------------------------------------- geometry helpers
@@ -314,17 +332,31 @@ def _worst_case_on_chunks(
     keep_perturbation: bool,
     progress: Callable[[int], Any] | None,
     shard: tuple[int, int] | None = None,
+    partial: PartialResults | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
     """Run :func:`ascend` over all chunks in groups; returns ``trace (C, steps + 1)``, ``clean (C,)``, deltas.
 
     With ``shard=(rank, world_size)`` this rank ascends its contiguous block of chunks and the ranks exchange
     the traces (each chunk's ascent depends on that chunk alone, its random start included).
+
+    With ``partial`` (a :class:`~sharpscope.sharpness.partial.PartialResults`, one process only) every finished
+    group's traces and clean losses are recorded under ``w|m|rho|first-last``, and groups found there are not
+    ascended again. The group size comes from :func:`chunk_group_size`, shrunk to the memory available
+    (:func:`sharpscope.sharpness.memory.fit_group`, which refuses before allocating when one chunk does not fit).
     """
+    from sharpscope.sharpness.memory import fit_group
+
     num_chunks, m = leading_size((xc, yc), 0), leading_size((xc, yc), 1)
     if shard is not None and keep_perturbation:
         raise SharpscopeError("return_perturbation=True cannot be combined with shard (the perturbations stay "
                               "on the rank that found them); run in one process")
+    if partial is not None and (shard is not None or keep_perturbation):
+        raise SharpscopeError("partial results are kept in one process without return_perturbation only")
     group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=_ASCENT_COPIES)
+    group = fit_group(group, m=m, num_params=objective.num_params, copies=_ASCENT_COPIES,
+                      itemsize=torch.finfo(objective.dtype).bits // 8, batch_size=objective.batch_size,
+                      activations=objective_activations(objective, xc), device=objective.device,
+                      what=f"{'adaptive ' if adaptive else ''}worst-case sharpness")
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     mine = distributed.block(num_chunks, shard)
     traces = [torch.zeros(0, steps + 1, dtype=objective.dtype, device=objective.device)]
@@ -332,11 +364,22 @@ def _worst_case_on_chunks(
     deltas = []
     for first in range(mine.start, mine.stop, group):
         last = min(first + group, mine.stop)
+        key = f"w|m={m}|rho={rho!r}|{first}-{last}"
+        saved = partial.get(key) if partial is not None else None
+        if saved is not None:
+            saved = torch.from_numpy(saved).to(device=objective.device, dtype=objective.dtype)
+            traces.append(saved[:, :-1])
+            cleans.append(saved[:, -1])
+            if progress is not None:
+                progress(last - first)
+            continue
         x, y = take((xc, yc), slice(first, last))
         chunks = range(first, last)
         start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
         trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
                                     start=start)
+        if partial is not None:
+            partial.put(key, torch.cat([trace, clean[:, None]], dim=1).detach().cpu().numpy(), chunks=last - first)
         traces.append(trace)
         cleans.append(clean)
         if keep_perturbation:
@@ -480,6 +523,7 @@ def m_sharpness(
     check_deterministic: bool = True,
     progress: Callable[[int], Any] | None = None,
     shard: tuple[int, int] | None = None,
+    partial: PartialResults | None = None,
 ) -> SharpnessResult:
     """Sharpness for every ``(m, rho)`` of a grid: Foret et al. 2021's m-sharpness (section 4.1, Fig. 3).
 
@@ -490,6 +534,10 @@ def m_sharpness(
     grids are the SAM paper's ``m`` (1 to 128) and its common ``rho`` values.
     Larger ``rho`` for ``p = inf`` or adaptive sets should be much smaller (Andriushchenko et al. 2023 use
     ``rho`` ~ 1e-3 for adaptive l-inf).
+
+    ``partial`` (a :class:`~sharpscope.sharpness.partial.PartialResults`; not with ``shard``) records every
+    finished block of chunks of every cell and skips the blocks it already holds: a run interrupted mid-grid
+    and called again with the same store resumes there, with bit-identical results on the same device.
 
     Returns:
         A :class:`SharpnessResult` with ``(len(m_values), len(rho_values))`` arrays of values and stderrs.
@@ -520,13 +568,14 @@ def m_sharpness(
                     trace, clean, _ = _worst_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
                         random_init=random_init, seed=seed, keep_perturbation=False, progress=progress, shard=shard,
+                        partial=partial,
                     )
                     estimates.append(_estimate("worst", trace, clean, m=m, rho=rho, p=p, adaptive=adaptive, eta=eta,
                                                steps=steps))
                 else:
                     estimates.append(_average_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
-                        seed=seed, progress=progress, shard=shard,
+                        seed=seed, progress=progress, shard=shard, partial=partial,
                     ))
     shape = (len(m_list), len(rho_list))
     return SharpnessResult(

@@ -271,3 +271,21 @@ def test_bad_input_one_line_no_traceback(run_dir, tmp_path, args, message, code)
 def test_help_shows_examples():
     result = invoke("sharpness", "--help")
     assert "sharpscope sharpness runs/*/final.pt --m 1,8,32,128 --rho 0.01,0.05,0.1" in result.output
+
+
+def test_figure_formats_dpi_and_save_every_options(run_dir, tmp_path):
+    out = tmp_path / "fmt"
+    result = invoke("sharpness", run_dir / "final.pt", "--measure", "worst", "--m", "64", "--rho", "0.05",
+                    "--steps", "1", "--num-samples", "64", "--gap-samples", "64", "--device", "cpu",
+                    "--format", "png,svg", "--dpi", "50", "--save-every", "0", "--out", out)
+    assert result.exit_code == 0, result.output
+    for name in ("sharpness_vs_rho.png", "sharpness_vs_rho.svg"):
+        assert f"wrote {out / name}" in result.output and (out / name).stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(out / "sharpness_vs_rho.png") as image:  # 50 dpi: a few hundred pixels wide
+        assert image.size[0] < 400, image.size
+    assert not (out / "sharpness.partial.npz").exists()
+    refused = CliRunner().invoke(cli, ["-q", "sharpness", str(run_dir / "final.pt"), "--save-every", "-1",
+                                       "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "Invalid value for '--save-every'" in refused.output

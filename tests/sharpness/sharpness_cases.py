@@ -104,3 +104,23 @@ def gradient_at(model: nn.Module, loss_fn, x, y) -> list[torch.Tensor]:
     copy_ = copy.deepcopy(model).eval()
     loss = loss_fn(copy_(x), y)
     return [g.detach() for g in torch.autograd.grad(loss, list(copy_.parameters()))]
+
+
+def digits_checkpoint(path, *, hidden: int | None = None, steps: int = 40, seed: int = 0):
+    """A digits MLP checkpoint written with ``save_checkpoint`` after ``steps`` full-batch SGD steps on the first
+    512 normalised training samples (a trained-ish minimum in well under a second; ``train`` takes seconds)."""
+    from sharpscope.data import eval_batches, load_dataset
+    from sharpscope.models import create_model
+    from sharpscope.train.checkpoint import save_checkpoint
+
+    shape = {"in_channels": 1, "num_classes": 10, "image_size": 8, **({"hidden": hidden} if hidden else {})}
+    torch.manual_seed(seed)
+    model = create_model("mlp", **shape)
+    x, y = next(iter(eval_batches(load_dataset("digits"), split="train", num_samples=512, batch_size=512)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return save_checkpoint(path, model=model, model_name="mlp", model_kwargs=shape, dataset="digits",
+                           config={"dataset": "digits", "model": "mlp"}, epoch=1, step=steps)
