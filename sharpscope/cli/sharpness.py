@@ -57,7 +57,10 @@ class MeasureList(click.ParamType):
 @click.option("--m", "m_values", type=IntList(), default="1,8,32,128",
               help="Samples per chunk B (m-sharpness, Foret et al. 2021 sec. 4.1); each must be <= --num-samples.")
 @click.option("--rho", "rho_values", type=FloatList(positive=True), default="0.01,0.05,0.1",
-              help="Radii of worst/average. For --p inf use far smaller ones (~1e-3).")
+              help="Radii of worst (Foret et al. 2021's SAM radii). For --p inf use far smaller ones (~1e-3).")
+@click.option("--average-rho", "average_rho_values", type=FloatList(positive=True), default="0.01,0.02,0.05",
+              help="Noise scales of average, per weight (the noise's norm is rho * sqrt(#weights): the worst-case "
+                   "radii as noise break the network; SuiteConfig says why).")
 @click.option("--adaptive-rho", "adaptive_rho_values", type=FloatList(positive=True), default="0.1,0.2,0.5",
               help="Radii of adaptive (relative to |w|+eta). Smaller than ASAM's training rho 0.5-2, which "
                    "breaks the network as a measure (SuiteConfig says why); for --p inf use ~50x smaller (0.002).")
@@ -86,7 +89,7 @@ class MeasureList(click.ParamType):
 @out_options
 @figure_options
 @click.pass_context
-def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_values, p, steps, num_draws, eta,
+def command(ctx, checkpoints, measures, m_values, rho_values, average_rho_values, adaptive_rho_values, p, steps, num_draws, eta,
             max_chunks, keskar_eps, pacbayes_draws, gap_samples, save_every, model_spec, dataset, split, num_samples,
             batch_size, data_dir, seed, device, out, overwrite, figure_output):
     """Sharpness of checkpoints: m-sharpness grids, Keskar and PAC-Bayes measures, and their Kendall tau with
@@ -125,7 +128,7 @@ def command(ctx, checkpoints, measures, m_values, rho_values, adaptive_rho_value
 
     result = run(
         list(checkpoints), measures=[name for group in measures for name in group], m=m_values, rho=rho_values,
-        adaptive_rho=adaptive_rho_values, p=math.inf if p == "inf" else 2.0, steps=steps, num_draws=num_draws,
+        adaptive_rho=adaptive_rho_values, average_rho=average_rho_values, p=math.inf if p == "inf" else 2.0, steps=steps, num_draws=num_draws,
         eta=eta, max_chunks=max_chunks, keskar_eps=keskar_eps, pacbayes_draws=pacbayes_draws,
         gap_samples=gap_samples, model_spec=model_spec, dataset=dataset, split=split, num_samples=num_samples,
         batch_size=batch_size, data_dir=data_dir, seed=seed, device=device,

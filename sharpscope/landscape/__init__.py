@@ -9,6 +9,7 @@ Other cuts: :func:`interpolate` (two checkpoints), :func:`plane_through` (three)
 (the PCA plane of a training run), :func:`hessian_directions` / :func:`directions_from_vectors`. Directions are
 saved and reloaded with :func:`save_directions` / :func:`load_directions`; a raw seeded draw (:func:`gaussian_draw`)
 is normalised against any model of the same architecture with :func:`normalize_draw` (comparable cuts).
+:func:`run` is the whole ``sharpscope landscape`` analysis (plan, compute, write the files and figures).
 """
 
 from sharpscope.landscape.directions import (
@@ -27,7 +28,7 @@ from sharpscope.landscape.directions import (
     save_directions,
     trainable_parameters,
 )
-from sharpscope.landscape.interpolation import PlaneBasis, interpolate, plane_through
+from sharpscope.landscape.interpolation import Barrier, PlaneBasis, interpolate, loss_barrier, plane_through
 from sharpscope.landscape.surface import (
     ChunkDone,
     Evaluation,
@@ -39,8 +40,14 @@ from sharpscope.landscape.surface import (
     loss_surface,
 )
 from sharpscope.landscape.trajectory import TrajectoryPCA, trajectory_pca
+from sharpscope.landscape.runner import LandscapeResult, run
+
 
 __all__ = [
+    "Barrier",
+    "LandscapeResult",
+    "loss_barrier",
+    "run",
     "NORMS",
     "ChunkDone",
     "Direction",

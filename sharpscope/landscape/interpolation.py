@@ -86,3 +86,37 @@ def state_of(model: nn.Module, *, include_buffers: bool = True) -> dict[str, Ten
     """A detached copy of the tensors a direction can move (trainable parameters [+ float buffers])."""
     with torch.no_grad():
         return {n: t.detach().clone() for n, t in model_tensors(model, include_buffers=include_buffers).items()}
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """The loss barrier along a linear path between two models."""
+
+    barrier: float  # max_{0 <= t <= 1} L(t) - max(L(0), L(1)); >= 0 up to the grid (0 when monotone)
+    t: float  # where the maximum over [0, 1] is reached
+    max_loss: float  # L(t) there
+    loss_start: float  # L(0)
+    loss_end: float  # L(1)
+
+
+def loss_barrier(ts: Iterable[float], loss: Iterable[float]) -> Barrier:
+    """The loss barrier of an interpolation curve: ``max_{t in [0, 1]} L(t) - max(L(0), L(1))`` (Frankle et al.
+    2020, "Linear mode connectivity and the lottery ticket hypothesis"; Draxler et al. 2018), over the grid points
+    ``ts`` in ``[0, 1]`` of the curve ``loss``, ``L(0)`` and ``L(1)`` linearly interpolated where 0 or 1 is not a
+    grid point. The endpoints count towards the maximum, so the barrier is >= 0. Points with a non-finite loss are
+    skipped; raises if ``[0, 1]`` holds none."""
+    ts = np.asarray(list(ts), dtype=np.float64)
+    loss = np.asarray(list(loss), dtype=np.float64)
+    if ts.shape != loss.shape or ts.ndim != 1:
+        raise SharpscopeError(f"loss_barrier: expected 1-D ts and loss of one length, got {ts.shape}, {loss.shape}")
+    finite = np.isfinite(loss)
+    if not finite.any() or ts[finite].min() > 0.0 or ts[finite].max() < 1.0:
+        raise SharpscopeError("loss_barrier: the curve must cover t = 0 and t = 1 with finite losses")
+    tf, lf = ts[finite], loss[finite]
+    ends = np.interp([0.0, 1.0], tf, lf)
+    inside = (tf >= 0.0) & (tf <= 1.0)
+    cand_t = np.concatenate([[0.0, 1.0], tf[inside]])
+    cand_l = np.concatenate([ends, lf[inside]])
+    k = int(np.argmax(cand_l))
+    return Barrier(barrier=float(cand_l[k] - ends.max()), t=float(cand_t[k]), max_loss=float(cand_l[k]),
+                   loss_start=float(ends[0]), loss_end=float(ends[1]))

@@ -112,6 +112,18 @@ class Surface:
     num_samples: int  # evaluation samples per point
     metadata: dict[str, Any] = field(default_factory=dict)  # directions, fingerprint, timing, label (JSON-able)
 
+    def __repr__(self) -> str:
+        """One line: label, grid, the centre and the range of the loss, how much is computed; never the arrays."""
+        grid = f"{self.xs.size} points in [{self.xs[0]:g}, {self.xs[-1]:g}]" if self.xs.size else "empty grid"
+        if self.ys is not None:
+            grid = f"{self.ys.size} x {grid} x [{self.ys[0]:g}, {self.ys[-1]:g}]" if self.ys.size else grid
+        finite = self.loss[np.isfinite(self.loss)]
+        span = f", loss {finite.min():.4g}..{finite.max():.4g}" if finite.size else ""
+        acc = "" if self.center_accuracy != self.center_accuracy else f" (accuracy {self.center_accuracy:.2%})"
+        done = "" if self.complete else f", {int(self.done.sum())}/{self.done.size} points computed"
+        return (f"Surface({self.label!r}, {self.dim}-D, {grid}: centre loss {self.center_loss:.4g}{acc}{span}"
+                f"{done}, {self.num_samples} samples)")
+
     @property
     def dim(self) -> int:
         """1 for a curve, 2 for a surface."""

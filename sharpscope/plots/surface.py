@@ -26,6 +26,8 @@ from sharpscope.errors import SharpscopeError
 _CMAP = "viridis"
 _ACCURACY_CMAP = "cividis"
 _LEVELS = 20
+_ACCURACY_LIMITS = (-4.0, 104.0)  # percent axis 0..100 with a margin: a curve at 100% is drawn, not clipped
+_LOSS_COLOR, _ACCURACY_COLOR = "C0", "C3"  # interpolation curve: one colour per quantity and its axis
 QUANTITIES = ("loss", "accuracy")
 
 
@@ -62,6 +64,20 @@ def _values(surface, log_scale: bool, quantity: str = "loss") -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             z = np.log10(np.where(z > 0, z, np.nan))
     return z
+
+
+#: ``auto`` loss scale: log10 when the largest finite positive loss drawn exceeds the smallest by more than this
+#: many decades (a basin at 0.002 under a rim at 3 spans 3.2 decades: linear would paint the basin one colour).
+AUTO_LOG_DECADES = 1.5
+
+
+def auto_log_scale(surfaces: Any) -> bool:
+    """Whether the ``auto`` loss scale draws log10(loss): the finite positive losses of all ``surfaces`` span more
+    than :data:`AUTO_LOG_DECADES` decades (``log10(max / min) > 1.5``)."""
+    values = [np.where(s.done, s.loss, np.nan).ravel() for s in _as_list(surfaces)]
+    loss = np.concatenate(values).astype(np.float64)
+    loss = loss[np.isfinite(loss) & (loss > 0)]
+    return bool(loss.size) and float(np.log10(loss.max() / loss.min())) > AUTO_LOG_DECADES
 
 
 def has_accuracy(surface: Any) -> bool:
@@ -166,11 +182,84 @@ def plot_curves(
     handles, texts = ax.get_legend_handles_labels()
     if ax2 is not None:
         ax2.set_ylabel("accuracy (%)")
-        ax2.set_ylim(0, 100)
+        ax2.set_ylim(*_ACCURACY_LIMITS)
         h2, t2 = ax2.get_legend_handles_labels()
         handles, texts = handles + h2, texts + t2
     fig.legend(handles, texts, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
     ax.set_title(title or "loss along the cut")
+    return fig
+
+
+def plot_interpolation(
+    surface: Any,
+    *,
+    endpoints: Sequence[str] = ("a", "b"),
+    log_scale: bool = False,
+    title: str | None = None,
+) -> Any:
+    """The loss along the line ``w_a + t (w_b - w_a)`` (a 1-D surface of :func:`sharpscope.landscape.interpolate`),
+    the accuracy on a second y axis (0..100% with a margin), each quantity in its own colour with its axis in that
+    colour, the two models marked at ``t = 0`` and ``t = 1`` (``endpoints`` names them) and the loss barrier
+    (:func:`sharpscope.landscape.loss_barrier`: ``max_{0<=t<=1} L(t) - max(L(0), L(1))``) drawn as an arrow
+    from the higher endpoint's loss up to the maximum, with its value. Returns a matplotlib ``Figure``."""
+    from matplotlib.figure import Figure
+
+    from sharpscope.landscape.interpolation import loss_barrier
+
+    _require_dim(surface, 1, "plot_interpolation")
+    names = list(endpoints)
+    if len(names) != 2:
+        raise SharpscopeError(f"endpoints: expected two names (t = 0 and t = 1), got {len(names)}")
+    loss = np.where(surface.done, surface.loss, np.nan).astype(np.float64)
+    loss[~np.isfinite(loss)] = np.nan
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(surface.xs, loss, "-", color=_LOSS_COLOR, lw=1.8, label="loss")
+    ax.margins(y=0.1)  # headroom for the barrier's value above the maximum
+    if log_scale:
+        ax.set_yscale("log")
+    handles = [ax.lines[0]]
+    if has_accuracy(surface):
+        ax2 = ax.twinx()
+        acc = 100 * np.where(surface.done, surface.accuracy, np.nan)
+        handles += ax2.plot(surface.xs, acc, "--", color=_ACCURACY_COLOR, lw=1.5, label="accuracy")
+        ax2.set_ylim(*_ACCURACY_LIMITS)
+        ax2.set_ylabel("accuracy (%)", color=_ACCURACY_COLOR)
+        ax2.tick_params(axis="y", colors=_ACCURACY_COLOR)
+    ax.set_ylabel("loss" + (" (log scale)" if log_scale else ""), color=_LOSS_COLOR)
+    ax.tick_params(axis="y", which="both", colors=_LOSS_COLOR)
+    ax.set_xlabel(f"t (0 = {names[0]}, 1 = {names[1]})")
+    ax.grid(True, alpha=0.3)
+    for t in (0.0, 1.0):
+        ax.axvline(t, color="0.4", lw=0.8, ls=":")
+    # the two models named on a top axis: outside the plot, clear of both curves
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([0.0, 1.0], labels=names)
+    top.tick_params(labelsize=8, colors="0.25")
+    try:
+        b = loss_barrier(surface.xs, loss)
+    except SharpscopeError:
+        b = None
+    if b is not None:
+        base = max(b.loss_start, b.loss_end)
+        ax.plot([0.0, 1.0], [b.loss_start, b.loss_end], "o", color=_LOSS_COLOR, ms=5, zorder=4)
+        if b.barrier > 0:
+            side = 0.0 if b.loss_start >= b.loss_end else 1.0
+            ax.hlines(base, min(b.t, side), max(b.t, side), colors="k", lw=0.6, ls="--", zorder=4)
+            ax.annotate("", (b.t, b.max_loss), (b.t, base), zorder=5,
+                        arrowprops={"arrowstyle": "<->", "color": "k", "lw": 1.0, "shrinkA": 0, "shrinkB": 0})
+            ax.annotate(f"{b.barrier:.3g}", (b.t, b.max_loss), xytext=(0, 7), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8, zorder=7,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
+            text = f"barrier {b.barrier:.3g} (at t = {b.t:.2f})"
+        else:
+            text = "barrier 0 (none between the models)"
+        handles += ax.plot([b.t], [b.max_loss], "v", color="k", ms=6, zorder=6, label=text)
+    else:
+        text = "barrier: not computed (no finite loss at t = 0 or 1)"
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncols=len(handles),
+               fontsize="small")
+    ax.set_title(title or f"interpolation {names[0]} -> {names[1]}")
     return fig
 
 
@@ -299,8 +388,13 @@ def plot_surface_3d(
     xl, yl = _axis_labels(surface)
     ax.set_xlabel(xl, fontsize=8)
     ax.set_ylabel(yl, fontsize=8)
-    ax.set_zlabel(_zlabel(log_scale), fontsize=8)
-    fig.colorbar(mappable, ax=ax, shrink=0.6, pad=0.1, label=_zlabel(log_scale))
+    from matplotlib.ticker import MaxNLocator
+
+    # fewer z ticks and a label pushed out: the default (7-9 ticks, labelpad 0) runs "loss" into the tick labels
+    ax.zaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.tick_params(axis="both", labelsize=7, pad=1)
+    ax.set_zlabel(_zlabel(log_scale), fontsize=8, labelpad=8)
+    fig.colorbar(mappable, ax=ax, shrink=0.6, pad=0.12, label=_zlabel(log_scale))
     ax.set_title(title or f"{surface.label}: centre loss {surface.center_loss:.4g}")
     return fig
 
@@ -342,7 +436,9 @@ def plot_comparison(
         lv = _levels(lo, hi, levels)
         mappable = None
         for ax, s, z, name in zip(axes, items, zs, names):
-            mappable = _draw_2d(ax, s, z, kind=kind, levels=lv, vmin=lo, vmax=hi, cmap=_cmap(cmap, quantity))
+            # a given cmap colours the loss; the accuracy keeps its own map so the rows are not confused
+            mappable = _draw_2d(ax, s, z, kind=kind, levels=lv, vmin=lo, vmax=hi,
+                                cmap=_cmap(cmap if quantity == "loss" else None, quantity))
             centre = (f"{100 * s.center_accuracy:.2f}%" if quantity == "accuracy" else f"{s.center_loss:.4g}")
             ax.set_title(f"{name}: centre {centre}", fontsize=10)
             if row == len(quantities) - 1:

@@ -67,6 +67,19 @@ class SharpnessResult:
     num_samples: int  # size of the evaluation set the chunks were cut from
     estimates: tuple[SharpnessEstimate, ...] = field(repr=False)  # the individual cells, row-major
 
+    def __repr__(self) -> str:
+        """A small table, one line per m: ``value +- stderr`` at each rho, and the chunks and clean loss."""
+        kind = ("adaptive " if self.adaptive else "") + self.measure
+        p = "inf" if self.p == float("inf") else f"{self.p:g}"
+        what = "steps" if self.measure == "worst" else "draws"
+        lines = [f"SharpnessResult({kind}, p={p}, {self.steps} {what}, {self.num_samples} samples; "
+                 f"rho = {', '.join(f'{r:g}' for r in self.rho_values)}"]
+        for i, m in enumerate(self.m_values):
+            cells = ", ".join(f"{v:.4g} +- {s:.2g}" for v, s in zip(self.values[i], self.stderr[i]))
+            lines.append(f"  m={m}: {cells}  ({int(self.num_chunks[i])} chunks, clean loss "
+                         f"{float(self.clean_loss[i][0]):.4g})")
+        return "\n".join(lines) + ")"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: the grid as nested lists (NaN becomes null when written by sharpscope.io), p as
         2.0 or the string "inf" (JSON has no infinity)."""

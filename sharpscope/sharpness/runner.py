@@ -31,7 +31,7 @@ from typing import Any
 from sharpscope.plots.output import FIGURE_FORMATS, FigureOutput
 from sharpscope.sharpness.suite import SuiteConfig
 
-__all__ = ["run", "SharpnessRun", "DEFAULT_ADAPTIVE_RHO", "PARTIAL_FILE"]
+__all__ = ["run", "SharpnessRun", "DEFAULT_ADAPTIVE_RHO", "DEFAULT_AVERAGE_RHO", "PARTIAL_FILE"]
 
 #: Files :func:`run` writes (figures: one per format of ``figure_output``).
 DATA_OUTPUTS = ("sharpness.json", "sharpness.npz", "kendall_tau.json")
@@ -44,6 +44,7 @@ MAX_RUNS = 8
 
 #: Radii of the adaptive measure (:class:`~sharpscope.sharpness.SuiteConfig` says why they are small).
 DEFAULT_ADAPTIVE_RHO = SuiteConfig.adaptive_rho_values
+DEFAULT_AVERAGE_RHO = SuiteConfig.average_rho_values
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def run(
     m: Sequence[int] = (1, 8, 32, 128),
     rho: Sequence[float] = (0.01, 0.05, 0.1),
     adaptive_rho: Sequence[float] = DEFAULT_ADAPTIVE_RHO,
+    average_rho: Sequence[float] = DEFAULT_AVERAGE_RHO,
     p: float | str = 2.0,
     steps: int = 20,
     num_draws: int = 20,
@@ -94,7 +96,8 @@ def run(
     Args:
         checkpoints: checkpoint files or run folders (all their ``ckpt-epoch*.pt`` then ``final.pt``).
         measures: names of :data:`sharpscope.sharpness.MEASURES`, run in this order for every checkpoint.
-        m, rho: the m-sharpness grid of ``worst`` and ``average`` (Foret et al. 2021, section 4.1).
+        m, rho: the m-sharpness grid of ``worst`` (Foret et al. 2021, section 4.1); ``m`` also of the others.
+        average_rho: noise scales of ``average`` (per weight: far smaller than ``rho``; see :class:`SuiteConfig`).
         adaptive_rho: radii of ``adaptive`` (relative to ``|w| + eta``; see :class:`SuiteConfig` for why they
             are small).
         p: 2 or ``inf`` (also the string ``"inf"``): the ball of worst/adaptive, the noise of average.
@@ -130,7 +133,7 @@ def run(
     p_value = math.inf if str(p) == "inf" or p == math.inf else float(p)
     config = SuiteConfig(
         measures=tuple(dict.fromkeys(measures)), m_values=tuple(m), rho_values=tuple(rho),
-        adaptive_rho_values=tuple(adaptive_rho), p=p_value, steps=steps, num_draws=num_draws, eta=eta,
+        adaptive_rho_values=tuple(adaptive_rho), average_rho_values=tuple(average_rho), p=p_value, steps=steps, num_draws=num_draws, eta=eta,
         max_chunks=max_chunks, keskar_eps=tuple(keskar_eps), pacbayes_draws=pacbayes_draws, seed=seed,
         batch_size=batch_size,
     )
@@ -383,7 +386,8 @@ def _write_arrays(out: Path, config, records: list[dict], entries: list[dict], n
         **{key: np.array([r[key] for r in records], dtype=np.float64)
            for key in ("train_error", "test_error", "generalization_gap")},
         "m_values": np.array(config.m_values), "rho_values": np.array(config.rho_values),
-        "adaptive_rho_values": np.array(config.adaptive_rho_values), "keskar_eps": np.array(config.keskar_eps),
+        "adaptive_rho_values": np.array(config.adaptive_rho_values),
+        "average_rho_values": np.array(config.average_rho_values), "keskar_eps": np.array(config.keskar_eps),
     }
     for name in config.measures:
         for entry in (e for e in entries if e["measure"] == name):

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 from sharpscope.cli.main import cli
+from sharpscope.errors import SharpscopeError
 
 EVAL = ["--num-samples", "300", "--batch-size", "128"]
 
@@ -82,7 +83,7 @@ def test_compare_two_models_2d(runs, tmp_path):
 
 def test_1d_curve_same_seed_same_draw(runs, tmp_path):
     out = tmp_path / "line"
-    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--dim", "1", "--x", "-1:1:5", "--log-scale",
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--dim", "1", "--x", "-1:1:5", "--loss-scale", "log",
                     "--seed", "3", *EVAL, "--out", str(out))
     assert result.exit_code == 0, result.output
     data = np.load(out / "surface.npz")
@@ -112,6 +113,12 @@ def test_interpolation_endpoints(runs, tmp_path):
     assert data["loss"][2] == pytest.approx(_centre_loss(sgd), rel=1e-6)  # float32, reduction order
     assert data["loss"][6] == pytest.approx(_centre_loss(sam), rel=1e-5)  # w_a + (w_b - w_a): ~1 ulp per weight
     _png_ok(out / "curve.png")
+    # the barrier: max loss for 0 <= t <= 1 minus the higher endpoint, recomputed from the array written
+    loss = data["loss"]
+    expected = loss[2:7].max() - max(loss[2], loss[6])
+    record = json.loads((out / "surface.json").read_text())
+    assert record["barrier"]["value"] == pytest.approx(expected, abs=1e-12)
+    assert f"loss barrier {expected:.4g}" in result.output
 
 
 def test_plane_through_three_checkpoints(runs, tmp_path):
@@ -245,6 +252,11 @@ def test_pca_grid_covers_the_path_and_html_draws_it(runs, tmp_path):
         (["--directions", "interpolate", "--compare", "{sam}", "--include-bias-bn"], "random directions only", 2),
         (["--directions", "hessian", "--ignore-bias-bn"], "--ignore-bias-bn: applies to random", 2),
         (["--directions-from", "{missing}"], "does not exist", 1),
+        (["--cmap", "viridsi"], "did you mean 'viridis'", 2),
+        (["--vmin", "2", "--vmax", "1"], "expected vmin < vmax", 2),
+        (["--loss-scale", "log", "--vmin", "0"], "must be > 0 with --loss-scale log", 2),
+        (["--log-scale"], "Did you mean '--loss-scale'?", 2),
+        (["--format", "jpg"], "unknown figure format", 2),
     ],
 )
 def test_bad_input_one_line_no_traceback(runs, tmp_path, args, message, code):
@@ -325,3 +337,70 @@ def test_out_defaults_to_results_run_command(runs, tmp_path, monkeypatch):
     out = tmp_path / "results" / "sgd+sam-landscape"
     assert (out / "surface-sgd.npz").is_file() or any(out.glob("*.npz")), sorted(p.name for p in out.iterdir())
     assert "results/sgd+sam-landscape" in result.output, result.output
+
+
+def test_library_run_writes_what_the_cli_writes(runs, tmp_path):
+    """sharpscope.landscape.run is the command: the same options give the same files and the same numbers."""
+    from sharpscope.landscape import LandscapeResult, run
+
+    sgd, sam = runs / "sgd" / "final.pt", runs / "sam" / "final.pt"
+    cli_out = tmp_path / "cli"
+    result = invoke("landscape", str(sam), "--compare", str(sgd), "--dim", "1", "--x", "-1:1:5", "--seed", "2",
+                    *EVAL, "--out", str(cli_out))
+    assert result.exit_code == 0, result.output
+    lib = run(sam, [sgd], dim=1, x=(-1.0, 1.0, 5), seed=2, num_samples=300, batch_size=128, out=tmp_path / "lib")
+    assert isinstance(lib, LandscapeResult) and lib.labels == ("sam", "sgd") and lib.ranks == 1
+    names = sorted(p.name for p in cli_out.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "lib").iterdir()) == sorted(p.name for p in lib.written)
+    assert "curve.png" in names and "curve-sam.png" in names  # the overlay is the main 1-D figure
+    for label, surface in zip(lib.labels, lib.surfaces):
+        cli_loss = np.load(cli_out / f"surface-{label}.npz")["loss"]
+        np.testing.assert_array_equal(np.load(tmp_path / "lib" / f"surface-{label}.npz")["loss"], cli_loss)
+        np.testing.assert_array_equal(surface.loss, cli_loss)
+    with pytest.raises(SharpscopeError, match="--directions pca draws one run"):
+        run(sam, [sgd], directions="pca", out=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_figure_options_formats_scale_and_colours(runs, tmp_path):
+    out = tmp_path / "fig"
+    result = invoke("landscape", str(runs / "sgd" / "final.pt"), "--x", "-1:1:5", "--y", "-1:1:3", *EVAL,
+                    "--format", "png,pdf", "--dpi", "60", "--cmap", "magma", "--levels", "6", "--vmin", "0.5",
+                    "--vmax", "3", "--loss-scale", "linear", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for stem in ("contour", "contourf", "heatmap", "surface3d", "accuracy"):
+        assert (out / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+        assert imread(out / f"{stem}.png").shape[0] < 400  # 60 dpi: about 5 in x 60
+    config = json.loads((out / "surface.json").read_text())["config"]
+    assert (config["loss_scale"], config["log_scale"], config["cmap"], config["levels"]) == ("linear", False,
+                                                                                          "magma", 6)
+    assert (config["vmin"], config["vmax"]) == (0.5, 3.0)
+
+
+def _absurd_grid_compares(runs) -> list[str]:
+    """--compare arguments enough for a 10001 x 10001 grid (the largest --x/--y allows) to exceed this machine's
+    available memory by the estimate (one surface already does below ~138 GB available)."""
+    from sharpscope.landscape.memory import GRID_BYTES_PER_POINT, HTML_BYTES_PER_POINT, available_host_memory
+
+    free, _ = available_host_memory()
+    per_surface = 10001**2 * (GRID_BYTES_PER_POINT + HTML_BYTES_PER_POINT)
+    extra = max(0, int(free // per_surface))
+    return sum((["--compare", str(runs / "sam" / "final.pt")] for _ in range(extra)), [])
+
+
+def test_absurd_grid_is_refused_before_any_work(runs, tmp_path):
+    out = tmp_path / "absurd"
+    result = CliRunner().invoke(cli, ["landscape", str(runs / "sgd" / "final.pt"), *_absurd_grid_compares(runs),
+                                      "--x", "-1:1:10001", "--y", "-1:1:10001", "--num-samples", "64",
+                                      "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: this landscape needs about"), result.output
+    assert "100,020,001 points" in lines[0] and "is available" in lines[0] and "Traceback" not in result.output
+    assert not out.exists()  # nothing written
+    # the library refuses a grid no click range check stops, before writing anything either
+    from sharpscope.landscape import run
+
+    with pytest.raises(SharpscopeError, match="needs about .* TB of memory"):
+        run(runs / "sgd" / "final.pt", x=(-1.0, 1.0, 100_000), y=(-1.0, 1.0, 100_000), num_samples=64, out=out)
+    assert not out.exists()

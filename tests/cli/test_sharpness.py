@@ -160,7 +160,7 @@ def test_gap_samples_caps_both_splits_and_is_the_library_gap(run_dir, tmp_path):
 
 
 #: average, adaptive and magnitude-aware PAC-Bayes in the l_inf geometry, as cheap as they get
-LINF = ["--measure", "average,adaptive,pacbayes-mag", "--p", "inf", "--m", "8,64", "--rho", "0.001",
+LINF = ["--measure", "average,adaptive,pacbayes-mag", "--p", "inf", "--m", "8,64", "--rho", "0.001", "--average-rho", "0.002",
         "--adaptive-rho", "0.001", "--steps", "1", "--num-draws", "2", "--max-chunks", "2", "--num-samples", "64",
         "--pacbayes-draws", "2", "--device", "cpu"]
 
@@ -200,7 +200,7 @@ def test_sgd_and_sam_runs_end_to_end_with_scipy_kendall_tau(run_dir, sam_run_dir
     kendall = json.loads((out / "kendall_tau.json").read_text())
     assert kendall["num_checkpoints"] == 6 and kendall["generalization_gap"] == list(gaps.values())
     assert set(kendall["tau"]) == set(columns) == {
-        "average m=8 rho=0.001", "average m=64 rho=0.001", "adaptive m=8 rho=0.001", "adaptive m=64 rho=0.001",
+        "average m=8 rho=0.002", "average m=64 rho=0.002", "adaptive m=8 rho=0.001", "adaptive m=64 rho=0.001",
         "pacbayes-mag 1/sigma^2"}
     for label, values in columns.items():
         assert len(values) == 6

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.landscape import evaluate, grid, interpolate, loss_surface, plane_through
+from sharpscope.landscape import evaluate, grid, interpolate, loss_barrier, loss_surface, plane_through
 
 from .conftest import image_batches, serial_loss, tiny_convnet
 
@@ -63,3 +63,24 @@ def test_plane_errors():
     with pytest.raises(SharpscopeError, match="lie on one line"):
         plane_through(a, b, midpoint)
     assert np.isfinite(plane_through(a, b, tiny_convnet(seed=3)).coords).all()
+
+
+def test_loss_barrier_is_the_max_on_the_path_minus_the_higher_endpoint():
+    ts = np.array([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
+    loss = np.array([9.0, 0.2, 0.7, 1.1, 0.4, 0.3, 7.0])  # the rim outside [0, 1] does not count
+    b = loss_barrier(ts, loss)
+    assert (b.barrier, b.t, b.max_loss, b.loss_start, b.loss_end) == pytest.approx((1.1 - 0.3, 0.5, 1.1, 0.2, 0.3))
+    monotone = loss_barrier(ts, np.array([5.0, 1.0, 0.8, 0.6, 0.5, 0.4, 0.1]))
+    assert monotone.barrier == 0.0 and monotone.t == 0.0  # the max over [0, 1] is the higher endpoint
+    # 0 and 1 off the grid: the endpoint losses are interpolated linearly between their neighbours
+    off = loss_barrier([-0.1, 0.1, 0.5, 0.9, 1.1], [1.0, 2.0, 4.0, 2.0, 1.0])
+    assert (off.loss_start, off.loss_end, off.barrier) == pytest.approx((1.5, 1.5, 2.5))
+    nan = loss_barrier(ts, np.where(ts == 0.5, np.nan, loss))  # a non-finite point is skipped, not the max
+    assert nan.barrier == pytest.approx(0.7 - 0.3) and nan.t == 0.25
+
+
+def test_loss_barrier_errors():
+    with pytest.raises(SharpscopeError, match="cover t = 0 and t = 1"):
+        loss_barrier([0.2, 0.5, 1.0], [1.0, 2.0, 1.0])
+    with pytest.raises(SharpscopeError, match="one length"):
+        loss_barrier([0.0, 1.0], [1.0])

@@ -13,10 +13,12 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.io import save_figure
 from sharpscope.landscape import Surface
 from sharpscope.plots.surface import (
+    auto_log_scale,
     has_accuracy,
     plot_comparison,
     plot_contour,
     plot_curves,
+    plot_interpolation,
     plot_surface_3d,
     plot_trajectory,
     plotly_figure,
@@ -212,3 +214,63 @@ def test_plot_errors():
         plot_contour(a2, kind="contours")
     with pytest.raises(SharpscopeError, match="nothing to plot"):
         plot_comparison([])
+
+
+def _line(loss, accuracy, *, xs=None) -> Surface:
+    xs = np.linspace(-0.5, 1.5, len(loss)) if xs is None else xs
+    loss = np.asarray(loss, dtype=np.float64)
+    return Surface(xs=xs, ys=None, loss=loss, accuracy=np.asarray(accuracy, dtype=np.float64),
+                   done=np.ones(len(loss), bool), center_loss=float(loss[np.argmin(abs(xs))]), center_accuracy=1.0,
+                   num_samples=10, metadata={"label": "a-to-b", "directions": [{"kind": "interpolate"}]})
+
+
+def test_auto_loss_scale_is_log_beyond_one_and_a_half_decades():
+    basin = _bowl(1.0, label="a")  # 0.1 .. 1.6: 1.2 decades
+    assert not auto_log_scale(basin)
+    deep = replace(basin, loss=np.where(basin.loss == 0.1, 0.002, 3.0 * basin.loss / basin.loss.max()))
+    assert auto_log_scale(deep)  # centre 0.002, rim 3: 3.2 decades
+    # over all surfaces drawn together; not-computed, non-finite and non-positive points do not count
+    assert auto_log_scale([basin, replace(basin, loss=basin.loss * 40)])
+    holes = replace(deep, done=deep.loss > 0.01)
+    assert not auto_log_scale(replace(holes, loss=np.where(holes.done, basin.loss, np.inf)))
+
+
+def test_interpolation_figure_twin_axes_and_barrier(tmp_path):
+    xs = np.linspace(-0.5, 1.5, 41)
+    loss = 0.05 + 0.3 * np.exp(-(((xs - 0.45) / 0.15) ** 2)) + 0.02 * xs
+    accuracy = np.where(abs(xs - 0.5) < 0.6, 1.0, 0.9)  # 100% over the middle: drawn, not clipped at the edge
+    fig = plot_interpolation(_line(loss, accuracy), endpoints=("sgd", "sam"))
+    ax, ax2 = fig.axes[0], fig.axes[-1]
+    (loss_line,), (acc_line,) = ax.lines[:1], ax2.lines
+    assert loss_line.get_color() != acc_line.get_color()  # one colour per quantity...
+    assert ax.yaxis.label.get_color() == loss_line.get_color() and ax2.yaxis.label.get_color() == acc_line.get_color()
+    lo, hi = ax2.get_ylim()
+    assert lo < 0 and 100 < hi <= 110  # 0..100 with a margin
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    inside = (xs >= 0) & (xs <= 1)
+    expected = loss[inside].max() - max(loss[xs == 0][0], loss[np.isclose(xs, 1)][0])
+    assert any(f"barrier {expected:.3g}" in t for t in legend), legend
+    assert f"{expected:.3g}" in [t.get_text() for t in ax.texts]  # the value next to the arrow on the curve
+    assert _not_blank(save_figure(fig, tmp_path / "interp.png")) > 0.05
+    flat = plot_interpolation(_line(0.1 + 0.0 * xs, np.ones_like(xs)), endpoints=("a", "b"))
+    assert any("barrier 0" in t.get_text() for t in flat.legends[0].get_texts())
+
+
+def test_curves_of_several_models_share_one_axes():
+    fig = plot_curves([_curve(1.0, label="sgd"), _curve(3.0, label="sam")], accuracy=True)
+    loss_axes = fig.axes[0]
+    assert len(fig.axes) == 2  # one loss axes and its accuracy twin: the models overlaid, not side by side
+    assert [line.get_label() for line in loss_axes.lines if not line.get_label().startswith("_")] == [
+        "sgd (loss)", "sam (loss)"]
+    assert fig.axes[1].get_ylim()[1] > 100  # accuracy not clipped at 100%
+
+
+def test_3d_z_label_clear_of_the_tick_labels():
+    # the default 8-10 z ticks with labelpad 0 ran "loss" into the tick labels (issue 18, checked by eye on the
+    # written PNG); a few ticks and a padded label keep them apart
+    fig = plot_surface_3d(_bowl(1234.0, label="sgd"))
+    ax = fig.axes[0]
+    lo, hi = ax.get_zlim()
+    shown = [z for z in ax.zaxis.get_ticklocs() if lo <= z <= hi]
+    assert 2 <= len(shown) <= 6, shown
+    assert ax.zaxis.labelpad >= 6

@@ -368,3 +368,17 @@ def test_compiled_forward_passes_match_eager():
     # inductor fuses and reorders float32 reductions: 1e-5 relative
     np.testing.assert_allclose(compiled.loss, eager.loss, rtol=1e-5)
     assert len(set(np.round(compiled.loss, 6))) == 5
+
+
+def test_a_surface_prints_as_one_line_without_its_arrays():
+    import numpy as np
+
+    from sharpscope.landscape import Surface
+
+    loss = np.array([[0.5, 0.2, np.nan], [0.4, 0.1, 0.3]])
+    surface = Surface(xs=np.array([-1.0, 0.0, 1.0]), ys=np.array([0.0, 1.0]), loss=loss, accuracy=loss * 0 + 0.5,
+                      done=np.isfinite(loss), center_loss=0.2, center_accuracy=0.875, num_samples=64,
+                      metadata={"label": "sgd"})
+    text = repr(surface)
+    assert text == ("Surface('sgd', 2-D, 2 x 3 points in [-1, 1] x [0, 1]: centre loss 0.2 (accuracy 87.50%), "
+                    "loss 0.1..0.5, 5/6 points computed, 64 samples)")
