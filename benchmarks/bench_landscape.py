@@ -162,7 +162,7 @@ def sharpscope_surface(model, directions, xs, ys, x, y, *, batch_size: int, chan
                        compile: bool = False) -> np.ndarray:
     batches = list(zip(x.split(batch_size), y.split(batch_size)))
     s = loss_surface(model, nn.CrossEntropyLoss(), batches, directions=directions, coords=(xs, ys),
-                     channels_last=channels_last, compile=compile, check_determinism=False)
+                     channels_last=channels_last, compile=compile, check_deterministic=False)
     return s.loss
 
 
@@ -265,7 +265,7 @@ def run_fixture(fx: Fixture, *, n: int, repeats: int, with_ll: bool, with_compil
             flat = ll_coords.reshape(-1, 2)
             ours = np.array([
                 loss_surface(model, nn.CrossEntropyLoss(), [(x, y)], directions=directions,
-                             coords=([float(a)], [float(b)]), check_determinism=False).loss[0, 0]
+                             coords=([float(a)], [float(b)]), check_deterministic=False).loss[0, 0]
                 for a, b in flat[:: max(1, len(flat) // 25)]
             ])
             theirs = values[name].reshape(-1)[:: max(1, len(flat) // 25)]

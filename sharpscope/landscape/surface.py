@@ -537,7 +537,7 @@ def loss_surface(
     channels_last: bool | None = None,
     precision: str = "fp32",
     compile: bool = False,
-    check_determinism: bool = True,
+    check_deterministic: bool = True,
     progress: bool = False,
     label: str | None = None,
 ) -> Surface:
@@ -571,7 +571,7 @@ def loss_surface(
             precisions are not mixed: the precision is part of the resume fingerprint).
         compile: run the forward passes through ``torch.compile`` (worth it for large grids on a GPU; the first
             point pays the compilation).
-        check_determinism: refuse data that differ between passes (a shuffling ``DataLoader``, augmentation:
+        check_deterministic: refuse data that differ between passes (a shuffling ``DataLoader``, augmentation:
             :func:`sharpscope.batches.check_fixed_batches`, one more read of the first batch), and evaluate the
             centre twice and refuse a model/data pair whose two evaluations differ (relative 1e-5): dropout in a
             custom module, stochastic layers (STYLE.md 5).
@@ -597,8 +597,8 @@ def loss_surface(
             raise SharpscopeError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
 
     device = _model_device(model)
-    if check_determinism:
-        check_fixed_batches(batches, opt_out="check_determinism=False")
+    if check_deterministic:
+        check_fixed_batches(batches, opt_out="check_deterministic=False")
     data = materialize_batches(batches, device=device, loss_fn=loss_fn)
     channels_last = _wants_channels_last(channels_last, data, model)
     data = materialize_batches(data, device=device, channels_last=channels_last, loss_fn=loss_fn)
@@ -608,13 +608,13 @@ def loss_surface(
         return _loss_surface(model, loss_fn, data, directions, targets, xs, ys, shape, npoints, started,
                              checkpoint_path=checkpoint_path, resume_from=resume_from, on_chunk=on_chunk,
                              max_points=max_points, chunk_size=chunk_size, shard=shard, channels_last=channels_last,
-                             precision=precision, compile=compile, check_determinism=check_determinism,
+                             precision=precision, compile=compile, check_deterministic=check_deterministic,
                              progress=progress, label=label, device=device)
 
 
 def _loss_surface(model, loss_fn, data, directions, targets, xs, ys, shape, npoints, started, *, checkpoint_path,
                   resume_from, on_chunk, max_points, chunk_size, shard, channels_last, precision, compile,
-                  check_determinism, progress, label, device) -> Surface:
+                  check_deterministic, progress, label, device) -> Surface:
     evaluator = _Evaluator(model, loss_fn, data, precision=precision, compile=compile)
     setter = _WeightSetter(targets, directions)
 
@@ -657,13 +657,13 @@ def _loss_surface(model, loss_fn, data, directions, targets, xs, ys, shape, npoi
     try:
         with torch.inference_mode():
             center_loss, center_accuracy = evaluator()
-            if check_determinism:
+            if check_deterministic:
                 again = evaluator()[0]
                 if not (again == center_loss or abs(again - center_loss) <= 1e-5 * max(1.0, abs(center_loss))):
                     raise SharpscopeError(
                         f"two evaluations of the same weights gave different losses ({center_loss!r} vs {again!r}): "
                         "the model or data is stochastic in eval mode (dropout in a custom module, noise layers, "
-                        "augmentation); make evaluation deterministic or pass check_determinism=False"
+                        "augmentation); make evaluation deterministic or pass check_deterministic=False"
                     )
             if previous is not None and previous.center_loss != center_loss and abs(
                 previous.center_loss - center_loss

@@ -130,7 +130,7 @@ def _average_case_on_chunks(
 def average_case_sharpness(
     model: nn.Module,
     loss_fn: Any,
-    data: Any,
+    batches: Any,
     *,
     rho: float,
     m: int | None = None,
@@ -151,7 +151,7 @@ def average_case_sharpness(
     """Average-case sharpness ``E_B E_delta[L_B(w + delta) - L_B(w)]`` (module docstring).
 
     Args:
-        model, loss_fn, data, m, adaptive, eta, max_chunks, shuffle, params, batch_size, vectorize,
+        model, loss_fn, batches, m, adaptive, eta, max_chunks, shuffle, params, batch_size, vectorize,
             check_deterministic: as in :func:`sharpscope.sharpness.worst_case_sharpness`.
         rho: noise scale: ``delta = rho * c * xi``.
         p: 2 for Gaussian ``xi``, ``math.inf`` for uniform ``xi`` on ``[-1, 1]`` (Andriushchenko et al.'s
@@ -172,7 +172,7 @@ def average_case_sharpness(
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     num_draws = _check_count("num_draws", num_draws)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+    objective, x, y = _setup(model, loss_fn, batches, params=params, batch_size=batch_size, vectorize=vectorize,
                              check_deterministic=check_deterministic)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):

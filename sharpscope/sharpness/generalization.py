@@ -88,8 +88,8 @@ def _error_and_loss(model: nn.Module, loss_fn: Any, data: Iterable[Any], which: 
 def generalization_gap(
     model: nn.Module,
     loss_fn: Any | None,
-    train_data: Iterable[tuple[Tensor, Tensor]],
-    test_data: Iterable[tuple[Tensor, Tensor]],
+    train_batches: Iterable[tuple[Tensor, Tensor]],
+    test_batches: Iterable[tuple[Tensor, Tensor]],
     *,
     progress: Callable[[int], Any] | None = None,
 ) -> GeneralizationGap:
@@ -101,12 +101,12 @@ def generalization_gap(
         loss_fn: ``loss_fn(outputs, labels) -> batch mean`` (e.g. ``nn.CrossEntropyLoss()``) or a
             :class:`sharpscope.batches.BatchLoss` (one more forward per batch) to also report the mean losses, or
             None to skip them.
-        train_data: ``(inputs, labels)`` batches of the train samples, without augmentation (e.g.
+        train_batches: ``(inputs, labels)`` batches of the train samples, without augmentation (e.g.
             ``sharpscope.data.eval_batches(dataset, split="train")``; any iterable, so batches may be built lazily);
             inputs a tensor, a tuple of tensors or a dict (:mod:`sharpscope.batches`), labels a tensor of class
             indices. Floating-point inputs are cast to the model's dtype and moved to its device. The order of
             the samples does not change the errors, so a shuffling ``DataLoader`` is accepted here.
-        test_data: the same for the test samples.
+        test_batches: the same for the test samples.
         progress: called with the number of samples of each batch done (train, then test).
 
     Returns:
@@ -117,8 +117,8 @@ def generalization_gap(
     model.eval()
     try:
         with torch.no_grad():
-            train_error, train_loss, num_train = _error_and_loss(model, loss_fn, train_data, "train", progress)
-            test_error, test_loss, num_test = _error_and_loss(model, loss_fn, test_data, "test", progress)
+            train_error, train_loss, num_train = _error_and_loss(model, loss_fn, train_batches, "train", progress)
+            test_error, test_loss, num_test = _error_and_loss(model, loss_fn, test_batches, "test", progress)
     finally:
         model.train(was_training)
     return GeneralizationGap(train_error=train_error, test_error=test_error, train_loss=train_loss,

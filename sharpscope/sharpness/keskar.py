@@ -37,7 +37,7 @@ __all__ = ["keskar_sharpness"]
 def keskar_sharpness(
     model: nn.Module,
     loss_fn: Any,
-    data: Any,
+    batches: Any,
     *,
     eps: float = 1e-3,
     steps: int = 20,
@@ -53,7 +53,7 @@ def keskar_sharpness(
     """Keskar et al.'s ``100 (max_{|z_i| <= eps (|w_i| + 1)} L(w + z) - L(w)) / (1 + L(w))`` (module docstring).
 
     Args:
-        model, loss_fn, data, params, batch_size, vectorize, check_deterministic, return_perturbation,
+        model, loss_fn, batches, params, batch_size, vectorize, check_deterministic, return_perturbation,
             progress: as in :func:`sharpscope.sharpness.worst_case_sharpness`.
         eps: the relative box size (1e-3 or 5e-4 in Keskar et al. 2017).
         steps: projected ascent steps (sign steps, step-size control of Auto-PGD).
@@ -66,7 +66,7 @@ def keskar_sharpness(
         (one full-batch value). ``clean_loss`` is ``L(w)``.
     """
     raw = worst_case_sharpness(
-        model, loss_fn, data, rho=eps, m=None, p=math.inf, adaptive=True, eta=1.0, steps=steps,
+        model, loss_fn, batches, rho=eps, m=None, p=math.inf, adaptive=True, eta=1.0, steps=steps,
         random_init=random_init, shuffle=False, seed=seed, params=params, batch_size=batch_size,
         vectorize=vectorize, check_deterministic=check_deterministic, return_perturbation=return_perturbation,
         progress=progress,

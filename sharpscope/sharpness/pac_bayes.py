@@ -41,7 +41,7 @@ def top1_accuracy(outputs: Tensor, labels: Tensor) -> Tensor:
 
 def pac_bayes_flatness(
     model: nn.Module,
-    data: Any,
+    batches: Any,
     *,
     target_drop: float = 0.1,
     magnitude_aware: bool = False,
@@ -62,7 +62,7 @@ def pac_bayes_flatness(
 
     Args:
         model: the network at ``w`` (evaluated in eval mode, not modified).
-        data: ``(x, y)`` tensors or an iterable of ``(x, y)`` batches.
+        batches: ``(x, y)`` tensors or an iterable of ``(x, y)`` batches.
         target_drop: the allowed mean accuracy drop (0.1, i.e. 10 percentage points, in Jiang et al.).
         magnitude_aware: noise std ``sqrt(sigma^2 w_i^2 + eps^2)`` instead of ``sigma``.
         eps: the additive std of the magnitude-aware noise (1e-3 in Jiang et al.).
@@ -94,7 +94,7 @@ def pac_bayes_flatness(
     if not (0 < low < high < math.inf):
         raise SharpscopeError(f"sigma_range must be (low, high) with 0 < low < high, got {sigma_range!r}")
     objective = ChunkedObjective(model, accuracy_fn, params=params, batch_size=batch_size, vectorize=vectorize)
-    x, y = stack_data(data, device=objective.device, dtype=objective.dtype)
+    x, y = stack_data(batches, device=objective.device, dtype=objective.dtype)
     group = max(1, min(num_draws, MAX_GROUP_ELEMENTS // max(1, 2 * objective.num_params)))
 
     def mean_accuracy(sigma: float) -> float:

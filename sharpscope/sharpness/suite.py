@@ -119,14 +119,14 @@ def run_measure(
     name: str,
     model: nn.Module,
     loss_fn: Any,
-    data: Any,
+    batches: Any,
     config: SuiteConfig,
     *,
     progress: Callable[[float], Any] | None = None,
     shard: tuple[int, int] | None = None,
     partial: Any = None,
 ) -> dict[str, Any]:
-    """Compute measure ``name`` of ``model`` on ``data`` with ``config``; return a JSON-ready record.
+    """Compute measure ``name`` of ``model`` on ``batches`` with ``config``; return a JSON-ready record.
 
     ``shard=(rank, world_size)`` splits the chunks of the grid measures (worst, average, adaptive) over the ranks
     of a ``torch.distributed`` job; ``keskar`` and the PAC-Bayes bisections are one sequential search over the
@@ -148,7 +148,7 @@ def run_measure(
     if name in _GRID:
         adaptive = name == "adaptive"
         result = m_sharpness(
-            model, loss_fn, data, m_values=config.m_values,
+            model, loss_fn, batches, m_values=config.m_values,
             rho_values=_radii(name, config),
             measure="average" if name == "average" else "worst", p=config.p, adaptive=adaptive, eta=config.eta,
             steps=config.steps, num_draws=config.num_draws, max_chunks=config.max_chunks, shard=shard, partial=partial,
@@ -156,11 +156,11 @@ def run_measure(
         )
         return {"kind": "grid", **result.to_dict()}
     if name == "keskar":
-        estimates = [keskar_sharpness(model, loss_fn, data, eps=eps, steps=config.steps, **common)
+        estimates = [keskar_sharpness(model, loss_fn, batches, eps=eps, steps=config.steps, **common)
                      for eps in config.keskar_eps]
         return {"kind": "keskar", "eps_values": list(config.keskar_eps), "values": [e.value for e in estimates],
                 "clean_loss": estimates[0].clean_loss, "steps": config.steps, "num_samples": estimates[0].m}
-    result = pac_bayes_flatness(model, data, magnitude_aware=name == "pacbayes-mag", num_draws=config.pacbayes_draws,
+    result = pac_bayes_flatness(model, batches, magnitude_aware=name == "pacbayes-mag", num_draws=config.pacbayes_draws,
                                 seed=config.seed, batch_size=config.batch_size,
                                 progress=progress)
     return {"kind": "pacbayes", **result.to_dict()}

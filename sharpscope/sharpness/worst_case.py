@@ -392,16 +392,16 @@ def _worst_case_on_chunks(
 
 
 def _setup(
-    model: nn.Module, loss_fn: Any, data: Any, *, params: Any, batch_size: int, vectorize: bool | None,
+    model: nn.Module, loss_fn: Any, batches: Any, *, params: Any, batch_size: int, vectorize: bool | None,
     check_deterministic: bool = True,
 ) -> tuple[ChunkedObjective, Any, Any]:
     """The objective and all samples as one batch ``(inputs, targets)`` (:func:`stack_data`); with
     ``check_deterministic`` data that change between passes (a shuffling ``DataLoader``) are refused first
     (:func:`sharpscope.batches.check_fixed_batches`, the message every analysis gives)."""
     objective = ChunkedObjective(model, loss_fn, params=params, batch_size=batch_size, vectorize=vectorize)
-    if check_deterministic and not _is_one_batch(data, loss_fn):
-        check_fixed_batches(data, opt_out="check_deterministic=False")
-    x, y = stack_data(data, device=objective.device, dtype=objective.dtype, loss_fn=loss_fn)
+    if check_deterministic and not _is_one_batch(batches, loss_fn):
+        check_fixed_batches(batches, opt_out="check_deterministic=False")
+    x, y = stack_data(batches, device=objective.device, dtype=objective.dtype, loss_fn=loss_fn)
     return objective, x, y
 
 
@@ -423,7 +423,7 @@ def _estimate(
 def worst_case_sharpness(
     model: nn.Module,
     loss_fn: Any,
-    data: Any,
+    batches: Any,
     *,
     rho: float,
     m: int | None = None,
@@ -450,7 +450,7 @@ def worst_case_sharpness(
             and never modified.
         loss_fn: ``loss_fn(outputs, targets) -> 0-d`` mean loss over a chunk (e.g. ``nn.CrossEntropyLoss()``), or
             a :class:`sharpscope.batches.BatchLoss` ``(fn)`` with ``fn(model, batch) -> 0-d``.
-        data: one batch ``(inputs, targets)`` whose inputs or targets is a tensor (e.g. ``(x, y)`` tensors), or an
+        batches: one batch ``(inputs, targets)`` whose inputs or targets is a tensor (e.g. ``(x, y)`` tensors), or an
             iterable of batches (``sharpscope.data.EvalBatches``, a list, a ``DataLoader`` with ``shuffle=False``);
             inputs a tensor, a tuple of tensors (``model(*inputs)``) or a dict (:mod:`sharpscope.batches`); all
             samples are used as one fixed evaluation set, cut into chunks along dim 0 of every tensor.
@@ -486,7 +486,7 @@ def worst_case_sharpness(
     eta = _check_positive("eta", eta) if adaptive else float(eta)
     steps = _check_count("steps", steps)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+    objective, x, y = _setup(model, loss_fn, batches, params=params, batch_size=batch_size, vectorize=vectorize,
                              check_deterministic=check_deterministic)
     xc, yc = make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks)
     with eval_mode(model):
@@ -503,7 +503,7 @@ def worst_case_sharpness(
 def m_sharpness(
     model: nn.Module,
     loss_fn: Any,
-    data: Any,
+    batches: Any,
     *,
     m_values: Sequence[int] = (1, 8, 32, 128),
     rho_values: Sequence[float] = (0.01, 0.05, 0.1),
@@ -555,7 +555,7 @@ def m_sharpness(
     steps = _check_count("steps", steps)
     num_draws = _check_count("num_draws", num_draws)
     distributed.check_shard(shard)
-    objective, x, y = _setup(model, loss_fn, data, params=params, batch_size=batch_size, vectorize=vectorize,
+    objective, x, y = _setup(model, loss_fn, batches, params=params, batch_size=batch_size, vectorize=vectorize,
                              check_deterministic=check_deterministic)
     chunks = [make_chunks(x, y, m=m, shuffle=shuffle, seed=seed, max_chunks=max_chunks) for m in m_list]
     estimates = []

@@ -237,7 +237,7 @@ def test_determinism_probe_refuses_stochastic_models():
     with pytest.raises(SharpscopeError, match="two evaluations of the same weights gave different losses"):
         loss_surface(model, nn.CrossEntropyLoss(), image_batches(), directions=(d,), coords=grid(-1, 1, 3))
     surface = loss_surface(model, nn.CrossEntropyLoss(), image_batches(), directions=(d,), coords=grid(-1, 1, 3),
-                           check_determinism=False)
+                           check_deterministic=False)
     assert surface.complete
 
 

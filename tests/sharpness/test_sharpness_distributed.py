@@ -57,7 +57,7 @@ def test_two_ranks_equal_one_process(tmp_path, sharpscope_process):
                         "--out", tmp_path / "run"], tmp_path)
     # 7 chunks of 16 samples: blocks of 3 and 4 chunks, so the two ranks also run different group sizes
     options = [str(tmp_path / "run" / "final.pt"), "--measure", "worst,average", "--m", "16", "--rho", "0.05,0.1",
-               "--steps", "3", "--num-draws", "3", "--max-chunks", "7", "--num-samples", "128", "--device", "cpu"]
+               "--average-rho", "0.05,0.1", "--steps", "3", "--num-draws", "3", "--max-chunks", "7", "--num-samples", "128", "--device", "cpu"]
     sharpscope_process(["sharpness", *options, "--out", tmp_path / "two"], tmp_path, ranks=2)
     sharpscope_process(["sharpness", *options, "--out", tmp_path / "one"], tmp_path)
     one = json.loads((tmp_path / "one" / "sharpness.json").read_text())["rows"]
