@@ -1,5 +1,5 @@
 """``NAME[:key=value,...]`` and ``package.module:factory[:key=value,...]`` specs: how a user names a registry
-entry or their own code (a model, a dataset) on the command line, and how that code is imported.
+entry or their own code (a model, a dataset, a loss) on the command line, and how that code is imported.
 
 A spec whose second ``:``-separated part is a Python identifier names a factory (``mynets:make_net:width=2``);
 otherwise the first part is a registry name and the rest its arguments (``mlp:hidden=256``). Argument values
@@ -95,3 +95,26 @@ def call_factory(name: str, kwargs: dict[str, Any], *, what: str = "model") -> A
     except TypeError as exc:
         raise UsageError(f"{what} factory {name!r} rejected its arguments {kwargs} ({exc}); fix the "
                          "key=value list after its name") from None
+
+
+def load_loss(spec: str) -> Any:
+    """The loss named by ``spec = "package.module:factory[:key=value,...]"``: ``factory(**kwargs)``.
+
+    The factory returns ``loss_fn(outputs, targets) -> 0-d`` batch-mean loss or a
+    :class:`sharpscope.batches.BatchLoss` (``fn(model, batch) -> 0-d``, for masks, dict outputs, sequence losses).
+    A loss class is its own factory: ``torch.nn:MSELoss``, ``torch.nn:CrossEntropyLoss:label_smoothing=0.1``.
+    Training records the spec (``TrainConfig.loss``) so analyses of the run can rebuild the same loss.
+
+    Raises:
+        UsageError: not a ``package.module:factory`` spec, an import error, bad arguments, or a result that is not
+            callable.
+    """
+    if not isinstance(spec, str) or not is_factory_spec(spec):
+        raise UsageError(f"loss spec {spec!r}: expected package.module:factory[:key=value,...], e.g. torch.nn:MSELoss "
+                         "or mypkg.losses:masked_lm_loss")
+    name, kwargs = parse_spec(spec, what="loss")
+    loss = call_factory(name, kwargs, what="loss")
+    if not callable(loss):
+        raise UsageError(f"loss factory {name!r} returned {type(loss).__name__}, which is not callable; return "
+                         "loss_fn(outputs, targets) -> loss or sharpscope.batches.BatchLoss(fn)")
+    return loss

@@ -59,12 +59,18 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 @click.option("--dataset", default="digits", metavar="NAME",
               help="digits (bundled), synthetic, fashion-mnist, mnist, cifar10, cifar100, svhn; or your own data "
                    "as package.module:factory[:k=v,...], a function returning a sharpscope.data.ImageDataset "
-                   "(uint8 images, int64 labels, mean/std, augmentation name; see its docstring).")
+                   "(uint8 images, int64 labels, mean/std, augmentation name; see its docstring) or, for any "
+                   "other data (tokens, tables, dicts of tensors), a sharpscope.train.BatchData of train/test "
+                   "batches used as they are (--batch-size, --train-samples, augmentation do not apply).")
 @click.option("--model", default="convnet", metavar="NAME[:k=v,...]",
               help="mlp, convnet, resnet20/32/56(-noshort), wrn16-8, wrn28-10, factory arguments after ':'; or your "
                    "own architecture as package.module:factory[:k=v,...] (a function returning the nn.Module, "
                    "called with the k=v arguments; the current folder is importable). Checkpoints record it, so "
                    "analyses need no --model.")
+@click.option("--loss", default=None, metavar="MODULE:FACTORY[:k=v,...]",
+              help="The training loss as package.module:factory[:k=v,...], a callable returning loss_fn(outputs, "
+                   "targets) or a sharpscope.batches.BatchLoss (a loss class is its own factory: torch.nn:MSELoss) "
+                   "[default: cross-entropy]. Recorded in the checkpoints (config.loss) for the analyses.")
 @click.option("--optimizer", type=click.Choice(["sgd", "sam", "asam"]), default="sgd",
               help="sgd, SAM (Foret et al. 2021) or adaptive SAM (Kwon et al. 2021).")
 @click.option("--base-optimizer", type=click.Choice(["sgd", "adam", "adamw"]), default="sgd",
@@ -118,7 +124,7 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 @click.option("--out", required=True, type=OutDir(), help="Run folder (resumed if it holds an unfinished run).")
 @click.option("--overwrite", is_flag=True, help="Replace a finished or different run in --out.")
 @click.pass_context
-def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
+def command(ctx, dataset, model, loss, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
             sam_every, sync_perturbation, epochs, batch_size, train_samples, warmup_epochs, label_smoothing,
             no_augment, max_grad_norm, seed, save_every, resume_every, precision, compile_, data_dir, download,
             threads, device, out, overwrite):
@@ -133,6 +139,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
       sharpscope train --optimizer sam --rho-schedule lr --precision fp16 --device cuda --out runs/gsam-fp16
       torchrun --nproc_per_node=2 -m sharpscope train --optimizer sam --micro-batch-size 16 --out runs/ddp
       sharpscope train --model mynets:make_net:width=2 --dataset mydata:load --out runs/mine
+      sharpscope train --model mypkg.nets:mlp --dataset mypkg.data:tables --loss torch.nn:MSELoss --out runs/reg
 
     Writes config.json, metrics.jsonl, ckpt-epochNNN.pt (every --save-every epochs, from the initialisation)
     and final.pt into --out. Rerunning the same command after an interruption resumes the run where its last
@@ -152,6 +159,15 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
         import_factory(parse_spec(dataset, what="dataset")[0], what="dataset")  # import errors before any work
     elif dataset not in list_datasets():
         raise unknown_name_error("dataset", dataset, list_datasets())
+    if loss is not None:
+        if not is_factory_spec(loss):
+            raise click.BadParameter(f"expected package.module:factory[:key=value,...] like torch.nn:MSELoss, got "
+                                     f"{loss!r}", param_hint="--loss")
+        import_factory(parse_spec(loss, what="loss")[0], what="loss")
+        if label_smoothing:
+            raise click.BadParameter("--label-smoothing is cross-entropy's; with --loss give it to your loss "
+                                     "(e.g. torch.nn:CrossEntropyLoss:label_smoothing=0.1)",
+                                     param_hint="--label-smoothing")
     if is_factory_spec(model_name):
         import_factory(model_name)
     elif model_name not in list_models():
@@ -184,7 +200,7 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
         base_optimizer=base_optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, p=p, eta=eta,
         rho_schedule=rho_schedule, m=m, sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs,
         batch_size=batch_size, train_samples=train_samples, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
+        label_smoothing=label_smoothing, loss=loss, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
         save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
     )
     if download and not is_factory_spec(dataset):
@@ -195,7 +211,12 @@ def command(ctx, dataset, model, optimizer, base_optimizer, lr, momentum, weight
     if not distributed.info().is_main:  # under torchrun: rank 0 speaks for the job
         return
     last = result.metrics[-1]
-    click.echo(f"{optimizer_label(optimizer, base_optimizer)} {model_name} on {dataset}: test accuracy {last['test_acc']:.2%} "
-               f"(train {last['train_acc']:.2%}) after {last['epoch']} epochs")
+    if last["test_acc"] is None:  # a loss without accuracy (regression, language modelling)
+        reached = f"test loss {last['test_loss']:.4g} (train {last['train_loss']:.4g})"
+    else:
+        train_acc = "" if last["train_acc"] is None else f" (train {last['train_acc']:.2%})"
+        reached = f"test accuracy {last['test_acc']:.2%}{train_acc}"
+    click.echo(f"{optimizer_label(optimizer, base_optimizer)} {model_name} on {dataset}: {reached} "
+               f"after {last['epoch']} epochs")
     click.echo(f"wrote {out}/final.pt, {len(result.checkpoints) - 1} trajectory checkpoints, "
                f"{out}/metrics.jsonl, {out}/config.json")

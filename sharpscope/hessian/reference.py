@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.batches import num_samples, split_batch
+from sharpscope.batches import BatchLoss, join_batch, model_arguments, num_samples, split_batch
 from sharpscope.hessian.operator import _materialize, select_parameters
 from sharpscope.hessian.operator import eval_mode as _eval_mode
 
@@ -94,7 +94,7 @@ def dense_hessian(
     batches = list(_materialize(batches))
     if not batches:
         raise SharpscopeError("batches is empty; the Hessian needs at least one (x, y) batch")
-    pairs = [split_batch(batch) for batch in batches]
+    pairs = [split_batch(batch, loss_fn) for batch in batches]
     sizes = [num_samples(batch) for batch in batches]
     total = sum(sizes)
     shapes = [t.shape for t in tensors]
@@ -102,9 +102,17 @@ def dense_hessian(
     fixed = {name: p.detach() for name, p in model.named_parameters() if name not in names}
     fixed.update(dict(model.named_buffers()))
 
+    # the batch contract (sharpscope.batches): model(x) / model(*x) / model(**x), or BatchLoss(fn)(model, batch)
+    loss_call = _LossCall(model, loss_fn) if isinstance(loss_fn, BatchLoss) else None
+
     def batch_loss(flat: Tensor, x: Any, y: Any, n_b: int) -> Tensor:
         chosen = {name: chunk.view(shape) for name, chunk, shape in zip(names, flat.split(numels), shapes)}
-        return loss_fn(torch.func.functional_call(model, {**fixed, **chosen}, (x,)), y) * (n_b / total)
+        state = {**fixed, **chosen}
+        if loss_call is not None:
+            state = {f"model.{name}": value for name, value in state.items()}
+            return torch.func.functional_call(loss_call, state, (join_batch(x, y),)) * (n_b / total)
+        args, kwargs = model_arguments(model, x)
+        return loss_fn(torch.func.functional_call(model, state, args, kwargs), y) * (n_b / total)
 
     theta = torch.cat([t.detach().reshape(-1) for t in tensors])
     with _eval_mode(model, eval_mode):
@@ -137,6 +145,19 @@ def dense_hessian(
             "autograd.Function or an op with a broken double backward); refusing to symmetrise a wrong matrix"
         )
     return hessian
+
+
+class _LossCall(nn.Module):
+    """``forward(batch) = fn(model, batch)``: a :class:`BatchLoss` as a module, so ``functional_call`` swaps in
+    the parameters (state keys ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, fn: BatchLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.fn(self.model, batch)
 
 
 def _forward_over_reverse(batch_loss: Callable, theta: Tensor, pairs: list, sizes: list[int], chunk: int) -> Tensor:

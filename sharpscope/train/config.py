@@ -34,6 +34,8 @@ class TrainConfig:
     batch_size: int = 128  # training batch size
     warmup_epochs: float = 0.0  # linear warm-up length, then cosine decay to 0 (per step)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
+    loss: str | None = None  # package.module:factory[:k=v] returning the loss (loss_fn(outputs, targets) or a
+    #                          sharpscope.batches.BatchLoss); None: cross-entropy with label_smoothing
     augment: bool = True  # the dataset's standard augmentation (pad-crop/flip) when it has one
     max_grad_norm: float | None = None  # clip the (SAM) gradient to this global norm
     seed: int = 0  # seeds initialisation, shuffling and augmentation

@@ -42,6 +42,7 @@ from sharpscope.io import append_jsonl, prepare_out_dir, write_json
 from sharpscope.specs import is_factory_spec
 from sharpscope.train.checkpoint import _build_model, read_checkpoint_file, save_checkpoint
 from sharpscope.train.config import DEFAULT_RESUME_EVERY, ResumeEvery, TrainConfig
+from sharpscope.train.fit import BatchData
 
 
 class TrainingDiverged(SharpscopeError):
@@ -91,24 +92,53 @@ def _environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def evaluate(model: nn.Module, batches, *, autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``batches`` (eval mode, no grad), sample-weighted."""
+def evaluate(model: nn.Module, batches, *, loss_fn: Any = None,
+             autocast_dtype: torch.dtype | None = None) -> tuple[float, float | None]:
+    """Mean loss and accuracy of ``model`` over ``batches`` (eval mode, no grad), sample-weighted:
+    ``sum_b n_b L_b / sum_b n_b``.
+
+    ``loss_fn=None``: cross-entropy over ``(images, labels)`` batches, with accuracy. Otherwise any loss of the
+    batch contract (:mod:`sharpscope.batches`: ``loss_fn(outputs, targets)`` or a :class:`~sharpscope.batches.BatchLoss`);
+    the accuracy (arg-max over dim 1 against the targets) is reported only where the outputs are ``(n, C)`` and
+    the targets ``n`` integer labels, else it is None.
+    """
+    from sharpscope.batches import batch_loss, num_samples, split_batch
+
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     correct = torch.zeros((), dtype=torch.long)
-    count = 0
+    count, classified = 0, True
     device = next(model.parameters()).device
     loss_sum, correct = loss_sum.to(device), correct.to(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                                 enabled=autocast_dtype is not None):
-        for x, y in batches:
-            logits = model(x)
-            loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == y).sum()
-            count += len(y)
+        for batch in batches:
+            if loss_fn is None:
+                x, y = batch
+                logits = model(x)
+                loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == y).sum()
+                count += len(y)
+                continue
+            n = num_samples(batch)
+            outputs, loss = batch_loss(model, loss_fn, batch)
+            loss_sum += loss.double() * n
+            count += n
+            targets = split_batch(batch, loss_fn)[1]
+            if classified and _is_classification(outputs, targets, n):
+                correct += (outputs.argmax(dim=1) == targets).sum()
+            else:
+                classified = False
     model.train(was_training)
-    return float(loss_sum) / count, float(correct) / count
+    return float(loss_sum) / count, (float(correct) / count if classified else None)
+
+
+def _is_classification(outputs: Any, targets: Any, n: int) -> bool:
+    """Whether ``outputs`` are ``(n, C)`` scores and ``targets`` ``n`` integer class labels."""
+    return (isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and outputs.shape[0] == n
+            and isinstance(targets, torch.Tensor) and targets.dim() == 1 and not targets.is_floating_point()
+            and targets.dtype != torch.bool)
 
 
 def train(
@@ -129,8 +159,10 @@ def train(
     ``config.model`` is a registry name (built with the dataset's ``in_channels``, ``num_classes``,
     ``image_size`` plus ``config.model_kwargs``) or ``package.module:factory`` (called with
     ``config.model_kwargs`` only); ``config.dataset`` a registry name or ``package.module:factory`` returning an
-    :class:`~sharpscope.data.ImageDataset`. Both are recorded in every checkpoint, so analyses rebuild the model
-    and reload the data from the checkpoint alone.
+    :class:`~sharpscope.data.ImageDataset` or a :class:`~sharpscope.train.BatchData` (batches of any structure,
+    used as they are); ``config.loss`` ``None`` (cross-entropy) or ``package.module:factory`` returning the loss
+    (:func:`sharpscope.specs.load_loss`). All are recorded in every checkpoint, so analyses rebuild the model, the
+    data and the loss from the checkpoint alone. The loop is the one :func:`sharpscope.train.fit` runs.
 
     ``resume_every`` (:class:`ResumeEvery` or its text, e.g. ``"3min"``, ``"200steps"``, ``"epoch"``) sets how
     often ``last.pt`` is rewritten in the middle of an epoch, on top of every epoch's end; a run killed at any
@@ -144,67 +176,142 @@ def train(
             newest checkpoint written before it, which is left in place.
         SharpscopeError: a refused ``out_dir``, or ``precision="fp16"`` where torch has no fp16 autocast.
     """
-    from sharpscope.data import DeviceLoader, eval_batches, load_dataset
+    from sharpscope.data import DeviceLoader, eval_batches
     from sharpscope.models import create_model
-    from sharpscope.optim import create_optimizer, training_step
+    from sharpscope.specs import load_loss
 
     from sharpscope import distributed
 
     schedule = ResumeEvery.parse(resume_every) if isinstance(resume_every, str) else resume_every
     dist_info, device = distributed.setup(torch.device(device) if device is not None else None)
-    is_main = dist_info.is_main
-    log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
-    progress = progress and is_main
-    grad_scaler = _fp16_grad_scaler(device) if config.precision == "fp16" else None  # refused before any write
     out = Path(out_dir)
-    resume_payload = _check_out_dir(out, config, overwrite=overwrite)
-    distributed.barrier()
+    grad_scaler, resume_payload = _prepare_run(config, out, device, overwrite=overwrite)
+    loss_fn = load_loss(config.loss) if config.loss is not None else None  # import errors before the data
 
-    dataset = _train_subset(load_dataset(config.dataset, data_dir=config.data_dir), config.train_samples)
+    data = _load_training_data(config)
     torch.manual_seed(config.seed)
     if is_factory_spec(config.model):  # the user's own architecture: only their arguments
         model_kwargs = dict(config.model_kwargs)
         model = _build_model(config.model, model_kwargs).to(device)
+    elif isinstance(data, BatchData):  # a registry model on the user's batches: its arguments must be given
+        model_kwargs = dict(config.model_kwargs)
+        model = _build_model(config.model, model_kwargs).to(device)
     else:
-        model_kwargs = {"in_channels": dataset.in_channels, "num_classes": dataset.num_classes,
-                        "image_size": dataset.image_size, **config.model_kwargs}
+        model_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes,
+                        "image_size": data.image_size, **config.model_kwargs}
         model = create_model(config.model, **model_kwargs).to(device)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     channels_last = config.channels_last if config.channels_last is not None else (device.type == "cuda" and has_conv)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if isinstance(data, BatchData):
+        train_batches, test_batches = data.train, data.test
+    else:
+        train_batches = DeviceLoader(
+            data.train_images, data.train_labels, batch_size=config.batch_size, mean=data.mean,
+            std=data.std, shuffle=True, augment=data.augment if config.augment else "none",
+            device=device, seed=config.seed, channels_last=channels_last,
+            num_replicas=dist_info.world_size, rank=dist_info.rank,  # --batch-size is per rank under torchrun
+        )
+        # 256 keeps a small CNN's activations in the CPU's caches (2.4x faster than 1000 on Fashion-MNIST's test set)
+        test_batches = eval_batches(data, split="test", batch_size=1000 if device.type == "cuda" else 256,
+                                    device=device)
+    meta = {"model_name": config.model, "model_kwargs": model_kwargs, "dataset": config.dataset,
+            "config": config.to_dict()}
+    return _run(model, train_batches, test_batches, config, out, loss_fn=loss_fn, meta=meta, device=device,
+                dist_info=dist_info, grad_scaler=grad_scaler, resume_payload=resume_payload, schedule=schedule,
+                progress=progress, log=log, to_device=isinstance(data, BatchData))
+
+
+def _prepare_run(config: TrainConfig, out: Path, device: torch.device, *, overwrite: bool):
+    """``(grad_scaler, resume_payload)``: the checks made before any data is read or file written (fp16 support,
+    the run folder: fresh, resumable or refused)."""
+    from sharpscope import distributed
+
+    grad_scaler = _fp16_grad_scaler(device) if config.precision == "fp16" else None  # refused before any write
+    resume_payload = _check_out_dir(out, config, overwrite=overwrite)
+    distributed.barrier()
+    return grad_scaler, resume_payload
+
+
+def _load_training_data(config: TrainConfig):
+    """The :class:`~sharpscope.data.ImageDataset` (cut to ``train_samples``) or :class:`BatchData` of
+    ``config.dataset``."""
+    from sharpscope.data import ImageDataset, load_dataset
+    from sharpscope.specs import call_factory, parse_spec
+
+    if not is_factory_spec(config.dataset):
+        return _train_subset(load_dataset(config.dataset, data_dir=config.data_dir), config.train_samples)
+    name, kwargs = parse_spec(config.dataset, what="dataset")
+    data = call_factory(name, kwargs, what="dataset")
+    if isinstance(data, ImageDataset):
+        return _train_subset(data, config.train_samples)
+    if isinstance(data, BatchData):
+        if config.train_samples is not None:
+            raise SharpscopeError(f"dataset factory {name!r} returned BatchData, whose batches are used as they are; "
+                                  "drop --train-samples (cut the data in the factory instead)")
+        return data
+    raise SharpscopeError(
+        f"dataset factory {name!r} returned {type(data).__name__}, not a sharpscope.data.ImageDataset or a "
+        "sharpscope.train.BatchData; return ImageDataset(...) for images, BatchData(train=..., test=...) for "
+        "batches of any other structure"
+    )
+
+
+def _run(model: nn.Module, train_batches: Any, test_batches: Any, config: TrainConfig, out: Path, *, loss_fn: Any,
+         meta: dict[str, Any], device: torch.device, dist_info: Any, grad_scaler: Any,
+         resume_payload: dict[str, Any] | None, schedule: ResumeEvery, progress: bool,
+         log: Callable[[str], None] | None, to_device: bool) -> TrainResult:
+    """The training loop shared by :func:`train` and :func:`sharpscope.train.fit`: optimizer, schedule, SGD/SAM
+    steps (:func:`sharpscope.optim.training_step`), evaluation, metrics, checkpoints, resume.
+
+    ``loss_fn=None`` is cross-entropy with ``config.label_smoothing`` over ``(images, labels)`` batches (test loss:
+    plain cross-entropy); otherwise any loss of the batch contract, used for training and testing. ``to_device``:
+    move each batch to ``device`` (the user's batches; a DeviceLoader's already are).
+    """
+    from sharpscope.optim import create_optimizer
+    from sharpscope.train.fit import StepRunner
+
+    from sharpscope import distributed
+
+    is_main = dist_info.is_main
+    log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
+    progress = progress and is_main
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}.get(
         config.precision, torch.bfloat16 if device.type == "cuda" else None)
+    try:
+        steps_per_epoch = len(train_batches)
+    except TypeError:
+        raise SharpscopeError(f"the training batches ({type(train_batches).__name__}) have no len(): pass a list, a "
+                              "DataLoader or another re-iterable sized collection of batches") from None
+    if steps_per_epoch == 0:
+        raise SharpscopeError("the training data holds no batches")
 
     optimizer = create_optimizer(
         model.parameters(), name=config.optimizer, base=config.base_optimizer, lr=config.lr,
         momentum=config.momentum, weight_decay=config.weight_decay, rho=config.rho, p=config.p, eta=config.eta,
         sam_every=config.sam_every, rho_schedule=config.rho_schedule,
     )
-    loader = DeviceLoader(
-        dataset.train_images, dataset.train_labels, batch_size=config.batch_size, mean=dataset.mean,
-        std=dataset.std, shuffle=True, augment=dataset.augment if config.augment else "none",
-        device=device, seed=config.seed, channels_last=channels_last,
-        num_replicas=dist_info.world_size, rank=dist_info.rank,  # --batch-size is per rank under torchrun
-    )
-    # 256 keeps a small CNN's activations in the CPU's caches (2.4x faster than 1000 on Fashion-MNIST's test set)
-    test_batches = eval_batches(dataset, split="test", batch_size=1000 if device.type == "cuda" else 256, device=device)
-    steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * config.epochs
     lr_factor = cosine_with_warmup(total_steps, round(config.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    train_model = model
+    train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing) if loss_fn is None else loss_fn
+    runner = StepRunner(model, train_loss_fn, batches=train_batches, device=device if to_device else None)
+    train_model = runner.module
+    # the test loss: plain cross-entropy by default (the fast path for (images, labels) batches: loss_fn None)
+    test_loss_fn = nn.CrossEntropyLoss() if loss_fn is None and not runner.counts_correct else loss_fn
     if dist_info.enabled:
         # Each rank's clean pass runs under no_sync (training_step), so each rank perturbs with its own gradient:
         # m = per-rank batch, the SAM paper's data-parallel setting. The SAM gradient is averaged by DDP.
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
+    if to_device:
+        from sharpscope.batches import to_device as move
 
-    meta = {"model_name": config.model, "model_kwargs": model_kwargs, "dataset": config.dataset,
-            "config": config.to_dict()}
+        test_batches = [move(batch, device) for batch in test_batches]
+
     state = {"optimizer": optimizer, "scheduler": scheduler, "grad_scaler": grad_scaler}
     start_epoch, step, resumed_from, resumed_step, position, last_record = 1, 0, None, None, None, {}
     if resume_payload is not None:
@@ -237,12 +344,16 @@ def train(
     from tqdm.auto import tqdm
 
     # mid-epoch resume points hold one process's partial sums and loader position: single-process runs only
-    mid_epoch_saves = is_main and not dist_info.enabled and (schedule.seconds or schedule.steps)
+    # ... and a loader whose order is fixed by (seed, epoch) or a plain sequence: skipping the batches already taken
+    # must put it where the killed run was (a shuffling DataLoader would not; its runs resume at epoch ends)
+    replayable = isinstance(train_batches, (list, tuple)) or hasattr(train_batches, "epoch_plan")
+    mid_epoch_saves = is_main and not dist_info.enabled and replayable and (schedule.seconds or schedule.steps)
     last_saved = time.monotonic()
     for epoch in range(start_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
-        loader.set_epoch(epoch)
+        if hasattr(train_batches, "set_epoch"):  # a DeviceLoader / sampler: this epoch's shuffle
+            train_batches.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen, start_batch, seconds_before = 0, 0, 0.0
@@ -257,29 +368,30 @@ def train(
         first_bad_step = torch.full((), _NO_STEP, dtype=torch.int64, device=device)
         # the loader's plan depends on (seed, epoch) only: skipping the batches already taken puts it where the
         # killed run was (each skipped batch costs one gather, no training step)
-        batches = loader if start_batch == 0 else itertools.islice(loader, start_batch, None)
+        batches = train_batches if start_batch == 0 else itertools.islice(train_batches, start_batch, None)
         bar = tqdm(batches, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}/{config.epochs}",
                    leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for batch_index, (images, labels) in enumerate(bar, start=start_batch):
-            result = training_step(train_model, optimizer, loss_fn, images, labels, micro_batch_size=config.m,
-                                   autocast_dtype=autocast_dtype, grad_scaler=grad_scaler,
-                                   max_grad_norm=config.max_grad_norm, sync_perturbation=config.sync_perturbation)
+        for batch_index, batch in enumerate(bar, start=start_batch):
+            result, size = runner.step(train_model, optimizer, batch, micro_batch_size=config.m,
+                                       autocast_dtype=autocast_dtype, grad_scaler=grad_scaler,
+                                       max_grad_norm=config.max_grad_norm,
+                                       sync_perturbation=config.sync_perturbation)
             scheduler.step()
             step += 1
             step_on_device += 1
             first_bad_step = torch.where(torch.isfinite(result.loss), first_bad_step,
                                          torch.minimum(first_bad_step, step_on_device))
-            loss_sum += result.loss.double() * len(labels)
+            loss_sum += result.loss.double() * size
             correct += result.correct
-            seen += len(labels)
+            seen += size
             last_batch = batch_index == steps_per_epoch - 1
             if batch_index % 20 == 19 or last_batch:  # one host sync per 20 steps
                 bad_step = _first_bad_step_everywhere(first_bad_step, dist_info.enabled)
                 if bad_step is not None:
                     _diverged(out, config, bad_step, steps_per_epoch, lr_factor)
                 if progress:
-                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{float(correct) / seen:.3f}",
-                                    refresh=False)
+                    accuracy = {"acc": f"{float(correct) / seen:.3f}"} if runner.counts_correct else {}
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", **accuracy, refresh=False)
             if mid_epoch_saves and not last_batch and schedule.due(step, time.monotonic() - last_saved):
                 bad_step = _first_bad_step_everywhere(first_bad_step, False)
                 if bad_step is not None:  # never save past a non-finite loss
@@ -297,8 +409,9 @@ def train(
                                                                             device=device)])
             torch.distributed.all_reduce(totals)
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2])
-        train_loss, train_acc = float(loss_sum) / seen, float(correct) / seen
-        test_loss, test_acc = evaluate(model, test_batches, autocast_dtype=autocast_dtype)
+        train_loss = float(loss_sum) / seen
+        train_acc = float(correct) / seen if runner.counts_correct else None
+        test_loss, test_acc = evaluate(model, test_batches, loss_fn=test_loss_fn, autocast_dtype=autocast_dtype)
         record = {
             "epoch": epoch, "step": step, "train_loss": train_loss, "train_acc": train_acc,
             "test_loss": test_loss, "test_acc": test_acc, "lr": optimizer.param_groups[0]["lr"],
@@ -310,8 +423,8 @@ def train(
         append_jsonl(out / "metrics.jsonl", record)
         if config.save_every and epoch % config.save_every == 0 and epoch != config.epochs:
             save_checkpoint(out / checkpoint_name(epoch), model=model, epoch=epoch, step=step, metrics=record, **meta)
-        log(f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.2%}  "
-            f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({record['seconds']:.1f}s)")
+        log(f"epoch {epoch}/{config.epochs}  train loss {train_loss:.4f}{_accuracy_text(train_acc)}  "
+            f"test loss {test_loss:.4f}{_accuracy_text(test_acc)}  ({record['seconds']:.1f}s)")
         if epoch == config.epochs:
             save_checkpoint(out / "final.pt", model=model, epoch=epoch, step=step, metrics=record, **state, **meta)
             (out / "last.pt").unlink(missing_ok=True)
@@ -328,6 +441,10 @@ def train(
         resumed_from_epoch=resumed_from,
         resumed_from_step=resumed_step,
     )
+
+
+def _accuracy_text(accuracy: float | None) -> str:
+    return "" if accuracy is None else f" acc {accuracy:.2%}"
 
 
 def _set_rng_state(rng_state: dict[str, Any], device: torch.device) -> None:
