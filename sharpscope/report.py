@@ -99,15 +99,39 @@ def html_table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def png_display_width(data: bytes) -> int | None:
+    """The width in CSS pixels (96 per inch) at which a PNG shows at its printed size: its pixel width over the
+    resolution matplotlib records in its ``pHYs`` chunk (``savefig(dpi=...)``); ``None`` when it records none.
+    So a 5-inch figure shows 480 px wide whatever ``--dpi`` it was written at, and small figures sit side by side."""
+    import struct
+
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    width = struct.unpack(">I", data[16:20])[0]
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        if kind == b"pHYs" and length == 9:
+            per_meter, _, unit = struct.unpack(">IIB", data[position + 8:position + 17])
+            return round(width / (per_meter * 0.0254) * 96) if unit == 1 and per_meter else None
+        if kind == b"IDAT":  # pHYs must come before the image data
+            return None
+        position += 12 + length
+    return None
+
+
 def _embed_png(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = path.read_bytes()
+    data = base64.b64encode(raw).decode("ascii")
     caption = html.escape(path.stem.replace("_", " ").replace("-", " "))
-    return (f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+    width = png_display_width(raw)
+    size = f' style="width:{width}px"' if width else ""
+    return (f'<figure><img alt="{caption}"{size} src="data:image/png;base64,{data}">'
             f"<figcaption>{caption}</figcaption></figure>")
 
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1320px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}
 h1{margin-bottom:0.2em} h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:2em}
 table{border-collapse:collapse;margin:1em 0;font-size:0.92em}
@@ -366,14 +390,15 @@ def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
     column whether the runs' (or settings') difference is resolved (:func:`resolution`): with several seeds per
     setting the seed-to-seed spread is the uncertainty, otherwise each number's own standard error."""
     rows, compared = [], []
+    shared = _shared_sharpness_setting(runs, analyses)
     for group in seed_groups(runs):
         per_run = [summary_estimates(analyses, run) for run in group]
         for run, estimates in zip(group, per_run):
-            rows.append([run.label, run.description, *_cells(estimates, analyses, run)])
+            rows.append([run.label, run.description, *_cells(estimates, analyses, run, shared=shared)])
         if len(group) > 1:
             mean = {c: _over_seeds([e[c] for e in per_run]) for c in SUMMARY_COLUMNS}
             rows.append([f"mean of {len(group)} seeds", group[0].description.rsplit(", seed", 1)[0] + ", mean ± "
-                         "standard error over seeds", *_cells(mean, analyses, group[0])])
+                         "standard error over seeds", *_cells(mean, analyses, group[0], shared=shared)])
             compared.append(mean)
         else:
             compared.append(per_run[0])
@@ -384,11 +409,24 @@ def summary_rows(runs: list[Run], analyses: Analyses) -> list[list[str]]:
     return rows
 
 
-def _cells(estimates: dict[str, Estimate], analyses: Analyses, run: Run) -> list[str]:
+def _shared_sharpness_setting(runs: list[Run], analyses: Analyses) -> str:
+    """``"m=8, rho=0.05"`` when every run's m-sharpness cell has that setting (it then goes in the header, not in
+    every cell); ``""`` otherwise."""
+    settings = {summary_sharpness(analyses, run)[1] for run in runs} - {""}
+    return settings.pop() if len(settings) == 1 else ""
+
+
+def summary_header(runs: list[Run], analyses: Analyses) -> list[str]:
+    """The headers of :data:`SUMMARY_COLUMNS`, the m-sharpness one naming its m and rho when all runs share them."""
+    shared = _shared_sharpness_setting(runs, analyses)
+    return [*SUMMARY_COLUMNS[:-1], SUMMARY_COLUMNS[-1] + (f" ({shared})" if shared else "")]
+
+
+def _cells(estimates: dict[str, Estimate], analyses: Analyses, run: Run, *, shared: str = "") -> list[str]:
     _, where = summary_sharpness(analyses, run)
     return [estimates["test acc (%)"].text(scale=100), estimates["gap (pp)"].text(scale=100),
             estimates["λ_max"].text(), estimates["trace"].text(),
-            estimates["m-sharpness"].text() + (f" ({where})" if where else "")]
+            estimates["m-sharpness"].text() + (f" ({where})" if where and where != shared else "")]
 
 
 def kendall_shown(analyses: Analyses) -> bool:
@@ -397,7 +435,8 @@ def kendall_shown(analyses: Analyses) -> bool:
 
 
 def report_figures(runs: list[Run], analyses: Analyses) -> dict[str, Any]:
-    """The report's own figures, drawn from the runs and the analyses, every one with the runs in ``runs``' order:
+    """The report's own figures, drawn from the runs and the analyses, every one with the runs in ``runs``' order
+    and the runs' curves overlaid on one set of axes (one colour per run, the same in every figure):
     ``{file name: matplotlib Figure}`` for learning_curves.png, top_eigenvalues.png, density.png,
     sharpness_vs_rho.png and (when :func:`kendall_shown`) kendall_tau.png; a figure whose analysis is missing is
     left out."""
@@ -408,7 +447,8 @@ def report_figures(runs: list[Run], analyses: Analyses) -> dict[str, Any]:
     figures: dict[str, Any] = {"learning_curves.png": learning_curves({r.label: r.metrics for r in runs})}
     top = {r.label: top_eigenvalue_points(analyses, r) for r in runs}
     if any(top.values()):
-        figures["top_eigenvalues.png"] = plot_top_eigenvalues({label: p for label, p in top.items() if p})
+        figures["top_eigenvalues.png"] = plot_top_eigenvalues({label: p for label, p in top.items() if p},
+                                                              layout="overlay")
     densities, labels = [], []
     for run in runs:
         record = _final_record(analyses.spectrum_final, run)
@@ -422,7 +462,7 @@ def report_figures(runs: list[Run], analyses: Analyses) -> dict[str, Any]:
         figures["density.png"] = plot_densities(densities, labels, title="Hessian eigenvalue densities at final.pt")
     panels = {r.label: grids for r in runs if (grids := sharpness_grids(analyses, r))}
     if panels:
-        figures["sharpness_vs_rho.png"] = sharpness_vs_rho(panels)
+        figures["sharpness_vs_rho.png"] = sharpness_vs_rho(panels, layout="overlay")
     if kendall_shown(analyses):
         taus = {k: math.nan if v is None else float(v) for k, v in analyses.kendall["tau"].items()}  # null = NaN
         pvalues = {k: math.nan if v is None else float(v) for k, v in (analyses.kendall.get("p_value") or {}).items()}
@@ -469,7 +509,7 @@ def report_sections(runs: list[Run], analyses: Analyses, figures: dict[str, Path
         kendall_text = (f"Kendall's tau with the generalization gap is omitted: {trivial} whatever the measure; it "
                         f"needs at least {MIN_KENDALL_CHECKPOINTS} runs.")
     figure = figures.get
-    return [
+    sections = [
         Section("Summary", "Generalization gap = train accuracy − test accuracy of final.pt (percentage points), "
                 "measured in eval mode by the sharpness analysis (from the training log where it was not). λ_max and "
                 "the trace are those of the Hessian of the training loss on the evaluation set at final.pt; "
@@ -479,7 +519,7 @@ def report_sections(runs: list[Run], analyses: Analyses, figures: dict[str, Path
                 "digits). With several seeds of one setting the mean row's error is the spread between seeds. The "
                 f"last row says whether each difference exceeds {RESOLVED_SIGMAS:g} standard errors: a difference "
                 "that does not is not evidence that one run is flatter or better.",
-                tables=[html_table(["run", "what", *SUMMARY_COLUMNS], summary_rows(runs, analyses))]),
+                tables=[html_table(["run", "what", *summary_header(runs, analyses)], summary_rows(runs, analyses))]),
         Section("Learning curves", figures=[p for p in [figure("learning_curves.png")] if p]),
         Section("Loss landscapes", "Filter-normalized random directions (Li et al. 2018), the same seed for every "
                 "model, biases and BatchNorm unperturbed; panels share axes and colour scale.",
@@ -495,3 +535,73 @@ def report_sections(runs: list[Run], analyses: Analyses, figures: dict[str, Path
             f"<details><summary>{html.escape(r.label)}</summary><pre>{html.escape(json.dumps(r.config, indent=2))}"
             "</pre></details>" for r in runs]),
     ]
+    # a section whose analysis was not computed (``--summary-only``) is left out rather than shown empty
+    return [s for s in sections if s.tables or s.figures or s.title == "Summary"]
+
+
+# ------------------------------------------------------------------------------------------------ computing stages
+
+#: Relative cost of each analysis stage of ``sharpscope report`` (fraction of the serial report's time measured by
+#: cProfile on the README's digits pair, 2026-12-06): stages start longest first, so with two workers the
+#: trajectory spectrum runs beside all the others.
+STAGE_COST = {"spectrum": 0.55, "landscape": 0.16, "spectrum-final": 0.15, "sharpness": 0.12, "interpolation": 0.02}
+
+
+def default_jobs(device: str | None) -> int:
+    """Stages run side by side by default: 2 on a CPU with 2 cores or more (a small convnet's operations use a
+    second thread poorly, a second process well), 1 on CUDA (one device shared), on a single core, or where this
+    process was given one thread (``OMP_NUM_THREADS=1``: a report sharing the machine with other jobs)."""
+    import os
+
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = min(cpus, torch.get_num_threads())
+    on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return 1 if on_cuda or cpus < 2 else 2
+
+
+def run_stages(stages: dict[str, list[str]], *, jobs: int, log_dir: Path, echo=print) -> None:
+    """Run the ``sharpscope`` commands ``stages`` (``{name: argv after "sharpscope"}``) as ``jobs`` processes at a
+    time, longest first (:data:`STAGE_COST`), each on ``cpu_count // jobs`` threads, its output in
+    ``log_dir/NAME.log``. Every stage is awaited; then a failed one raises one :class:`SharpscopeError` with the
+    command's own error line."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    threads = str(max(1, torch.get_num_threads() // max(1, jobs)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    order = sorted(stages, key=lambda name: -STAGE_COST.get(name, 0.1))
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(name: str) -> tuple[str, int]:
+        log = log_dir / f"{name}.log"
+        with log.open("w") as stream:
+            code = subprocess.run([sys.executable, "-m", "sharpscope", "-q", *stages[name]], stdout=stream,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+        echo(f"{'finished' if code == 0 else 'FAILED'} {name} ({log})")
+        return name, code
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(one, order))
+    failed = [name for name, code in results if code]
+    if failed:
+        name = failed[0]
+        lines = [line for line in (log_dir / f"{name}.log").read_text(errors="replace").splitlines() if line.strip()]
+        error = next((line for line in reversed(lines) if line.startswith("Error:")), lines[-1] if lines else "")
+        raise SharpscopeError(f"the {name} analysis failed: {error.removeprefix('Error: ')} (its output: "
+                              f"{log_dir / name}.log; rerun the report to resume)")
+
+
+def __getattr__(name: str) -> Any:
+    """``sharpscope.report.run`` and ``ReportRun``: the command as a function, in :mod:`sharpscope.report_runner`
+    (which builds on this module; imported on first use, and named ``run`` as in every analysis package)."""
+    if name in ("run", "ReportRun"):
+        from sharpscope import report_runner
+
+        return getattr(report_runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,3 +44,31 @@ def test_estimate_text_shows_the_error_only_when_known():
     assert Estimate(0.9861, 0.0062).text(scale=100) == "98.61 ± 0.62"
     assert Estimate(1.3594, 0.0).text() == "1.359"
     assert Estimate(math.nan).text() == "-"
+
+
+def test_png_display_width_is_the_printed_size_at_96_css_pixels_per_inch(tmp_path):
+    from matplotlib.figure import Figure
+
+    from sharpscope.report import png_display_width
+
+    for dpi in (72, 100, 200, 333):
+        fig = Figure(figsize=(5, 3))
+        fig.add_subplot().plot([0, 1], [1, 0])
+        fig.savefig(tmp_path / "f.png", dpi=dpi)
+        assert abs(png_display_width((tmp_path / "f.png").read_bytes()) - 480) <= 1, dpi
+    assert png_display_width(b"not a png") is None
+
+
+def test_a_failed_stage_is_one_error_naming_it_and_its_log(tmp_path):
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.report import run_stages
+
+    lines = []
+    with pytest.raises(SharpscopeError) as info:
+        run_stages({"landscape": ["landscape", str(tmp_path / "missing.pt")],
+                    "sharpness": ["sharpness", str(tmp_path / "missing.pt")]}, jobs=2, log_dir=tmp_path / "logs",
+                   echo=lines.append)
+    message = str(info.value)
+    assert message.startswith("the landscape analysis failed: ") and "missing.pt" in message, message
+    assert str(tmp_path / "logs" / "landscape.log") in message and "\n" not in message
+    assert sorted(line.split()[:2][1] for line in lines) == ["landscape", "sharpness"]  # every stage awaited

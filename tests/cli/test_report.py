@@ -27,9 +27,10 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory):
-    """``sharpscope report sgd sam`` (QUICK settings) into a fresh folder, and what it printed."""
+    """``sharpscope report sgd sam`` (QUICK settings, analyses two at a time) into a fresh folder, and what it
+    printed."""
     out = tmp_path_factory.mktemp("report") / "report"
-    result = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--out", str(out))
+    result = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--jobs", "2", "--out", str(out))
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -66,10 +67,18 @@ def test_report_figures_list_the_runs_in_the_order_given(runs, report):
     out, _ = report
     for order in (["sgd", "sam"], ["sam", "sgd"]):
         figures = report_figures([read_run(runs / name) for name in order], read_analyses(out))
-        assert [ax.get_title() for ax in figures["top_eigenvalues.png"].axes] == order
-        assert [t.get_text() for t in figures["density.png"].axes[0].get_legend().get_texts()] == order
-        panels = [ax.get_title().split("\n")[0] for ax in figures["sharpness_vs_rho.png"].axes]
-        assert panels == order, panels
+        for name, figure in figures.items():  # every run's curves on one set of axes, named in one legend
+            if name == "learning_curves.png":
+                continue
+            assert len([ax for ax in figure.axes if ax.lines]) == 1, (name, [ax.get_title() for ax in figure.axes])
+            legends = [*figure.legends, *(ax.get_legend() for ax in figure.axes if ax.get_legend())]
+            texts = [t.get_text() for legend in legends for t in legend.get_texts()]
+            assert [t for t in texts if t in order] == order, (name, texts)
+        curves = figures["learning_curves.png"]  # loss and accuracy panels, each with every run (train and test)
+        assert [len(ax.lines) for ax in curves.axes] == [4, 4]
+        assert [ax.get_legend() for ax in curves.axes] == [None, None]  # no legend over the curves: one below
+        labels = [t.get_text() for t in curves.legends[0].get_texts()]
+        assert labels == [*order, "train", "test"], labels
 
 
 @pytest.mark.slow
@@ -152,3 +161,66 @@ def test_report_refuses_what_is_not_a_finished_run(runs, tmp_path):
     result = invoke("report", str(unfinished), "--out", str(tmp_path / "r"))
     assert result.exit_code == 1 and "has no final.pt" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_analyses_side_by_side_equal_those_computed_one_after_the_other(runs, report, tmp_path):
+    """--jobs 2 (processes on one thread each) and --jobs 1 (in this process) compute the same numbers: the same
+    commands with the same seeds; only the float summation order may differ with the thread count (rtol 1e-6)."""
+    import json
+    import math
+
+    parallel, _ = report
+    serial = tmp_path / "serial"
+    result = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--jobs", "1", "--out", str(serial))
+    assert result.exit_code == 0, result.output
+    assert not (serial / "logs").exists() and (parallel / "logs" / "spectrum.log").is_file()
+
+    def numbers(out):
+        spectrum = json.loads((out / "spectrum-final" / "spectrum.json").read_text())["checkpoints"]
+        sharpness = json.loads((out / "sharpness" / "sharpness.json").read_text())["rows"]
+        trajectory = json.loads((out / "spectrum" / "spectrum.json").read_text())["checkpoints"]
+        return ([v for r in spectrum for v in (*r["top_eigenvalues"], r["trace"]["value"], r["trace"]["stderr"])]
+                + [r["value"] for r in sharpness] + [v for r in trajectory for v in r["top_eigenvalues"]])
+
+    a, b = numbers(parallel), numbers(serial)
+    assert len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b)), (a, b)
+
+
+@pytest.mark.slow
+def test_report_writes_its_figures_in_every_format_asked_and_png_for_the_page(runs, report, tmp_path):
+    out, _ = report
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, copy)  # the analyses are reused (same settings): only the report's figures are redrawn
+    result = invoke("report", str(runs / "sgd"), str(runs / "sam"), *QUICK, "--format", "pdf", "--dpi", "100",
+                    "--out", str(copy))
+    assert result.exit_code == 0, result.output
+    for stem in ("learning_curves", "top_eigenvalues", "density", "sharpness_vs_rho"):
+        assert (copy / f"{stem}.pdf").read_bytes()[:4] == b"%PDF", stem
+        assert (copy / f"{stem}.png").is_file(), stem  # embedded in the page
+    from sharpscope.report import png_display_width
+
+    # 100 dpi instead of 200: half the pixels, the same size on the page
+    for stem in ("learning_curves", "density"):
+        low, high = (png_display_width((folder / f"{stem}.png").read_bytes()) for folder in (copy, out))
+        assert abs(low - high) <= 1, (stem, low, high)  # pixel counts round differently
+
+
+@pytest.mark.slow
+def test_the_report_from_python_reuses_the_cli_analyses_and_gives_its_table(runs, report):
+    """``sharpscope.report.run`` is the command: on the CLI's folder with the same settings it computes nothing,
+    re-renders the page and returns the table the CLI printed."""
+    from sharpscope.report import ReportRun, run
+
+    out, output = report
+    result = run([runs / "sgd", runs / "sam"], out=out, grid=(-1, 1, 3), m=[64], rho=[0.05], top_k=1,
+                 num_samples=128, density_iters=5, sharpness_steps=1, max_chunks=2, jobs=2, quiet=True,
+                 echo=lambda line: None)
+    assert isinstance(result, ReportRun) and result.report == out / "report.html"
+    assert result.computed == () and set(result.reused) == {"landscape", "interpolation", "spectrum",
+                                                            "spectrum-final", "sharpness"}
+    for row in result.summary_rows:
+        assert all(cell in output for cell in [row[0], *row[2:]]), (row, output)
+    assert "report.html" in repr(result) and "reused landscape" in repr(result)
