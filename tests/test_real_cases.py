@@ -146,26 +146,51 @@ def test_loss_surface_and_sharpness_run_on_the_case(trained):
     assert worst.value > 0 and worst.value > average.value, (worst.value, average.value)
 
 
-@pytest.mark.xfail(strict=True, raises=(SharpscopeError, AssertionError),
-                   reason="the analysis commands read only ImageDataset data with cross-entropy (cli/inputs.py "
-                          "analysis_inputs, CrossEntropyLoss in each command); see the issue 16 report")
 def test_analysis_commands_run_on_the_case(trained, tmp_path):
-    """The three analysis commands on the run, from its checkpoint alone (model, data and loss recorded).
-    Strict xfail: passes (and must lose the mark) once the analysis commands read BatchData and config.loss."""
-    _, out = trained
+    """The three analysis commands on the run, from its checkpoint alone (model, data and loss recorded): each
+    measures the recorded loss (the loss at the weights it reports is the recorded loss's mean over the first 1024
+    train samples, re-batched to 500), and the gap is an error rate for the classifier, a loss difference else."""
+    from sharpscope.inputs import mean_loss, take_samples
+    from sharpscope.specs import call_factory, parse_spec
+
+    (name, *_, loss, _, _, _), out = trained
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         for args in (["hessian-spectrum", out / "final.pt", "--top-k", 1],
-                     ["landscape", out / "final.pt", "--dim", 1, "--grid", "-1:1:5"],
+                     ["landscape", out / "final.pt", "--dim", 1, "--x", "-1:1:5"],
                      ["sharpness", out / "final.pt", "--m", 8, "--rho", 0.05]):
             result = CliRunner().invoke(cli, ["-q", *map(str, args), "--device", "cpu", "--out",
                                               tmp_path / args[0]])
             if isinstance(result.exception, SharpscopeError):
                 raise result.exception
             assert result.exit_code == 0, result.output
+        checkpoint = load_checkpoint(out / "final.pt")
+        data = call_factory(*parse_spec(checkpoint.dataset, what="dataset"), what="dataset")
     finally:
         os.chdir(cwd)
+    loss_fn = load_loss(loss) if loss else torch.nn.CrossEntropyLoss()
+    expected = mean_loss(checkpoint.model, loss_fn, take_samples(data.train, 1024, batch_size=500))[0]
+    spectrum = json.loads((tmp_path / "hessian-spectrum" / "spectrum.json").read_text())
+    surface = json.loads((tmp_path / "landscape" / "surface.json").read_text())
+    sharpness = json.loads((tmp_path / "sharpness" / "sharpness.json").read_text())
+    # float32 forward passes, batch sums in another order: 1e-5 relative
+    assert spectrum["checkpoints"][0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert surface["center_loss"] == pytest.approx(expected, rel=1e-5)
+    # the loss is named in the results only where it is not the default cross-entropy (classification runs' results
+    # are unchanged)
+    assert spectrum["config"].get("loss") == loss and surface["config"].get("loss") == loss
+    assert sharpness["config"]["eval"].get("loss") == loss
+    record = sharpness["checkpoints"][0]
+    if name == "dict":  # the classifier: error rates, an accuracy surface
+        assert 0 <= record["train_error"] <= 1 and "gap_units" not in record
+        assert record["generalization_gap"] == pytest.approx(record["test_error"] - record["train_error"])
+        assert any(a is not None for a in surface["accuracy"])
+    else:
+        assert record["train_error"] is None and record["gap_units"] == "loss"
+        assert record["train_loss"] == pytest.approx(expected, rel=1e-5)
+        assert record["generalization_gap"] == pytest.approx(record["test_loss"] - record["train_loss"])
+        assert all(a is None for a in surface["accuracy"])
 
 
 # ---------------------------------------------------------------------------------------------------- fit()

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from sharpscope.cli.inputs import loss_option
 from sharpscope.cli.options import (
     device_option,
     eval_set_options,
@@ -48,6 +49,7 @@ from sharpscope.cli.options import (
 @click.option("--warm-start/--no-warm-start", default=True,
               help="Start each checkpoint's Lanczos run from the previous checkpoint's eigenvectors (same run).")
 @model_spec_option
+@loss_option
 @eval_set_options
 @device_option
 @seed_option
@@ -55,7 +57,7 @@ from sharpscope.cli.options import (
 @figure_options
 @click.pass_context
 def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trace, trace_rtol, trace_matvecs, density,
-            density_tol, density_iters, density_runs, per_layer, warm_start, model_spec, dataset, split, num_samples, batch_size, data_dir,
+            density_tol, density_iters, density_runs, per_layer, warm_start, model_spec, loss, dataset, split, num_samples, batch_size, data_dir,
             device, seed, out, overwrite, figure_output):
     """Hessian top eigenvalues (and trace, spectral density) of checkpoints along training.
 
@@ -89,7 +91,7 @@ def command(ctx, checkpoints, top_k, bottom_k, tol, criterion, max_matvecs, trac
         checkpoints, top_k=top_k, bottom_k=bottom_k, tol=tol, criterion=criterion, max_matvecs=max_matvecs,
         trace=trace, trace_rtol=trace_rtol, trace_matvecs=trace_matvecs, density=density, density_tol=density_tol,
         density_iters=density_iters, density_runs=density_runs, per_layer=per_layer, warm_start=warm_start,
-        model_spec=model_spec, dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
+        model_spec=model_spec, loss=loss, dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
         data_dir=data_dir, device=device, seed=seed, out=out, overwrite=overwrite, figure_output=figure_output,
         progress=show_progress(ctx),
     )

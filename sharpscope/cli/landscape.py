@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from sharpscope.cli.inputs import loss_option
 from sharpscope.cli.options import (
     GridRange,
     device_option,
@@ -50,6 +51,7 @@ LOSS_SCALES = ("auto", "linear", "log")
               help="Random directions: also perturb biases and BatchNorm gamma/beta (each normalised as a whole), "
                    "or leave them (zero direction, the paper's default).")
 @model_spec_option
+@loss_option
 @eval_set_options
 @seed_option
 @device_option
@@ -68,7 +70,7 @@ LOSS_SCALES = ("auto", "linear", "log")
 @out_options
 @click.pass_context
 def command(ctx, checkpoint, compare, direction_kind, dim, directions_from, x_range, y_range, norm, include_bias_bn,
-            model_spec, dataset, split, num_samples, batch_size, data_dir, seed, device, precision, compile_,
+            model_spec, loss, dataset, split, num_samples, batch_size, data_dir, seed, device, precision, compile_,
             loss_scale, cmap, levels, vmin, vmax, figure_output, out, overwrite):
     """Loss along lines and over planes around checkpoints (Li et al. 2018), side by side.
 
@@ -100,7 +102,7 @@ def command(ctx, checkpoint, compare, direction_kind, dim, directions_from, x_ra
         dim=dim, directions_from=directions_from, x=x_range, y=y_range,
         norm=norm if _given(ctx, "norm") else None,
         include_bias_bn=include_bias_bn if _given(ctx, "include_bias_bn") else None,
-        model_spec=model_spec, dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
+        model_spec=model_spec, loss=loss, dataset=dataset, split=split, num_samples=num_samples, batch_size=batch_size,
         data_dir=data_dir, seed=seed if _given(ctx, "seed") else None, device=device, precision=precision,
         compile=compile_, loss_scale=loss_scale, cmap=cmap, levels=levels, vmin=vmin, vmax=vmax,
         overwrite=overwrite, figure_output=figure_output, progress=show_progress(ctx),

@@ -82,7 +82,7 @@ class LazyGroup(click.Group):
             click.echo("Interrupted; finished work is saved and the same command resumes it.", err=True)
             sys.exit(130)
         finally:
-            inputs = sys.modules.get("sharpscope.cli.inputs")  # not imported by --help: keep that instant
+            inputs = sys.modules.get("sharpscope.inputs")  # not imported by --help: keep that instant
             if inputs is not None:
                 inputs._LAST_DATASET.clear()
 

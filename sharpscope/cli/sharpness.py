@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from sharpscope.cli.inputs import loss_option
 from sharpscope.cli.options import (
     MAX_COUNT,
     FloatList,
@@ -83,6 +84,7 @@ class MeasureList(click.ParamType):
               help="Seconds between saves of a grid measure's finished chunks to sharpness.partial.npz (0: after "
                    "every block of chunks); a rerun resumes from them.")
 @model_spec_option
+@loss_option
 @eval_set_options
 @seed_option
 @device_option
@@ -90,8 +92,8 @@ class MeasureList(click.ParamType):
 @figure_options
 @click.pass_context
 def command(ctx, checkpoints, measures, m_values, rho_values, average_rho_values, adaptive_rho_values, p, steps, num_draws, eta,
-            max_chunks, keskar_eps, pacbayes_draws, gap_samples, save_every, model_spec, dataset, split, num_samples,
-            batch_size, data_dir, seed, device, out, overwrite, figure_output):
+            max_chunks, keskar_eps, pacbayes_draws, gap_samples, save_every, model_spec, loss, dataset, split,
+            num_samples, batch_size, data_dir, seed, device, out, overwrite, figure_output):
     """Sharpness of checkpoints: m-sharpness grids, Keskar and PAC-Bayes measures, and their Kendall tau with
     the generalization gap.
 
@@ -102,14 +104,15 @@ def command(ctx, checkpoints, measures, m_values, rho_values, average_rho_values
       sharpscope sharpness runs/sam/final.pt --measure adaptive --p inf --adaptive-rho 0.001,0.002 --out r/ada
 
     CHECKPOINTS are checkpoint files or run folders (all their checkpoints). Every measure uses the same fixed
-    evaluation set (--split, first --num-samples samples, no augmentation), the model in eval mode and plain
-    cross-entropy (no label smoothing). Chunks of m samples are cut from a --seed shuffled copy of it; the last
-    num-samples mod m samples are left out.
+    evaluation set (--split, first --num-samples samples, no augmentation), the model in eval mode and the loss
+    the run recorded (train --loss; plain cross-entropy, no label smoothing, when none) or --loss. Chunks of m
+    samples are cut from a --seed shuffled copy of it; the last num-samples mod m samples are left out.
 
     Each checkpoint's generalization gap = test error - train error is measured at its weights (eval mode, no
     augmentation) on the train and test splits of its dataset (--dataset): whole splits, or the first
-    --gap-samples of each. (The metrics' train_acc a trainer logs is a running average over an epoch of moving
-    weights and augmented data, so the gap it gives is biased; it is kept as metrics_generalization_gap.)
+    --gap-samples of each; for a loss without accuracy (regression, language models) it is test loss - train
+    loss. (The metrics' train_acc a trainer logs is a running average over an epoch of moving weights and
+    augmented data, so the gap it gives is biased; it is kept as metrics_generalization_gap.)
 
     Writes into --out: sharpness.json (config, provenance, per checkpoint: train_error, test_error,
     generalization_gap; per checkpoint/measure/m/rho: value, stderr, steps), sharpness.npz,
@@ -130,8 +133,8 @@ def command(ctx, checkpoints, measures, m_values, rho_values, average_rho_values
         list(checkpoints), measures=[name for group in measures for name in group], m=m_values, rho=rho_values,
         adaptive_rho=adaptive_rho_values, average_rho=average_rho_values, p=math.inf if p == "inf" else 2.0, steps=steps, num_draws=num_draws,
         eta=eta, max_chunks=max_chunks, keskar_eps=keskar_eps, pacbayes_draws=pacbayes_draws,
-        gap_samples=gap_samples, model_spec=model_spec, dataset=dataset, split=split, num_samples=num_samples,
-        batch_size=batch_size, data_dir=data_dir, seed=seed, device=device,
+        gap_samples=gap_samples, model_spec=model_spec, loss=loss, dataset=dataset, split=split,
+        num_samples=num_samples, batch_size=batch_size, data_dir=data_dir, seed=seed, device=device,
         out=out or default_out("sharpness", [str(c) for c in checkpoints]), overwrite=overwrite,
         figure_output=figure_output, save_every=save_every, progress=show_progress(ctx),
     )
@@ -148,8 +151,12 @@ def command(ctx, checkpoints, measures, m_values, rho_values, average_rho_values
 def _print_summary(records: list[dict], entries: list[dict], table: dict[str, float] | None, reused: int,
                    pvalues: dict[str, float] | None = None) -> None:
     for record in records:
-        click.echo(f"{record['label']}  (train error {record['train_error']:.4f}, test error "
-                   f"{record['test_error']:.4f}, generalization gap {record['generalization_gap']:+.4f})")
+        if record.get("gap_units") == "loss":  # a loss without accuracy: the gap in loss units
+            click.echo(f"{record['label']}  (train loss {record['train_loss']:.4g}, test loss "
+                       f"{record['test_loss']:.4g}, generalization gap {record['generalization_gap']:+.4g} in loss)")
+        else:
+            click.echo(f"{record['label']}  (train error {record['train_error']:.4f}, test error "
+                       f"{record['test_error']:.4f}, generalization gap {record['generalization_gap']:+.4f})")
         for entry in (e for e in entries if e["checkpoint"] == record["path"]):
             result, name = entry["result"], entry["measure"]
             if result["kind"] == "grid":

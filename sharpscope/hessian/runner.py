@@ -80,6 +80,7 @@ def run(
     per_layer: bool = False,
     warm_start: bool = True,
     model_spec: str | None = None,
+    loss: str | None = None,
     dataset: str | None = None,
     split: str = "train",
     num_samples: int = 1024,
@@ -94,8 +95,9 @@ def run(
 ) -> SpectrumRun:
     """Hessian top eigenvalues (and bottom eigenvalues, trace, density, per-layer spectra) of checkpoints.
 
-    The Hessian is that of the mean cross-entropy over a fixed evaluation set (the first ``num_samples`` samples
-    of ``split``, batches of ``batch_size``), model in eval mode.
+    The Hessian is that of the mean loss over a fixed evaluation set (the first ``num_samples`` samples of
+    ``split``, batches of ``batch_size``), model in eval mode: the loss each checkpoint recorded (``config["loss"]``;
+    plain cross-entropy when none), or ``loss``.
 
     Args:
         checkpoints: checkpoint files or run folders (their ``ckpt-epoch*.pt`` and ``final.pt``), grouped by run
@@ -113,7 +115,9 @@ def run(
         per_layer: also the top eigenvalue of each module's diagonal Hessian block.
         warm_start: start each checkpoint's Lanczos run from the previous checkpoint's eigenvectors (same run).
         model_spec, dataset, split, num_samples, batch_size, data_dir: which model a plain state_dict holds, and
-            the evaluation set (default dataset: the checkpoint's).
+            the evaluation set (default dataset: the checkpoint's; :func:`sharpscope.inputs.analysis_inputs`).
+        loss: a ``package.module:factory[:k=v]`` loss spec (:func:`sharpscope.specs.load_loss`) used instead of the
+            recorded ones; without it, checkpoints that recorded different losses are refused.
         device: ``"cpu"``, ``"cuda"``, a ``torch.device`` [default: cuda when available].
         seed: seeds every random vector.
         out: folder to write into [default ``results/RUNS-hessian-spectrum``]; refused when it holds results of
@@ -134,8 +138,8 @@ def run(
     from tqdm import tqdm
 
     from sharpscope import distributed
-    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss, expand_checkpoints, run_names
     from sharpscope.cli.options import default_out, resolve_device
+    from sharpscope.inputs import AnalysisLoss, analysis_inputs, check_finite_loss, expand_checkpoints, run_names
     from sharpscope.io import prepare_out_dir, save_torch
     from sharpscope.plots.spectrum import plot_density
     from sharpscope.results import provenance
@@ -165,6 +169,14 @@ def run(
     }
     out_dir = Path(out or default_out("hessian-spectrum", [str(c) for c in checkpoints]))
     previous = _previous_results(out_dir / JSON_NAME)
+    entries = _entries(checkpoints, expand_checkpoints, read_checkpoint_file, run_names)
+    # one loss for every checkpoint (refused before any work when their recorded losses differ); named in the
+    # config only when it is not the default cross-entropy, so results of classification runs stay as they were
+    analysis_loss = AnalysisLoss(loss)
+    for entry in entries:
+        analysis_loss.check(entry["path"], entry["config"])
+    if analysis_loss.spec is not None:
+        config["loss"] = analysis_loss.spec
     resume = False
     if previous is not None and not overwrite:
         # files from before --criterion, --trace-rtol and --density-tol (fixed budgets then)
@@ -183,7 +195,6 @@ def run(
     # density runs (gathered, so the results equal one process's); rank 0 alone writes
     rank_info, torch_device = distributed.setup(torch_device)
 
-    entries = _entries(checkpoints, expand_checkpoints, read_checkpoint_file, run_names)
     run_order = {name: i for i, name in enumerate(dict.fromkeys(e["run"] for e in entries))}
     keys = {e["key"] for e in entries}
     made_by = provenance([e["path"] for e in entries])
@@ -201,7 +212,7 @@ def run(
                                                           arrays[f"{r['key']}__density"])
                                  for r in records if r.get("density") is not None}
     outputs = [out_dir / JSON_NAME, out_dir / NPZ_NAME]
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = analysis_loss.for_checkpoint(entries[0]["path"], entries[0]["config"])
     previous_top: dict[str, Any] = {}  # run -> EigenResult of its last computed checkpoint (warm start)
     same_weights: dict[str, Any] = {}  # _weights_key -> result of a checkpoint computed in this call
     budget = _density_budget(density_tol, density_iters)
@@ -425,7 +436,9 @@ def _entries(checkpoints, expand_checkpoints, read_checkpoint_file, run_names) -
         seen.add(path.resolve())
         payload, sha256 = read_checkpoint_file(path)
         epoch = payload.get("epoch") if isinstance(payload, dict) else None
-        entries.append({"path": path, "sha256": sha256, "epoch": epoch if isinstance(epoch, int) else None})
+        config = payload.get("config") if isinstance(payload, dict) else None
+        entries.append({"path": path, "sha256": sha256, "epoch": epoch if isinstance(epoch, int) else None,
+                        "config": config if isinstance(config, dict) else None})
         del payload
     for entry, name in zip(entries, run_names([e["path"].parent for e in entries])):
         entry["run"] = name

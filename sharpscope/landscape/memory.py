@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,9 +53,13 @@ def _format(n: float) -> str:
     return f"{n / 1e3:.0f} kB"
 
 
-def activation_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
-    """Bytes of the outputs of every leaf module for one sample (``sample`` is a batch of one), by one forward
-    pass under ``no_grad`` with forward hooks."""
+def activation_bytes_per_sample(model: nn.Module, sample: Any, *, loss_fn: Any = None) -> int:
+    """Bytes of the outputs of every leaf module for one sample, by one forward pass under ``no_grad`` with
+    forward hooks: ``model``'s inputs for a batch of one (a tensor, tuple or dict, :mod:`sharpscope.batches`), or
+    with ``loss_fn`` a whole batch of one, evaluated by the loss (a :class:`~sharpscope.batches.BatchLoss` calls
+    the model itself)."""
+    from sharpscope.batches import batch_loss, call_model
+
     total = 0
 
     def hook(module, inputs, output):
@@ -67,7 +72,10 @@ def activation_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            model(sample)
+            if loss_fn is None:
+                call_model(model, sample)
+            else:
+                batch_loss(model, loss_fn, sample)
     finally:
         for h in handles:
             h.remove()
@@ -75,18 +83,24 @@ def activation_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
 
 
 def estimate_landscape_memory(model: nn.Module, batches, *, surfaces: int, points: int, dim: int,
-                              models: int) -> MemoryEstimate:
+                              models: int, loss_fn: Any = None) -> MemoryEstimate:
     """The memory of a landscape job of ``surfaces`` surfaces of ``points`` grid points each along ``dim``
-    directions, over ``models`` models like ``model`` evaluated on ``batches`` (module docstring)."""
+    directions, over ``models`` models like ``model`` evaluated on ``batches`` (module docstring) with ``loss_fn``
+    (needed for a :class:`~sharpscope.batches.BatchLoss`, whose batches only the loss knows how to feed)."""
+    from sharpscope.batches import map_samples, num_samples
+
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     weights += sum(t.numel() * t.element_size() for t in model.buffers())
     first = next(iter(batches))  # batches are cut in order: the first is the largest
-    x = first[0] if isinstance(first, (tuple, list)) else first
-    batch_size = len(x)
+    batch_size = num_samples(first)
+    one = map_samples(lambda t: t[:1], first)  # the batch contract: every tensor holds the samples along dim 0
     was_training = model.training
     model.eval()
     try:
-        per_sample = activation_bytes_per_sample(model, x[:1])
+        if loss_fn is None:
+            per_sample = activation_bytes_per_sample(model, one[0] if isinstance(one, (tuple, list)) else one)
+        else:
+            per_sample = activation_bytes_per_sample(model, one, loss_fn=loss_fn)
     finally:
         model.train(was_training)
     parts = {

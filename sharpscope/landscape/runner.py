@@ -60,6 +60,7 @@ def run(
     norm: str | None = None,
     include_bias_bn: bool | None = None,
     model_spec: str | None = None,
+    loss: str | None = None,
     dataset: str | None = None,
     split: str = "train",
     num_samples: int = 1024,
@@ -88,13 +89,17 @@ def run(
     Figures: ``loss_scale`` ``auto`` draws log10(loss) when the finite positive losses drawn span more than
     1.5 decades (:func:`sharpscope.plots.surface.auto_log_scale`), else the loss; ``cmap``, ``levels`` (contour
     levels) and ``vmin``/``vmax`` (loss colour limits, in loss units) shape the 2-D figures; ``figure_output``
-    the formats and resolution. Raises :class:`~sharpscope.errors.SharpscopeError` (one line) for bad options
+    the formats and resolution. Without accuracy (a regression loss, a language model's
+    :class:`~sharpscope.batches.BatchLoss`) the figures show the loss alone.
+
+    The loss is the one the checkpoints recorded (``config["loss"]``; plain cross-entropy when none), or ``loss``
+    (a ``package.module:factory[:k=v]`` spec) for all of them; checkpoints that recorded different losses are
+    refused without ``loss``. Raises :class:`~sharpscope.errors.SharpscopeError` (one line) for bad options
     or a job that would not fit in memory, before anything is written.
     """
-    import torch
-
     from sharpscope import distributed
     from sharpscope.cli.options import resolve_device
+    from sharpscope.inputs import AnalysisLoss
 
     compare = [str(c) for c in compare]
     checkpoint = str(checkpoint)
@@ -163,11 +168,10 @@ def run(
         **({"model_spec": model_spec} if model_spec else {}),  # only when given: older results stay comparable
         **({"directions_from": str(directions_from)} if directions_from is not None else {}),
     }
-    loss_fn = torch.nn.CrossEntropyLoss()
     out = Path(out)
     plan = _Plan(checkpoint=checkpoint, compare=compare, kind=directions, dim=dim, x=x, y=y, norm=norm,
-                 include_bias_bn=include_bias_bn, seed=seed, saved=saved, loss_fn=loss_fn, eval_kwargs=eval_kwargs,
-                 progress=progress, device=dev)
+                 include_bias_bn=include_bias_bn, seed=seed, saved=saved, loss=AnalysisLoss(loss),
+                 eval_kwargs=eval_kwargs, progress=progress, device=dev)
     try:
         if saved is not None:
             jobs = _saved_jobs(plan)
@@ -177,6 +181,8 @@ def run(
             jobs = _interpolation_job(plan)
         else:
             jobs = _pca_job(plan)
+        if plan.loss.spec is not None:  # named only when not the default cross-entropy: older results unchanged
+            config["loss"] = plan.loss.spec
 
         multi = len(jobs) > 1
         stems = [f"surface-{job['label']}" if multi else "surface" for job in jobs]
@@ -191,7 +197,7 @@ def run(
         if overwrite:
             for p in partials:
                 p.unlink(missing_ok=True)
-        surfaces = _compute_all(jobs, partials, loss_fn, progress, rank_info, config)
+        surfaces = _compute_all(jobs, partials, plan.loss_fn, progress, rank_info, config)
         if not rank_info.is_main:
             return LandscapeResult(out=out, directions=directions, labels=tuple(j["label"] for j in jobs),
                                    surfaces=(), written=(), log_scale=False, barrier=None, notes=(),
@@ -231,10 +237,11 @@ class _Plan:
     include_bias_bn: bool
     seed: int
     saved: tuple | None
-    loss_fn: Any
+    loss: Any  # the AnalysisLoss: the checkpoints' recorded loss, or the one given
     eval_kwargs: dict
     progress: bool
     device: Any
+    loss_fn: Any = None  # the loss function, set by _load_all from the first checkpoint (the same for all)
 
 
 def _figure_settings(loss_scale: str, cmap: str | None, levels: int, vmin: float | None,
@@ -360,11 +367,12 @@ def _grid(rng, default):
 
 def _load_all(paths: list[str], plan: _Plan) -> list[tuple[Any, Any]]:
     """Each checkpoint with its evaluation set; a diverged one (non-finite loss) is refused before any work."""
-    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss
+    from sharpscope.inputs import analysis_inputs, check_finite_loss
 
-    loaded = []
+    loaded = []  # every checkpoint is loaded (and a different recorded loss refused) before any surface is computed
     for p in paths:
         checkpoint, batches = analysis_inputs(p, **plan.eval_kwargs)
+        plan.loss_fn = plan.loss.for_checkpoint(p, checkpoint.config)
         check_finite_loss(checkpoint.model, plan.loss_fn, batches, p)
         loaded.append((checkpoint, batches))
     return loaded
@@ -376,7 +384,8 @@ def _check_memory(plan: _Plan, loaded: list, points: int, *, extra_models: int =
 
     model, batches = loaded[0][0].model, loaded[0][1]
     estimate = estimate_landscape_memory(model, batches, surfaces=len(loaded) if plan.kind != "interpolate" else 1,
-                                         points=points, dim=plan.dim, models=len(loaded) + extra_models)
+                                         points=points, dim=plan.dim, models=len(loaded) + extra_models,
+                                         loss_fn=plan.loss_fn)
     check_fits(estimate, plan.device)
 
 
@@ -681,7 +690,7 @@ class _Writer:
                 if line:
                     fig = plot_interpolation(surface, endpoints=job["endpoints"], log_scale=log_scale)
                 else:
-                    fig = plot_curves(surface, accuracy=True, log_scale=log_scale)
+                    fig = plot_curves(surface, accuracy=has_accuracy(surface), log_scale=log_scale)
                 written += self._save(fig, f"curve{suffix}")
                 continue
             marks = {"points": job["points"], "point_labels": job["endpoints"]} if "points" in job else {}
@@ -694,7 +703,8 @@ class _Writer:
             written += self._save(plot_surface_3d(surface, log_scale=log_scale, vmin=vmin, vmax=vmax,
                                                   **({"cmap": cmap} if cmap else {})), f"surface3d{suffix}")
         if multi and self.dim == 1:  # the main 1-D figure: every model's curve on one set of axes
-            written += self._save(plot_curves(surfaces, accuracy=True, log_scale=log_scale,
+            written += self._save(plot_curves(surfaces, accuracy=any(has_accuracy(s) for s in surfaces),
+                                              log_scale=log_scale,
                                               title="loss along the same directions"), "curve")
         elif multi:
             written += self._save(plot_comparison(surfaces, kind="contourf", log_scale=log_scale, accuracy=True,

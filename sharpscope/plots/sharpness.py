@@ -189,7 +189,8 @@ def _overlay(columns: dict[str, dict[str, Any]], measures: list[str], *, log_x: 
 
 
 def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = None,
-                     title: str | None = None, pvalues: Mapping[str, float] | None = None) -> Figure:
+                     title: str | None = None, pvalues: Mapping[str, float] | None = None,
+                     gap: str = "test error - train error") -> Figure:
     """Kendall's tau of each measure with the generalization gap, one horizontal bar per measure.
 
     Args:
@@ -198,6 +199,8 @@ def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = Non
         title: figure title [default: "Kendall tau with the generalization gap"].
         pvalues: measure label -> two-sided p-value, printed next to each tau; bars with p > 0.05 are drawn pale
             (their ranking is not distinguishable from chance).
+        gap: what the generalization gap is, for the axis label (``"test loss - train loss"`` for models without
+            accuracy).
 
     Returns:
         A ``matplotlib.figure.Figure`` with the x axis fixed to [-1, 1] (comparable across figures); positive
@@ -227,7 +230,7 @@ def kendall_tau_bars(table: Mapping[str, float], *, num_models: int | None = Non
     ax.set_xlim(-1.15, 1.15)
     ax.axvline(0, color="0.3", linewidth=0.8)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_xlabel("Kendall tau (measure vs test error - train error)")
+    ax.set_xlabel(f"Kendall tau (measure vs {gap})")
     heading = title or "Kendall tau with the generalization gap"
     ax.set_title(heading + (f" ({num_models} models)" if num_models else ""), fontsize=10)
     return fig

@@ -78,6 +78,7 @@ def run(
     pacbayes_draws: int = 10,
     gap_samples: int | None = None,
     model_spec: str | None = None,
+    loss: str | None = None,
     dataset: str | None = None,
     split: str = "train",
     num_samples: int = 1024,
@@ -104,8 +105,13 @@ def run(
         steps, num_draws, eta, max_chunks, keskar_eps, pacbayes_draws, seed, batch_size: as in
             :class:`sharpscope.sharpness.SuiteConfig`.
         gap_samples: measure the generalization gap on the first this many samples of each split (None: all).
+            The gap is test error minus train error for a classifier; for a loss without accuracy (regression, a
+            language model's :class:`~sharpscope.batches.BatchLoss`) it is test loss minus train loss (the
+            checkpoint's record then holds ``train_error``/``test_error`` None and ``gap_units`` ``"loss"``).
         model_spec, dataset, split, num_samples, data_dir: the model of a plain state_dict and the fixed
-            evaluation set (:func:`sharpscope.cli.inputs.analysis_inputs`).
+            evaluation set (:func:`sharpscope.inputs.analysis_inputs`).
+        loss: a ``package.module:factory[:k=v]`` loss spec for every checkpoint; default: the loss each checkpoint
+            recorded (plain cross-entropy when none), and checkpoints that recorded different losses are refused.
         device: ``"cpu"``, ``"cuda"``, a ``torch.device`` or None (CUDA when available).
         out: the folder written into: ``sharpness.json``, ``sharpness.npz``, ``sharpness_vs_rho.<fmt>`` and, for
             two or more checkpoints, ``kendall_tau.json`` / ``kendall_tau.<fmt>``.
@@ -120,12 +126,13 @@ def run(
 
     Raises:
         SharpscopeError: bad settings, results of another configuration in ``out`` (without ``overwrite``), a
-            checkpoint whose loss is not finite, a measure that would not fit in memory.
+            checkpoint whose loss is not finite, a measure that would not fit in memory, checkpoints with different
+            recorded losses, a PAC-Bayes measure of a model without accuracy.
     """
     from sharpscope import distributed
-    from sharpscope.cli.inputs import expand_checkpoints
     from sharpscope.cli.options import resolve_device
     from sharpscope.errors import SharpscopeError
+    from sharpscope.inputs import AnalysisLoss, expand_checkpoints
     from sharpscope.io import prepare_out_dir
 
     if not (isinstance(save_every, (int, float)) and save_every >= 0 and math.isfinite(save_every)):
@@ -142,6 +149,10 @@ def run(
                             **({"model_spec": model_spec} if model_spec else {})},
                    "gap": {"num_samples": gap_samples}}
     paths = list(dict.fromkeys(expand_checkpoints([str(c) for c in checkpoints])))
+    analysis_loss = AnalysisLoss(loss)
+    analysis_loss.check_files(paths)  # one loss for every checkpoint: refused before any work when they differ
+    if analysis_loss.spec is not None:  # named only when not the default cross-entropy: older results still match
+        full_config["eval"]["loss"] = analysis_loss.spec
     out = Path(out)
     json_path = out / "sharpness.json"
     previous = None
@@ -164,7 +175,8 @@ def run(
         partial_path.unlink(missing_ok=True)
     shard = (rank_info.rank, rank_info.world_size) if rank_info.enabled else None
     try:
-        return _run(paths, config, full_config, previous, out, rank_info, shard, dev, dataset=dataset, split=split,
+        return _run(paths, config, full_config, previous, out, rank_info, shard, dev, analysis_loss,
+                    dataset=dataset, split=split,
                     num_samples=num_samples, batch_size=batch_size, data_dir=data_dir, model_spec=model_spec,
                     gap_samples=gap_samples, figure_output=figure_output, save_every=save_every, progress=progress)
     finally:
@@ -173,14 +185,15 @@ def run(
             distributed.teardown()
 
 
-def _run(paths, config, full_config, previous, out, rank_info, shard, dev, *, dataset, split, num_samples,
-         batch_size, data_dir, model_spec, gap_samples, figure_output, save_every, progress) -> SharpnessRun:
+def _run(paths, config, full_config, previous, out, rank_info, shard, dev, analysis_loss, *, dataset, split,
+         num_samples, batch_size, data_dir, model_spec, gap_samples, figure_output, save_every,
+         progress) -> SharpnessRun:
     """The body of :func:`run` (after the arguments are checked), on every rank."""
     import numpy as np
-    import torch
     from tqdm import tqdm
 
-    from sharpscope.cli.inputs import analysis_inputs, check_finite_loss
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.inputs import analysis_inputs, check_finite_loss, classifies
     from sharpscope.io import write_json
     from sharpscope.results import file_sha256, provenance
     from sharpscope.sharpness.generalization import generalization_gap
@@ -199,8 +212,8 @@ def _run(paths, config, full_config, previous, out, rank_info, shard, dev, *, da
     # a record without a measured gap (written before it was measured) is rebuilt
     known = {c["sha256"]: c for c in (previous or {}).get("checkpoints", []) if "train_error" in c}
     labels = _labels(paths)
-    datasets: dict[str, Any] = {}  # name -> ImageDataset, loaded once for the gaps of all checkpoints
-    loss_fn = torch.nn.CrossEntropyLoss()
+    datasets: dict[str, Any] = {}  # name -> ImageDataset or BatchData, loaded once for the gaps of all checkpoints
+    loss_fn = None
     progress = progress and rank_info.is_main
     records: list[dict] = []
     entries: list[dict] = []
@@ -222,15 +235,29 @@ def _run(paths, config, full_config, previous, out, rank_info, shard, dev, *, da
             checkpoint, data = analysis_inputs(path, dataset=dataset, split=split, num_samples=num_samples,
                                                batch_size=batch_size, device=dev, data_dir=data_dir,
                                                model_spec=model_spec)
+            loss_fn = analysis_loss.for_checkpoint(path, checkpoint.config)
             check_finite_loss(checkpoint.model, loss_fn, data, path)
+            pac_bayes = [name for name in todo if name.startswith("pacbayes")]
+            if pac_bayes and not classifies(checkpoint.model, loss_fn, data[0]):
+                raise SharpscopeError(
+                    f"--measure {pac_bayes[0]}: PAC-Bayes flatness is the noise level that drops the accuracy by 0.1 "
+                    f"(Jiang et al. 2020), but {path} has no accuracy (its loss "
+                    f"{analysis_loss.spec or 'cross-entropy'} does not score (n, classes) outputs against integer "
+                    "labels); drop the pacbayes measures"
+                )
         if record is None:  # saved with the checkpoint's first entry (a failing first measure leaves no file)
-            train_batches, test_batches, total = _gap_batches(datasets, dataset or checkpoint.dataset, data_dir,
-                                                              gap_samples, batch_size, dev)
+            train_batches, test_batches, total, classifier = _gap_batches(
+                datasets, dataset or checkpoint.dataset, data_dir, gap_samples, batch_size, dev, checkpoint.model,
+                loss_fn)
             # every rank measures the whole gap (one pass over both splits: cheap next to the measures)
             with tqdm(total=total, desc=f"{labels[path]} gap", unit="sample", leave=False, disable=not progress,
                       file=sys.stderr) as bar:
-                gap = generalization_gap(checkpoint.model, loss_fn, train_batches, test_batches, progress=bar.update)
-            record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics, **gap.to_dict(),
+                if classifier:
+                    gap = generalization_gap(checkpoint.model, loss_fn, train_batches, test_batches,
+                                             progress=bar.update).to_dict()
+                else:
+                    gap = _loss_gap(checkpoint.model, loss_fn, train_batches, test_batches, progress=bar.update)
+            record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics, **gap,
                       "metrics_generalization_gap": checkpoint.generalization_gap,
                       "num_eval_samples": data.num_samples}
         record = {**record, "path": str(path), "label": labels[path], "sha256": sha}
@@ -299,7 +326,7 @@ def _refuse_other_config(path: Path, old: dict, new: dict) -> None:
 def _labels(paths: list[Path]) -> dict[Path, str]:
     """``run/file`` per checkpoint, with run names that tell distinct folders apart (``seedA/sgd/final.pt`` and
     ``seedB/sgd/final.pt``, not two ``sgd/final.pt``): the labels key the figure's lines."""
-    from sharpscope.cli.inputs import run_names
+    from sharpscope.inputs import run_names
 
     names = run_names([path.parent for path in paths])
     return {path: f"{name}/{path.name}" for path, name in zip(paths, names)}
@@ -326,15 +353,24 @@ def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _gap_batches(datasets: dict, name: str, data_dir: str | None, gap_samples: int | None, batch_size: int,
-                 device) -> tuple[Any, Any, int]:
-    """``(train batches, test batches, samples in both)`` the generalization gap is measured on: the first
-    ``gap_samples`` (all when None or more) of each split of dataset ``name``, normalised as in training, no
-    augmentation, in the stored order; built one batch at a time (a whole normalised split can be large)."""
-    from sharpscope.data import load_dataset, normalize
+                 device, model, loss_fn) -> tuple[Any, Any, int, bool]:
+    """``(train batches, test batches, samples in both, classifier)`` the generalization gap is measured on: the
+    first ``gap_samples`` (all when None or more) of each split of dataset ``name``, in the stored order.
+
+    An :class:`~sharpscope.data.ImageDataset`: normalised as in training, no augmentation, built one batch at a time
+    (a whole normalised split can be large); a classifier. A :class:`~sharpscope.train.BatchData`: its batches
+    re-batched to ``batch_size`` (:func:`sharpscope.inputs.take_samples`); a classifier when ``model`` and
+    ``loss_fn`` score ``(n, classes)`` outputs against integer labels (:func:`sharpscope.inputs.classifies`)."""
+    from sharpscope.data import ImageDataset, normalize
+    from sharpscope.inputs import classifies, load_analysis_data, take_samples
 
     if name not in datasets:
-        datasets[name] = load_dataset(name, data_dir=data_dir)  # analysis_inputs just read it: no error here
+        datasets[name] = load_analysis_data(name, data_dir=data_dir)  # analysis_inputs just read it: no error here
     data = datasets[name]
+    if not isinstance(data, ImageDataset):
+        train, test = (take_samples(part, gap_samples, batch_size=batch_size, device=device)
+                       for part in (data.train, data.test))
+        return train, test, train.num_samples + test.num_samples, classifies(model, loss_fn, test[0])
 
     def batches(images, labels):
         for start in range(0, len(labels), batch_size):
@@ -347,7 +383,26 @@ def _gap_batches(datasets: dict, name: str, data_dir: str | None, gap_samples: i
         count = len(labels) if gap_samples is None else min(gap_samples, len(labels))
         splits.append((images[:count], labels[:count]))
     total = sum(len(labels) for _, labels in splits)
-    return batches(*splits[0]), batches(*splits[1]), total
+    return batches(*splits[0]), batches(*splits[1]), total, True
+
+
+def _loss_gap(model, loss_fn, train_batches, test_batches, *, progress) -> dict[str, Any]:
+    """The generalization gap of a model without accuracy, in loss units: test loss minus train loss (each the
+    sample-weighted mean over its split, model in eval mode, no gradients), as a checkpoint record's fields."""
+    from sharpscope.inputs import mean_loss
+
+    was_training = model.training
+    model.eval()
+    try:
+        train_loss, num_train = mean_loss(model, loss_fn, train_batches)
+        progress(num_train)
+        test_loss, num_test = mean_loss(model, loss_fn, test_batches)
+        progress(num_test)
+    finally:
+        model.train(was_training)
+    return {"train_error": None, "test_error": None, "train_loss": train_loss, "test_loss": test_loss,
+            "num_train_samples": num_train, "num_test_samples": num_test,
+            "generalization_gap": test_loss - train_loss, "gap_units": "loss"}
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -471,10 +526,13 @@ def _write_kendall(out: Path, records: list[dict], table: dict[str, float], pval
     from sharpscope.io import write_json
     from sharpscope.plots.sharpness import kendall_tau_bars
 
+    gap = ("test loss - train loss" if any(r.get("gap_units") == "loss" for r in records)
+           else "test error - train error")
     document = {"num_checkpoints": len(records), "checkpoints": [r["path"] for r in records],
                 "generalization_gap": [r["generalization_gap"] for r in records], "tau": table, "p_value": pvalues,
-                "definition": "Kendall tau-b between each measure and the generalization gap (test error - train "
-                              "error, measured at each checkpoint's weights) across checkpoints"}
+                "definition": f"Kendall tau-b between each measure and the generalization gap ({gap}, measured at "
+                              "each checkpoint's weights) across checkpoints"}
     paths = [write_json(out / "kendall_tau.json", document)]
-    paths += figure_output.save(kendall_tau_bars(table, num_models=len(records), pvalues=pvalues), out, "kendall_tau")
+    paths += figure_output.save(kendall_tau_bars(table, num_models=len(records), pvalues=pvalues, gap=gap), out,
+                                "kendall_tau")
     return paths
