@@ -22,10 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope.errors import SharpscopeError
-
-#: Kendall's tau is shown only over at least this many checkpoints: over two it is +-1 whatever the measure (it
-#: only says whether the sharper of the two models has the larger gap), which reads as a perfect correlation.
-MIN_KENDALL_CHECKPOINTS = 3
+from sharpscope.sharpness.correlation import MIN_KENDALL_CHECKPOINTS  # Kendall's tau: shown from 3 runs on
 
 #: The rho of the summary table's m-sharpness column (the seed experiment's SAM rho, DESIGN.md section 9); the
 #: nearest computed rho when this one was not.

@@ -171,6 +171,9 @@ def _print_summary(records: list[dict], entries: list[dict], table: dict[str, fl
             else:
                 flag = "" if result["bracketed"] else " (at the end of the search range)"
                 click.echo(f"  {name:<9} sigma'={result['sigma']:.4g}  1/sigma'^2={result['measure']:.4g}{flag}")
+    if table is None and len(records) > 1:
+        click.echo(f"Kendall tau with the generalization gap: not computed over {len(records)} checkpoints (over two "
+                   "it is +-1 whatever the measure, at p = 1); give 3 or more, e.g. a run folder's trajectory")
     if table is not None:
         click.echo(f"Kendall tau with the generalization gap ({len(records)} checkpoints):")
         width = max(map(len, table))

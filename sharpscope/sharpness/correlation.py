@@ -21,7 +21,11 @@ import numpy as np
 
 from sharpscope.errors import SharpscopeError
 
-__all__ = ["kendall_tau", "kendall_tau_pvalue", "kendall_tau_table"]
+__all__ = ["kendall_tau", "kendall_tau_pvalue", "kendall_tau_table", "MIN_KENDALL_CHECKPOINTS"]
+
+#: Fewest models a Kendall tau is computed and shown for: two models give tau = +-1 whatever the measure, at p = 1
+#: (three give at best p = 0.33; a perfect ranking is significant at 5% from five models on, p = 0.017).
+MIN_KENDALL_CHECKPOINTS = 3
 
 
 def _as_vector(name: str, values: Sequence[float]) -> np.ndarray:

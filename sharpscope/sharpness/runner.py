@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope.plots.output import FIGURE_FORMATS, FigureOutput
+from sharpscope.sharpness.correlation import MIN_KENDALL_CHECKPOINTS
 from sharpscope.sharpness.suite import SuiteConfig
 
 __all__ = ["run", "SharpnessRun", "DEFAULT_ADAPTIVE_RHO", "DEFAULT_AVERAGE_RHO", "PARTIAL_FILE"]
@@ -55,7 +56,7 @@ class SharpnessRun:
     written: tuple[Path, ...]  # files written, sharpness.json first
     checkpoints: tuple[dict, ...]  # per checkpoint: path, label, sha256, train/test error, generalization_gap, ...
     entries: tuple[dict, ...]  # per (checkpoint, measure): {"checkpoint", "measure", "seconds", "result"}
-    kendall_tau: dict[str, float] | None  # measure label -> tau with the gap; None for one checkpoint
+    kendall_tau: dict[str, float] | None  # measure label -> tau with the gap; None for fewer than 3 checkpoints
     kendall_p_value: dict[str, float] | None  # measure label -> its two-sided p-value
     reused: int  # (checkpoint, measure) results taken from a previous run's sharpness.json
     resumed_chunks: float  # chunks of an interrupted measure taken from sharpness.partial.npz
@@ -114,7 +115,7 @@ def run(
             recorded (plain cross-entropy when none), and checkpoints that recorded different losses are refused.
         device: ``"cpu"``, ``"cuda"``, a ``torch.device`` or None (CUDA when available).
         out: the folder written into: ``sharpness.json``, ``sharpness.npz``, ``sharpness_vs_rho.<fmt>`` and, for
-            two or more checkpoints, ``kendall_tau.json`` / ``kendall_tau.<fmt>``.
+            three or more checkpoints, ``kendall_tau.json`` / ``kendall_tau.<fmt>``.
         overwrite: replace results of another configuration (otherwise refused); results of the same
             configuration are always reused (resume).
         figure_output: figure formats and dpi.
@@ -295,7 +296,7 @@ def _run(paths, config, full_config, previous, out, rank_info, shard, dev, analy
     written = [json_path, _write_arrays(out, config, records, entries, np)]
     written += _write_sharpness_figure(out, records, entries, figure_output)
     table = pvalues = None
-    if len(records) >= 2:
+    if len(records) >= MIN_KENDALL_CHECKPOINTS:  # over two models tau is +-1 whatever the measure, at p = 1
         table = _kendall_table(records, entries)
         pvalues = _kendall_pvalues(records, entries, table)
         written += _write_kendall(out, records, table, pvalues, figure_output)

@@ -207,3 +207,16 @@ def test_a_sharpness_result_prints_as_a_small_table():
     assert text.splitlines()[0].startswith("SharpnessResult(worst, p=2, 2 steps, 32 samples; rho = 0.05, 0.1")
     assert len(text.splitlines()) == 3 and "array" not in text
     assert f"{result.values[1, 1]:.4g} +- {result.stderr[1, 1]:.2g}" in text.splitlines()[2]
+
+
+def test_two_checkpoints_get_no_kendall_tau(tmp_path):
+    """Over two models tau is +-1 whatever the measure (p = 1): neither computed nor drawn, and the CLI says why."""
+    from sharpscope.cli.main import cli
+
+    first, second = (digits_checkpoint(tmp_path / f"seed{seed}.pt", seed=seed) for seed in (0, 1))
+    result = CliRunner().invoke(cli, ["-q", "sharpness", str(first), str(second), "--m", "64", "--rho",
+                                      "0.05", "--steps", "1", "--max-chunks", "1", "--num-samples", "64",
+                                      "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "not computed over 2 checkpoints" in result.output
+    assert not list((tmp_path / "out").glob("kendall_tau*"))
