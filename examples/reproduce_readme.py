@@ -32,11 +32,22 @@ from pathlib import Path
 OPTIMIZERS = ("sgd", "sam")
 #: The report settings of the README's table (section 5 of the tour).
 REPORT_ARGS = ("--grid", "-1:1:11", "--m", "8,32,128")
-#: The README tables that come from other scripts (expensive: real Fashion-MNIST, dozens of trainings).
+#: The README tables that come from other scripts (expensive: real Fashion-MNIST, dozens of trainings, timings).
 OTHER_SCRIPTS = (
     ("Reproducing the SAM paper's Fashion-MNIST experiment", "examples/reproduce_fashion_mnist.py",
      ["--epochs", "5", "--seeds", "0,1,2"]),
     ("Reproducing the SAM paper's m-sharpness figure", "examples/m_sharpness_sweep.py", []),
+    # the Speed section's tables: timings (ratios against references measured in the same run; minutes each)
+    ("Speed: SAM step cost", "benchmarks/bench_sam_step.py",
+     ["--models", "digits-b16,digits-b128", "--steps", "24", "--rounds", "8"]),
+    ("Speed: training throughput", "benchmarks/bench_train_throughput.py", []),
+    ("Speed: data-parallel scaling", "benchmarks/bench_distributed.py", []),
+    ("Speed: loss-surface throughput", "benchmarks/bench_landscape.py", []),
+    ("Speed: m-sharpness per chunk size", "benchmarks/bench_sharpness.py",
+     ["--m", "1,1024", "--rounds", "1", "--threads", "1"]),
+    ("Speed: Hessian eigenvalues", "benchmarks/bench_hessian.py", []),
+    ("Speed: Hessian-vector product cost", "benchmarks/bench_hessian.py", ["--cost-only"]),
+    ("Speed: budgets set by precision", "benchmarks/bench_hessian_tour.py", []),
 )
 EXAMPLES = Path(__file__).resolve().parent
 
