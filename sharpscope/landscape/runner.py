@@ -46,6 +46,15 @@ class LandscapeResult:
     notes: tuple[str, ...]  # remarks worth printing (a PCA path leaving the grid)
     ranks: int  # torchrun ranks that computed the grid (1 without torchrun)
 
+    def __repr__(self) -> str:
+        """A few lines: the cut, each surface in one line, the barrier, how many files went where."""
+        lines = [f"LandscapeResult({self.directions} directions, {'log' if self.log_scale else 'linear'} loss scale, "
+                 f"{len(self.written)} files in {str(self.out)!r}"]
+        lines += [f"  {surface!r}" for surface in self.surfaces]
+        if self.barrier is not None:
+            lines.append(f"  loss barrier {self.barrier:.4g}")
+        return "\n".join(lines) + ")"
+
 
 def run(
     checkpoint: str | Path,

@@ -61,6 +61,25 @@ class SharpnessRun:
     reused: int  # (checkpoint, measure) results taken from a previous run's sharpness.json
     resumed_chunks: float  # chunks of an interrupted measure taken from sharpness.partial.npz
 
+    def __repr__(self) -> str:
+        """A few lines: per checkpoint its gap and each measure's grid in one line each; never the raw records."""
+        lines = [f"SharpnessRun({len(self.checkpoints)} checkpoints, {len(self.written)} files in {str(self.out)!r}"
+                 + (f", {self.reused} results reused" if self.reused else "")]
+        for record in self.checkpoints:
+            gap = record.get("generalization_gap")
+            lines.append(f"  {record.get('label', record.get('path'))}: gap {gap:.4g}" if isinstance(gap, float)
+                         else f"  {record.get('label', record.get('path'))}")
+            for entry in (e for e in self.entries if e["checkpoint"] == record["path"]):
+                result = entry["result"]
+                if "values" in result and "m_values" in result and "rho_values" in result:
+                    cells = "; ".join(f"m={m}: " + ", ".join(f"{v:.3g}" for v in row)
+                                      for m, row in zip(result["m_values"], result["values"]))
+                    lines.append(f"    {entry['measure']} (rho {', '.join(f'{r:g}' for r in result['rho_values'])})"
+                                 f": {cells}")
+                else:
+                    lines.append(f"    {entry['measure']}")
+        return "\n".join(lines) + ")"
+
 
 def run(
     checkpoints: Sequence[str | Path],

@@ -382,3 +382,20 @@ def test_a_surface_prints_as_one_line_without_its_arrays():
     text = repr(surface)
     assert text == ("Surface('sgd', 2-D, 2 x 3 points in [-1, 1] x [0, 1]: centre loss 0.2 (accuracy 87.50%), "
                     "loss 0.1..0.5, 5/6 points computed, 64 samples)")
+
+
+def test_a_landscape_result_prints_its_surfaces_and_barrier_not_its_file_list(tmp_path):
+    import numpy as np
+
+    from sharpscope.landscape import LandscapeResult, Surface
+
+    curve = Surface(xs=np.linspace(0, 1, 3), ys=None, loss=np.array([0.1, 0.4, 0.2]), accuracy=np.full(3, np.nan),
+                    done=np.ones(3, bool), center_loss=0.1, center_accuracy=float("nan"), num_samples=8,
+                    metadata={"label": "sgd-to-sam"})
+    result = LandscapeResult(out=tmp_path, directions="interpolate", labels=("sgd-to-sam",), surfaces=(curve,),
+                             written=tuple(tmp_path / f"f{i}" for i in range(9)), log_scale=False, barrier=0.2,
+                             notes=(), ranks=1)
+    assert repr(result).splitlines() == [
+        f"LandscapeResult(interpolate directions, linear loss scale, 9 files in {str(tmp_path)!r}",
+        "  Surface('sgd-to-sam', 1-D, 3 points in [0, 1]: centre loss 0.1, loss 0.1..0.4, 8 samples)",
+        "  loss barrier 0.2)"]

@@ -220,3 +220,15 @@ def test_two_checkpoints_get_no_kendall_tau(tmp_path):
     assert result.exit_code == 0, result.output
     assert "not computed over 2 checkpoints" in result.output
     assert not list((tmp_path / "out").glob("kendall_tau*"))
+
+
+def test_a_sharpness_run_prints_gaps_and_grids_in_a_few_lines(tmp_path):
+    from sharpscope.sharpness import SharpnessRun
+
+    records = ({"path": "a/final.pt", "label": "a/final.pt", "generalization_gap": 0.0125},)
+    entries = ({"checkpoint": "a/final.pt", "measure": "worst",
+                "result": {"m_values": [8, 128], "rho_values": [0.05, 0.1], "values": [[0.01, 0.02], [0.003, 0.004]]}},)
+    run_result = SharpnessRun(tmp_path, (tmp_path / "sharpness.json",), records, entries, None, None, 0, 0.0)
+    assert repr(run_result).splitlines() == [
+        f"SharpnessRun(1 checkpoints, 1 files in {str(tmp_path)!r}", "  a/final.pt: gap 0.0125",
+        "    worst (rho 0.05, 0.1): m=8: 0.01, 0.02; m=128: 0.003, 0.004)"]
