@@ -63,6 +63,15 @@ class TrainResult:
     resumed_from_epoch: int | None  # the last whole epoch before the resume point (None for a fresh run)
     resumed_from_step: int | None = None  # the step a resumed run continued after (None for a fresh run)
 
+    def __repr__(self) -> str:
+        """One line: where, how many epochs and checkpoints, the final metrics; never the metric records."""
+        last = self.metrics[-1] if self.metrics else {}
+        shown = ", ".join(f"{key} {last[key]:.4g}" for key in ("train_loss", "test_loss", "test_acc")
+                          if isinstance(last.get(key), float))
+        resumed = "" if self.resumed_from_step is None else f", resumed after step {self.resumed_from_step}"
+        return (f"TrainResult({str(self.out_dir)!r}: {len(self.metrics)} epochs, {len(self.checkpoints)} checkpoints"
+                f"{', ' + shown if shown else ''}{resumed})")
+
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """LR factor at step s: linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""

@@ -182,3 +182,14 @@ def test_fp16_where_torch_has_no_fp16_autocast_is_a_one_line_error(tmp_path, mon
     with pytest.raises(SharpscopeError, match=r"^--precision fp16 needs CUDA: .*use --precision bf16 on the CPU$"):
         train(TrainConfig(**FAST, precision="fp16"), out_dir=tmp_path / "run", progress=False, log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_train_result_prints_as_one_line(tmp_path):
+    from sharpscope.train.trainer import TrainResult
+
+    result = TrainResult(out_dir=tmp_path, final_checkpoint=tmp_path / "final.pt",
+                         checkpoints=[tmp_path / "ckpt-epoch000.pt", tmp_path / "final.pt"],
+                         metrics=[{"epoch": 1, "train_loss": 0.5, "test_loss": 0.25, "test_acc": 0.875}],
+                         resumed_from_epoch=None)
+    assert repr(result) == (f"TrainResult({str(tmp_path)!r}: 1 epochs, 2 checkpoints, train_loss 0.5, test_loss 0.25, "
+                            "test_acc 0.875)")
