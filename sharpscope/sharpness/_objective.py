@@ -190,6 +190,37 @@ def _per_channel(d: Tensor, like: Tensor) -> Tensor:
     return d.reshape(d.shape[0], 1, d.shape[1], *([1] * (like.dim() - 3)))
 
 
+class _ChunkLinear(torch.autograd.Function):
+    """``x_c D_c^T`` for every chunk ``c``: ``x (G, n, in)``, ``D (G, out, in)`` -> ``(G, n, out)`` (``torch.bmm``).
+
+    The same numbers as ``torch.bmm(x, D.transpose(1, 2))`` under autograd, with the backward written out so both
+    gradients come back contiguous and from fast kernels: ``dL/dD_c = go_c^T x_c`` (an outer product by
+    broadcasting for ``n = 1``) and ``dL/dx_c = go_c D_c``. Autograd's own backward of that ``bmm`` returned
+    ``dL/dD`` transposed (every later per-chunk op of the ascent on that layout ran ~10x slower) and formed
+    ``dL/dx`` from a transposed batched matrix-vector product; together they were the largest cost of the
+    ascent at ``m = 1`` on the digits ConvNet (profiled, ``benchmarks/bench_sharpness.py``).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor) -> Tensor:
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad_output, weight)
+        if ctx.needs_input_grad[1]:
+            go_t = grad_output.transpose(1, 2)
+            grad_weight = go_t * x if x.shape[1] == 1 else torch.bmm(go_t, x)
+        return grad_x, grad_weight
+
+
 def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, deltas: dict[str, Tensor],
                 groups: int) -> Tensor:
     """The perturbed layer's output ``f_{w + delta_c}(x)`` for every chunk ``c``, from its clean output ``f_w(x)``.
@@ -207,7 +238,7 @@ def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, d
         flat = x.reshape(groups, -1, x.shape[-1])
         corr = torch.zeros((), dtype=out.dtype, device=out.device)
         if weight is not None:
-            corr = torch.bmm(flat, weight.transpose(1, 2)).reshape(out.shape)
+            corr = _ChunkLinear.apply(flat, weight).reshape(out.shape)
         if bias is not None:
             corr = corr + bias.reshape(groups, *([1] * (out.dim() - 2)), bias.shape[-1])
         return (out + corr).reshape(output.shape)
@@ -216,7 +247,7 @@ def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, d
         if weight is not None:
             if module.padding_mode != "zeros":
                 raise _Unsupported("convolution with padding_mode other than zeros")
-            if base is nn.Conv2d and module.groups == 1:
+            if base is nn.Conv2d and module.groups == 1 and not isinstance(module.padding, str):
                 m = x.shape[1]
                 cols = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
                 cols = cols.reshape(groups, m, cols.shape[1], cols.shape[2])  # (G, m, C k k, L)
@@ -251,6 +282,57 @@ def _correction(module: nn.Module, base: type, inputs: Tensor, output: Tensor, d
     if bias is not None:
         out = out + expand(bias)
     return out.reshape(output.shape)
+
+
+def _merged(module: nn.Module, base: type, inputs: Tensor, deltas: dict[str, Tensor], groups: int) -> Tensor | None:
+    """``f_{w + delta_c}(x)`` of a Linear or a zero-padded ``groups=1`` Conv2d computed directly with the per-chunk
+    weights ``W + D_c`` (one batched matmul), or None where :func:`_correction` is the cheaper way (or the only one).
+
+    ``(W + D_c) x`` costs one product per chunk where ``W x + D_c x`` costs two (and two more in the backward);
+    forming ``W + D_c`` costs one addition per weight per chunk, so this pays where a chunk feeds the layer at
+    least two rows (``m >= 2``, or any ``m`` for a convolution or a sequence input) and not at one row per chunk.
+    One chunk per call runs the layer's own kernel (any Linear or convolution) with ``W + D``.
+    """
+    weight_delta = deltas.get("weight")
+    if weight_delta is None or inputs.dim() < 2 or inputs.shape[0] % groups:
+        return None  # _correction explains what it cannot evaluate
+    total = inputs.shape[0]
+    if groups == 1:  # one chunk (m >= the batch size): the layer's own kernel with W + D, as the loop runs it
+        bias = _merged_bias(module.bias, deltas.get("bias"))
+        bias = bias[0] if bias is not None and bias.dim() == 2 else bias
+        if base is nn.Linear:
+            return F.linear(inputs, module.weight + weight_delta[0], bias)
+        return module._conv_forward(inputs, module.weight + weight_delta[0], bias)
+    if base is nn.Linear:
+        x = _chunk_view(inputs, groups, total)
+        flat = x.reshape(groups, -1, x.shape[-1])
+        if flat.shape[1] < 2:
+            return None
+        out = _ChunkLinear.apply(flat, module.weight + weight_delta)
+        bias = _merged_bias(module.bias, deltas.get("bias"))
+        if bias is not None:
+            out = out + (bias if bias.dim() == 1 else bias[:, None, :])
+        return out.reshape(*inputs.shape[:-1], out.shape[-1])
+    unfoldable = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    if base is nn.Conv2d and unfoldable:
+        x = _chunk_view(inputs, groups, total)
+        cols = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+        cols = cols.reshape(groups, x.shape[1], cols.shape[1], cols.shape[2])  # (G, m, C k k, L)
+        out = torch.einsum("gok,gmkl->gmol", (module.weight + weight_delta).flatten(2), cols)
+        bias = _merged_bias(module.bias, deltas.get("bias"))
+        if bias is not None:
+            out = out + (bias[:, None] if bias.dim() == 1 else bias[:, None, :, None])
+        size = [(inputs.shape[2 + i] + 2 * module.padding[i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1)
+                // module.stride[i] + 1 for i in range(2)]
+        return out.reshape(total, out.shape[2], *size)
+    return None
+
+
+def _merged_bias(bias: Tensor | None, delta: Tensor | None) -> Tensor | None:
+    """The bias ``b (out,)``, ``d_c (G, out)`` or ``b + d_c``, or None."""
+    if delta is None:
+        return bias
+    return delta if bias is None else bias + delta
 
 
 _VECTORIZE = (None, True, False, "structured", "vmap")
@@ -509,8 +591,35 @@ class ChunkedObjective:
                                    {local: current[i] for local, i in locals_.items()}, group)
             return hook
 
-        handles = [module.register_forward_hook(make_hook(slot, base, locals_))
-                   for slot, (module, base, locals_) in enumerate(plan)]
+        def make_forward(slot: int, module: nn.Module, base: type, locals_: dict[str, int]):
+            def forward(*args, **kwargs):
+                if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+                    raise _Unsupported(f"{type(module).__name__} called with other arguments than one tensor")
+                fired[slot] += 1
+                deltas = {local: current[i] for local, i in locals_.items()}
+                out = _merged(module, base, args[0], deltas, group)
+                if out is None:
+                    out = _correction(module, base, args[0], base.forward(module, args[0]), deltas, group)
+                return out
+            return forward
+
+        # Linear / Conv layers with a perturbed weight run W + D_c directly (their forward swapped for this call,
+        # _merged); the others keep their forward and get the per-chunk correction from a hook (_correction)
+        swapped: list[nn.Module] = []
+        handles = []
+        try:
+            for slot, (module, base, locals_) in enumerate(plan):
+                if "weight" in locals_ and base in _LINEAR_TYPES + _CONV_TYPES and "forward" not in vars(module):
+                    module.forward = make_forward(slot, module, base, locals_)
+                    swapped.append(module)
+                else:
+                    handles.append(module.register_forward_hook(make_hook(slot, base, locals_)))
+        except BaseException:
+            for module in swapped:
+                del module.forward
+            for handle in handles:
+                handle.remove()
+            raise
         pieces = self._pieces(x, y, shared=False, group=group)
         try:
             for xs, ys, weight in pieces:
@@ -525,7 +634,8 @@ class ChunkedObjective:
                         raise _Unsupported("a layer holding perturbed parameters was not called through its forward")
                     v = self._chunk_objective(outputs, ys, group, m)
                     if grad:
-                        parts = torch.autograd.grad(v.sum(), current, allow_unused=True)
+                        parts = [None if part is None else part.contiguous()  # the ascent's layout: see _correction
+                                 for part in torch.autograd.grad(v.sum(), current, allow_unused=True)]
                         if len(pieces) == 1:  # the common case: no zero-fill and accumulation passes
                             grads = [torch.zeros_like(d) if part is None else part for d, part in zip(delta, parts)]
                         else:
@@ -536,6 +646,8 @@ class ChunkedObjective:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in swapped:
+                del module.forward
             current.clear()
         return values, grads
 
