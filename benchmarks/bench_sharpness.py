@@ -45,7 +45,7 @@ def measure(model, data, *, m, path, steps, rho, batch_size, max_chunks=None):
         start = time.perf_counter()
         trace, _, _ = _worst_case_on_chunks(
             objective, xc, yc, rho=rho, p=2.0, adaptive=False, eta=0.01, steps=steps, random_init=False, seed=0,
-            keep_perturbation=False, progress=None,
+            keep_perturbation=False, on_progress=None,
         )
         return time.perf_counter() - start, trace[:, -1]
 

@@ -255,7 +255,7 @@ def run(
                 density=density and not rank_info.enabled, **budget,
                 density_runs=density_runs, per_layer=per_layer,
                 warm_start=previous_top.get(entry["run"]) if warm_start else None, seed=seed,
-                progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
+                on_progress=lambda stage: bar.set_postfix_str(f"{entry['run']}/{entry['path'].name}: {stage}"),
             )
             if rank_info.enabled and (trace or density):
                 result = _sharded_trace_density(result, checkpoint.model, loss_fn, batches, trace=trace,

@@ -62,7 +62,7 @@ def per_layer_eigs(
     groups: str | Mapping[str, Sequence[str]] = "module",
     eval_mode: bool = True,
     check_deterministic: bool = True,
-    progress: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
     **lanczos_kwargs: Any,
 ) -> dict[str, EigenResult]:
     """Top eigenpairs of each diagonal block ``H[S, S]`` of the Hessian, one block per parameter group.
@@ -73,7 +73,7 @@ def per_layer_eigs(
         k: eigenpairs per group (capped at the group's size).
         groups: ``"module"`` / ``"tensor"`` (see :func:`parameter_groups`) or an explicit
             ``{group name: [parameter names]}``.
-        progress: called with each group's name before it is computed (e.g. to advance a progress bar).
+        on_progress: called with each group's name before it is computed (e.g. to advance a progress bar).
         **lanczos_kwargs: passed to :func:`lanczos_eigs` (``which``, ``tol``, ``max_matvecs``, ``seed``, ...).
 
     Returns:
@@ -83,8 +83,8 @@ def per_layer_eigs(
     mapping = parameter_groups(model, groups) if isinstance(groups, str) else {k_: list(v) for k_, v in groups.items()}
     results: dict[str, EigenResult] = {}
     for index, (name, names) in enumerate(mapping.items()):
-        if progress is not None:
-            progress(name)
+        if on_progress is not None:
+            on_progress(name)
         operator = HessianOperator(
             model, loss_fn, batches, params=names, eval_mode=eval_mode,
             check_deterministic=check_deterministic and index == 0,
@@ -153,7 +153,7 @@ def analyze_checkpoint(
     eval_mode: bool = True,
     check_deterministic: bool = True,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> CheckpointSpectrum:
     """Top eigenvalues (and optionally bottom eigenvalues, trace, density, per-layer spectra) of one model.
 
@@ -175,7 +175,7 @@ def analyze_checkpoint(
         warm_start: the previous checkpoint's :class:`EigenResult` (or an ``(n, b)`` block): its top eigenvectors
             start this Lanczos run. Ignored (cold start) when the parameter count differs.
         seed: seeds every random vector (different streams for the different estimators).
-        progress: called with a short stage name ("top", "trace", ...) before each stage.
+        on_progress: called with a short stage name ("top", "trace", ...) before each stage.
 
     Returns:
         :class:`CheckpointSpectrum`.
@@ -197,7 +197,7 @@ def analyze_checkpoint(
         "density_points": density_points, "per_layer": per_layer, "per_layer_k": per_layer_k,
         "eval_mode": eval_mode, "seed": seed,
     }
-    step = progress or (lambda stage: None)
+    step = on_progress or (lambda stage: None)
     start_time = time.perf_counter()
     batches = _materialize(batches)
     operator = HessianOperator(

@@ -58,7 +58,7 @@ def _average_case_on_chunks(
     eta: float,
     num_draws: int,
     seed: int,
-    progress: Callable[[float], Any] | None,
+    on_progress: Callable[[float], Any] | None,
     shard: tuple[int, int] | None = None,
     partial: PartialResults | None = None,
 ) -> SharpnessEstimate:
@@ -104,8 +104,8 @@ def _average_case_on_chunks(
             del xi, delta
             if partial is not None:
                 partial.put(key, perturbed[-1].detach().cpu().numpy(), chunks=len(items) / num_draws)
-        if progress is not None:  # the other ranks advance alike: count the whole job
-            progress(index.shape[0] / num_draws * (shard[1] if shard else 1))
+        if on_progress is not None:  # the other ranks advance alike: count the whole job
+            on_progress(index.shape[0] / num_draws * (shard[1] if shard else 1))
     # a perturbation so large that the logits overflow gives a NaN loss (inf - inf inside log-softmax): the loss
     # has grown past the float range, so it counts as +inf rather than poisoning the mean as NaN
     perturbed_loss = torch.cat(perturbed).nan_to_num(nan=math.inf)
@@ -145,7 +145,7 @@ def average_case_sharpness(
     batch_size: int = 256,
     vectorize: bool | None = None,
     check_deterministic: bool = True,
-    progress: Callable[[float], Any] | None = None,
+    on_progress: Callable[[float], Any] | None = None,
     shard: tuple[int, int] | None = None,
 ) -> SharpnessEstimate:
     """Average-case sharpness ``E_B E_delta[L_B(w + delta) - L_B(w)]`` (module docstring).
@@ -158,7 +158,7 @@ def average_case_sharpness(
             avg-l2 and avg-linf).
         num_draws: noise draws per chunk (20 in Andriushchenko et al. 2023).
         seed: seeds the sample permutation and the noise.
-        progress: called with the number of chunks finished (fractional: draws are grouped across chunks).
+        on_progress: called with the number of chunks finished (fractional: draws are grouped across chunks).
         shard: ``(rank, world_size)`` inside a ``torch.distributed`` job: chunks split over the ranks, the same
             result on every rank as in one process.
 
@@ -180,5 +180,5 @@ def average_case_sharpness(
             objective.check_deterministic(xc, yc)
         return _average_case_on_chunks(
             objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
-            seed=seed, progress=progress, shard=shard,
+            seed=seed, on_progress=on_progress, shard=shard,
         )

@@ -49,7 +49,7 @@ class GeneralizationGap:
 
 
 def _error_and_loss(model: nn.Module, loss_fn: Any, data: Iterable[Any], which: str,
-                    progress: Callable[[int], Any] | None) -> tuple[float, float | None, int]:
+                    on_progress: Callable[[int], Any] | None) -> tuple[float, float | None, int]:
     """``(error, mean loss or None, samples)`` of ``model`` over the ``(inputs, targets)`` batches of ``data``;
     counts stay on the device until the end (one host sync per split)."""
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -78,8 +78,8 @@ def _error_and_loss(model: nn.Module, loss_fn: Any, data: Iterable[Any], which: 
             mean = loss_fn(model, to_device(batch, device)) if isinstance(loss_fn, BatchLoss) else loss_fn(outputs, y)
             loss_sum = mean.detach().double() * n if loss_sum is None else loss_sum + mean.detach().double() * n
         count += n
-        if progress is not None:
-            progress(n)
+        if on_progress is not None:
+            on_progress(n)
     if not count:
         raise SharpscopeError(f"the {which} data holds no samples; pass at least one (x, y) batch")
     return int(wrong) / count, None if loss_sum is None else float(loss_sum) / count, count
@@ -91,7 +91,7 @@ def generalization_gap(
     train_batches: Iterable[tuple[Tensor, Tensor]],
     test_batches: Iterable[tuple[Tensor, Tensor]],
     *,
-    progress: Callable[[int], Any] | None = None,
+    on_progress: Callable[[int], Any] | None = None,
 ) -> GeneralizationGap:
     """Top-1 train and test error of ``model`` at its current weights, and their difference (module docstring).
 
@@ -107,7 +107,7 @@ def generalization_gap(
             indices. Floating-point inputs are cast to the model's dtype and moved to its device. The order of
             the samples does not change the errors, so a shuffling ``DataLoader`` is accepted here.
         test_batches: the same for the test samples.
-        progress: called with the number of samples of each batch done (train, then test).
+        on_progress: called with the number of samples of each batch done (train, then test).
 
     Returns:
         A :class:`GeneralizationGap`; errors are exact fractions of the samples given, the losses sample-weighted
@@ -117,8 +117,8 @@ def generalization_gap(
     model.eval()
     try:
         with torch.no_grad():
-            train_error, train_loss, num_train = _error_and_loss(model, loss_fn, train_batches, "train", progress)
-            test_error, test_loss, num_test = _error_and_loss(model, loss_fn, test_batches, "test", progress)
+            train_error, train_loss, num_train = _error_and_loss(model, loss_fn, train_batches, "train", on_progress)
+            test_error, test_loss, num_test = _error_and_loss(model, loss_fn, test_batches, "test", on_progress)
     finally:
         model.train(was_training)
     return GeneralizationGap(train_error=train_error, test_error=test_error, train_loss=train_loss,

@@ -48,13 +48,13 @@ def keskar_sharpness(
     vectorize: bool | None = None,
     check_deterministic: bool = True,
     return_perturbation: bool = False,
-    progress: Callable[[int], Any] | None = None,
+    on_progress: Callable[[int], Any] | None = None,
 ) -> SharpnessEstimate:
     """Keskar et al.'s ``100 (max_{|z_i| <= eps (|w_i| + 1)} L(w + z) - L(w)) / (1 + L(w))`` (module docstring).
 
     Args:
         model, loss_fn, batches, params, batch_size, vectorize, check_deterministic, return_perturbation,
-            progress: as in :func:`sharpscope.sharpness.worst_case_sharpness`.
+            on_progress: as in :func:`sharpscope.sharpness.worst_case_sharpness`.
         eps: the relative box size (1e-3 or 5e-4 in Keskar et al. 2017).
         steps: projected ascent steps (sign steps, step-size control of Auto-PGD).
         random_init: start from a random point of the box (needed at exact critical points).
@@ -69,7 +69,7 @@ def keskar_sharpness(
         model, loss_fn, batches, rho=eps, m=None, p=math.inf, adaptive=True, eta=1.0, steps=steps,
         random_init=random_init, shuffle=False, seed=seed, params=params, batch_size=batch_size,
         vectorize=vectorize, check_deterministic=check_deterministic, return_perturbation=return_perturbation,
-        progress=progress,
+        on_progress=on_progress,
     )
     factor = 100.0 / (1.0 + raw.clean_loss)
     return dataclasses.replace(

@@ -56,7 +56,7 @@ def pac_bayes_flatness(
     batch_size: int = 256,
     vectorize: bool | None = None,
     check_deterministic: bool = True,
-    progress: Callable[[int], Any] | None = None,
+    on_progress: Callable[[int], Any] | None = None,
 ) -> PacBayesResult:
     """Jiang et al.'s PAC-Bayes ``sigma'`` and ``1 / sigma'^2`` on the evaluation set (module docstring).
 
@@ -77,7 +77,7 @@ def pac_bayes_flatness(
         batch_size: at most this many samples per forward pass (memory only).
         vectorize: ``vmap`` over draws (``True``), a loop (``False``), or try ``vmap`` first (``None``).
         check_deterministic: refuse a model whose output changes between two identical evaluations.
-        progress: called with 1 after each sigma evaluated.
+        on_progress: called with 1 after each sigma evaluated.
 
     Returns:
         A :class:`PacBayesResult`.
@@ -105,8 +105,8 @@ def pac_bayes_flatness(
             delta = [t * (torch.sqrt(sigma**2 * w.pow(2) + eps**2) if magnitude_aware else sigma)
                      for t, w in zip(xi, objective.params)]
             total += objective.value(delta, x, y, shared=True).double().sum()
-        if progress is not None:
-            progress(1)
+        if on_progress is not None:
+            on_progress(1)
         return float(total) / num_draws
 
     with eval_mode(model):

@@ -274,9 +274,9 @@ def _run(paths, config, full_config, previous, out, rank_info, shard, dev, analy
                       file=sys.stderr) as bar:
                 if classifier:
                     gap = generalization_gap(checkpoint.model, loss_fn, train_batches, test_batches,
-                                             progress=bar.update).to_dict()
+                                             on_progress=bar.update).to_dict()
                 else:
-                    gap = _loss_gap(checkpoint.model, loss_fn, train_batches, test_batches, progress=bar.update)
+                    gap = _loss_gap(checkpoint.model, loss_fn, train_batches, test_batches, on_progress=bar.update)
             record = {"epoch": checkpoint.epoch, "metrics": checkpoint.metrics, **gap,
                       "metrics_generalization_gap": checkpoint.generalization_gap,
                       "num_eval_samples": data.num_samples}
@@ -296,7 +296,7 @@ def _run(paths, config, full_config, previous, out, rank_info, shard, dev, analy
             with tqdm(total=total, desc=f"{labels[path]} {name}", unit="chunk" if total else "it", leave=False,
                       disable=not progress, file=sys.stderr) as bar:
                 try:
-                    result = run_measure(name, checkpoint.model, loss_fn, data, config, progress=bar.update,
+                    result = run_measure(name, checkpoint.model, loss_fn, data, config, on_progress=bar.update,
                                          shard=shard, partial=partial)
                 finally:
                     if partial is not None:

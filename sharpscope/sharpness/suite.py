@@ -104,7 +104,7 @@ def _radii(name: str, config: SuiteConfig) -> tuple[float, ...]:
 
 
 def progress_total(name: str, config: SuiteConfig, num_samples: int) -> int | None:
-    """Units the ``progress`` callback of :func:`run_measure` will count for ``name`` (None: not known ahead)."""
+    """Units the ``on_progress`` callback of :func:`run_measure` will count for ``name`` (None: not known ahead)."""
     if name in _GRID:
         rhos = _radii(name, config)
         chunks = [num_samples // m if config.max_chunks is None else min(num_samples // m, config.max_chunks)
@@ -122,7 +122,7 @@ def run_measure(
     batches: Any,
     config: SuiteConfig,
     *,
-    progress: Callable[[float], Any] | None = None,
+    on_progress: Callable[[float], Any] | None = None,
     shard: tuple[int, int] | None = None,
     partial: Any = None,
 ) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def run_measure(
 
     if name not in MEASURES:
         raise unknown_name_error("sharpness measure", name, MEASURES)
-    common = dict(seed=config.seed, batch_size=config.batch_size, progress=progress)
+    common = dict(seed=config.seed, batch_size=config.batch_size, on_progress=on_progress)
     if name in _GRID:
         adaptive = name == "adaptive"
         result = m_sharpness(
@@ -162,7 +162,7 @@ def run_measure(
                 "clean_loss": estimates[0].clean_loss, "steps": config.steps, "num_samples": estimates[0].m}
     result = pac_bayes_flatness(model, batches, magnitude_aware=name == "pacbayes-mag", num_draws=config.pacbayes_draws,
                                 seed=config.seed, batch_size=config.batch_size,
-                                progress=progress)
+                                on_progress=on_progress)
     return {"kind": "pacbayes", **result.to_dict()}
 
 

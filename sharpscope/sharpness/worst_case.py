@@ -349,7 +349,7 @@ def _worst_case_on_chunks(
     random_init: bool,
     seed: int,
     keep_perturbation: bool,
-    progress: Callable[[int], Any] | None,
+    on_progress: Callable[[int], Any] | None,
     shard: tuple[int, int] | None = None,
     partial: PartialResults | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
@@ -389,8 +389,8 @@ def _worst_case_on_chunks(
             saved = torch.from_numpy(saved).to(device=objective.device, dtype=objective.dtype)
             traces.append(saved[:, :-1])
             cleans.append(saved[:, -1])
-            if progress is not None:
-                progress(last - first)
+            if on_progress is not None:
+                on_progress(last - first)
             continue
         x, y = take((xc, yc), slice(first, last))
         chunks = range(first, last)
@@ -403,8 +403,8 @@ def _worst_case_on_chunks(
         cleans.append(clean)
         if keep_perturbation:
             deltas.append(best)
-        if progress is not None:
-            progress((last - first) * (shard[1] if shard else 1))  # the others advance alike: count the whole job
+        if on_progress is not None:
+            on_progress((last - first) * (shard[1] if shard else 1))  # the others advance alike: count the whole job
     perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
     trace, clean = gather_blocks((torch.cat(traces), torch.cat(cleans)), shard)
     return trace, clean, perturbation
@@ -459,7 +459,7 @@ def worst_case_sharpness(
     vectorize: bool | None = None,
     check_deterministic: bool = True,
     return_perturbation: bool = False,
-    progress: Callable[[int], Any] | None = None,
+    on_progress: Callable[[int], Any] | None = None,
     shard: tuple[int, int] | None = None,
 ) -> SharpnessEstimate:
     """Worst-case sharpness ``E_B[max_{||delta/c||_p <= rho} L_B(w + delta) - L_B(w)]`` (module docstring).
@@ -491,7 +491,7 @@ def worst_case_sharpness(
         check_deterministic: refuse data that change between passes (a shuffling ``DataLoader``) and a model whose
             loss changes between two identical evaluations.
         return_perturbation: also return the best perturbation of every chunk (memory: one model per chunk).
-        progress: called with the number of chunks finished after each group (e.g. ``tqdm.update``).
+        on_progress: called with the number of chunks finished after each group (e.g. ``tqdm.update``).
         shard: ``(rank, world_size)`` inside a ``torch.distributed`` job: every rank calls with the same
             arguments, ascends its contiguous block of chunks, and all ranks return the result one process gets
             (each chunk's ascent depends on that chunk only).
@@ -513,7 +513,7 @@ def worst_case_sharpness(
             objective.check_deterministic(xc, yc)
         trace, clean, delta = _worst_case_on_chunks(
             objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps, random_init=random_init,
-            seed=seed, keep_perturbation=return_perturbation, progress=progress, shard=shard,
+            seed=seed, keep_perturbation=return_perturbation, on_progress=on_progress, shard=shard,
         )
     return _estimate("worst", trace, clean, m=leading_size((xc, yc), 1), rho=rho, p=p, adaptive=adaptive, eta=eta,
                      steps=steps, perturbation=delta)
@@ -540,7 +540,7 @@ def m_sharpness(
     batch_size: int = 256,
     vectorize: bool | None = None,
     check_deterministic: bool = True,
-    progress: Callable[[int], Any] | None = None,
+    on_progress: Callable[[int], Any] | None = None,
     shard: tuple[int, int] | None = None,
     partial: PartialResults | None = None,
 ) -> SharpnessResult:
@@ -586,7 +586,7 @@ def m_sharpness(
                 if measure == "worst":
                     trace, clean, _ = _worst_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
-                        random_init=random_init, seed=seed, keep_perturbation=False, progress=progress, shard=shard,
+                        random_init=random_init, seed=seed, keep_perturbation=False, on_progress=on_progress, shard=shard,
                         partial=partial,
                     )
                     estimates.append(_estimate("worst", trace, clean, m=m, rho=rho, p=p, adaptive=adaptive, eta=eta,
@@ -594,7 +594,7 @@ def m_sharpness(
                 else:
                     estimates.append(_average_case_on_chunks(
                         objective, xc, yc, rho=rho, p=p, adaptive=adaptive, eta=eta, num_draws=num_draws,
-                        seed=seed, progress=progress, shard=shard, partial=partial,
+                        seed=seed, on_progress=on_progress, shard=shard, partial=partial,
                     ))
     shape = (len(m_list), len(rho_list))
     return SharpnessResult(

@@ -49,7 +49,7 @@ def test_analyze_checkpoint_everything():
     stages = []
     result = analyze_checkpoint(problem.model, problem.loss_fn, problem.batches, top_k=3, bottom_k=2, tol=1e-9,
                                 trace=True, trace_matvecs=30, density=True, density_iters=30, density_runs=2,
-                                density_points=500, per_layer=True, progress=stages.append)
+                                density_points=500, per_layer=True, on_progress=stages.append)
     scale = float(exact.abs().max())
     assert torch.allclose(result.top.eigenvalues, exact.flip(0)[:3], rtol=0, atol=RTOL * scale)
     assert torch.allclose(result.bottom.eigenvalues, exact[:2], rtol=0, atol=RTOL * scale)

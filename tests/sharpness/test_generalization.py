@@ -32,7 +32,7 @@ def test_errors_are_exact_fractions_and_gap_is_test_minus_train():
     train = _batches([0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 0, 1, 0, 0], batch_size=3)  # 1 of 7 wrong
     test = [(torch.tensor([[2.0], [2.0]]), torch.tensor([1, 2])), (torch.tensor([[0.0]]), torch.tensor([1]))]  # 2/3
     seen = []
-    gap = generalization_gap(model, nn.CrossEntropyLoss(), train, test, progress=seen.append)
+    gap = generalization_gap(model, nn.CrossEntropyLoss(), train, test, on_progress=seen.append)
     assert (gap.train_error, gap.test_error) == (1 / 7, 2 / 3)
     assert gap.generalization_gap == 2 / 3 - 1 / 7
     assert (gap.num_train_samples, gap.num_test_samples) == (7, 3)

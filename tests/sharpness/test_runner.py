@@ -82,7 +82,7 @@ def test_an_interrupted_grid_resumes_from_its_partial_file_bit_identically(tmp_p
     for stop in (5, 3, 7):  # interrupted three times, after a few blocks each (blocks of 8 chunks / 8 items)
         partial = PartialResults(path, identity, save_every=0)
         with pytest.raises(Interrupted):
-            m_sharpness(model, CE, data, **settings, partial=partial, progress=stop_after(stop))
+            m_sharpness(model, CE, data, **settings, partial=partial, on_progress=stop_after(stop))
         counts.append(float(np.load(path)["__chunks__"]))
     assert counts == sorted(counts) and counts[0] > 0 and counts[-1] > counts[0], counts  # work kept, growing
     partial = PartialResults(path, identity, save_every=0)

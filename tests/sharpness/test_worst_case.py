@@ -255,7 +255,7 @@ def test_max_chunks_limits_the_chunks():
     result = worst_case_sharpness(model, CE, data, rho=0.1, m=2, steps=1, max_chunks=7)
     assert result.num_chunks == 7 and result.chunk_values.shape == (7,)
     ticks = []
-    worst_case_sharpness(model, CE, data, rho=0.1, m=2, steps=1, max_chunks=7, progress=ticks.append)
+    worst_case_sharpness(model, CE, data, rho=0.1, m=2, steps=1, max_chunks=7, on_progress=ticks.append)
     assert sum(ticks) == 7
 
 
