@@ -406,7 +406,7 @@ def _gap_batches(datasets: dict, name: str, data_dir: str | None, gap_samples: i
     return batches(*splits[0]), batches(*splits[1]), total, True
 
 
-def _loss_gap(model, loss_fn, train_batches, test_batches, *, progress) -> dict[str, Any]:
+def _loss_gap(model, loss_fn, train_batches, test_batches, *, on_progress) -> dict[str, Any]:
     """The generalization gap of a model without accuracy, in loss units: test loss minus train loss (each the
     sample-weighted mean over its split, model in eval mode, no gradients), as a checkpoint record's fields."""
     from sharpscope.inputs import mean_loss
@@ -415,9 +415,9 @@ def _loss_gap(model, loss_fn, train_batches, test_batches, *, progress) -> dict[
     model.eval()
     try:
         train_loss, num_train = mean_loss(model, loss_fn, train_batches)
-        progress(num_train)
+        on_progress(num_train)
         test_loss, num_test = mean_loss(model, loss_fn, test_batches)
-        progress(num_test)
+        on_progress(num_test)
     finally:
         model.train(was_training)
     return {"train_error": None, "test_error": None, "train_loss": train_loss, "test_loss": test_loss,
