@@ -71,7 +71,7 @@ def main() -> None:
     paths = args.paths.split(",")
     torch.manual_seed(0)
     if args.checkpoint:
-        from sharpscope.cli.inputs import analysis_inputs
+        from sharpscope.inputs import analysis_inputs
 
         checkpoint, data = analysis_inputs(args.checkpoint, num_samples=args.samples, batch_size=args.batch_size)
         model, what = checkpoint.model, f"{args.checkpoint} ({checkpoint.dataset})"

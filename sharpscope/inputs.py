@@ -1,8 +1,8 @@
 """What an analysis works on: a checkpoint's model, a fixed evaluation set, and the loss it was trained with.
 
 The library runners (:func:`sharpscope.hessian.run`, :func:`sharpscope.landscape.run`,
-:func:`sharpscope.sharpness.run`) and the CLI commands over them share these loaders (``sharpscope.cli.inputs``
-re-exports them). The evaluation set comes from the dataset the checkpoint records (or ``--dataset``):
+:func:`sharpscope.sharpness.run`) and the CLI commands over them share these loaders (the CLI's
+shared options use its defaults, :func:`resolve_device` and :func:`default_out`). The evaluation set comes from the dataset the checkpoint records (or ``--dataset``):
 
 * an :class:`~sharpscope.data.ImageDataset` (a registry name, or a factory returning one): the first
   ``num_samples`` images of the split, normalised as in training, no augmentation
@@ -27,6 +27,11 @@ __all__ = [
     "AnalysisLoss", "FixedBatches", "analysis_inputs", "check_finite_loss", "classifies", "expand_checkpoints",
     "load_analysis_data", "mean_loss", "recorded_loss", "run_names", "take_samples",
 ]
+
+#: Defaults of the fixed evaluation set every analysis uses (documented in every command's --help).
+DEFAULT_EVAL_SPLIT = "train"
+DEFAULT_NUM_SAMPLES = 1024  # divisible by every power-of-two m up to 1024 (Andriushchenko et al. 2023 use 1024)
+DEFAULT_EVAL_BATCH_SIZE = 500
 
 #: The dataset loaded last, by (name, data_dir): a command analysing many checkpoints of one run (22 along a
 #: trajectory) reads and decodes its files once, not once per checkpoint. Emptied after each CLI command
@@ -110,7 +115,12 @@ def take_samples(batches: Any, num_samples: int | None, *, batch_size: int, devi
     Raises:
         SharpscopeError: no samples, batches of different structures, or a tensor whose dim 0 is not the samples.
     """
-    from sharpscope.batches import check_sample_dims, concat_batches, map_samples, to_device
+    from sharpscope.batches import (
+        check_sample_dims,
+        concat_batches,
+        map_samples,
+        to_device,
+    )
     from sharpscope.batches import num_samples as count_samples
 
     if batch_size < 1:
@@ -360,3 +370,50 @@ def run_names(folders: list[Path]) -> list[str]:
                 break
             depth += 1
     return [names[f] for f in resolved]
+
+
+def resolve_device(device: str | None) -> "torch.device":  # noqa: F821
+    """Turn ``--device`` into a torch.device, with a clear error for unusable ones."""
+    import torch
+
+    from sharpscope.errors import UsageError
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
+    return dev
+
+
+def default_out(command: str, inputs: list[str]) -> str:
+    """``--out`` when none is given: ``results/<runs>-<command>``, the runs named as everywhere else
+    (:func:`run_names`), joined by ``+``.
+
+    An input is a run folder, or a checkpoint file: a file inside a run folder (one holding ``config.json``)
+    counts as that run, any other file by its stem.
+
+    >>> default_out("landscape", ["runs/sgd/final.pt", "runs/sam/final.pt"])  # doctest: +SKIP
+    'results/sgd+sam-landscape'
+    """
+    from pathlib import Path
+
+
+    folders, stems = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and (path.parent / "config.json").is_file():
+            path = path.parent
+        (folders if path.is_dir() else stems).append(path)
+    names = run_names(folders) if folders else []
+    names += [p.stem for p in stems]
+    names = list(dict.fromkeys(n.replace("/", "_") for n in names))
+    label = "+".join(names[:4]) + (f"+{len(names) - 4}more" if len(names) > 4 else "")
+    return str(Path("results") / f"{label or 'out'}-{command}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope.errors import SharpscopeError
+from sharpscope.inputs import DEFAULT_NUM_SAMPLES
 from sharpscope.plots.output import FigureOutput
 
 __all__ = ["run", "ReportRun", "STAGE_FILE", "RECORD_FILE", "REPORT_FIGURES"]
@@ -114,7 +115,7 @@ def run(
     m: Sequence[int] = (1, 8, 32, 128),
     rho: Sequence[float] = (0.01, 0.05, 0.1),
     top_k: int = 5,
-    num_samples: int = 1024,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     density_iters: int = 90,
     sharpness_steps: int = 5,
     max_chunks: int = 64,
@@ -158,7 +159,7 @@ def run(
         SharpscopeError: runs with the same folder name, an unfinished run, an analysis or report in ``out`` made
             with other settings (without ``overwrite``), a failed analysis (naming it and its log).
     """
-    from sharpscope.cli.options import default_out
+    from sharpscope.inputs import default_out
     from sharpscope.io import prepare_out_dir, write_json, write_text
     from sharpscope.report import (
         default_jobs,

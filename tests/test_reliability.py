@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from sharpscope import io
-from sharpscope.cli.inputs import check_finite_loss
+from sharpscope.inputs import check_finite_loss
 from sharpscope.cli.main import cli
 from sharpscope.data import EvalBatches
 from sharpscope.errors import SharpscopeError

@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
-from sharpscope.cli.inputs import loss_option
 from sharpscope.cli.options import (
     device_option,
     eval_set_options,
     figure_options,
+    loss_option,
     model_spec_option,
     out_options,
     seed_option,

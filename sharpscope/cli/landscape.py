@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import click
 
-from sharpscope.cli.inputs import loss_option
 from sharpscope.cli.options import (
     GridRange,
+    default_out,
     device_option,
     eval_set_options,
     figure_options,
+    loss_option,
     model_spec_option,
-    default_out,
     out_options,
-    resolve_device,
     seed_option,
     show_progress,
 )

@@ -8,11 +8,13 @@ from typing import Any
 
 import click
 
-#: Defaults of the fixed evaluation set that the analyses use (documented in every command's --help).
-DEFAULT_EVAL_SPLIT = "train"
-DEFAULT_NUM_SAMPLES = 1024  # divisible by every power-of-two m up to 1024 (Andriushchenko et al. 2023 use 1024)
-DEFAULT_EVAL_BATCH_SIZE = 500
-
+from sharpscope.inputs import (  # noqa: F401  the library's definitions, used by the commands through here
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_EVAL_SPLIT,
+    DEFAULT_NUM_SAMPLES,
+    default_out,
+    resolve_device,
+)
 
 #: Largest magnitude accepted by the float list/grid options. The computations run in float32 (max ~3.4e38) and
 #: scale these values (2 * rho, rho * |w|, ...): beyond this torch refuses to convert them, and no sensible radius,
@@ -141,6 +143,15 @@ def model_spec_option(f: Callable) -> Callable:
                              "need none.")(f)
 
 
+def loss_option(f: Callable) -> Callable:
+    """``--loss SPEC``: the loss to analyse with instead of the one each checkpoint recorded."""
+    return click.option(
+        "--loss", "loss", default=None, metavar="MODULE:FACTORY[:k=v,...]",
+        help="Loss to analyse with, as package.module:factory[:k=v,...] (as for train --loss) [default: the loss "
+             "each checkpoint recorded; cross-entropy when none, e.g. plain state_dicts]. Checkpoints that recorded "
+             "different losses are refused unless --loss is given.")(f)
+
+
 def device_option(f: Callable) -> Callable:
     """``--device``: cpu, cuda, cuda:1, ... [default: cuda when available]."""
     return click.option("--device", default=None, metavar="DEVICE",
@@ -189,56 +200,8 @@ def seed_option(f: Callable) -> Callable:
                         help="Random seed.")(f)
 
 
-def resolve_device(device: str | None) -> "torch.device":  # noqa: F821
-    """Turn ``--device`` into a torch.device, with a clear error for unusable ones."""
-    import torch
-
-    from sharpscope.errors import UsageError
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda")
-    return dev
-
-
 def show_progress(ctx: click.Context | None = None) -> bool:
     """Progress bars unless ``-q`` was given."""
     ctx = ctx or click.get_current_context(silent=True)
     root = ctx.find_root() if ctx else None
     return not (root and root.obj and root.obj.get("quiet"))
-
-
-def default_out(command: str, inputs: list[str]) -> str:
-    """``--out`` when none is given: ``results/<runs>-<command>``, the runs named as everywhere else
-    (:func:`~sharpscope.cli.inputs.run_names`), joined by ``+``.
-
-    An input is a run folder, or a checkpoint file: a file inside a run folder (one holding ``config.json``)
-    counts as that run, any other file by its stem.
-
-    >>> default_out("landscape", ["runs/sgd/final.pt", "runs/sam/final.pt"])  # doctest: +SKIP
-    'results/sgd+sam-landscape'
-    """
-    from pathlib import Path
-
-    from sharpscope.cli.inputs import run_names
-
-    folders, stems = [], []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file() and (path.parent / "config.json").is_file():
-            path = path.parent
-        (folders if path.is_dir() else stems).append(path)
-    names = run_names(folders) if folders else []
-    names += [p.stem for p in stems]
-    names = list(dict.fromkeys(n.replace("/", "_") for n in names))
-    label = "+".join(names[:4]) + (f"+{len(names) - 4}more" if len(names) > 4 else "")
-    return str(Path("results") / f"{label or 'out'}-{command}")

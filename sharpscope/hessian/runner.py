@@ -27,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope.errors import SharpscopeError, UsageError
+from sharpscope.inputs import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_EVAL_SPLIT,
+    DEFAULT_NUM_SAMPLES,
+)
 from sharpscope.plots.output import FigureOutput
 
 __all__ = ["SpectrumRun", "run", "check_memory"]
@@ -82,9 +87,9 @@ def run(
     model_spec: str | None = None,
     loss: str | None = None,
     dataset: str | None = None,
-    split: str = "train",
-    num_samples: int = 1024,
-    batch_size: int = 500,
+    split: str = DEFAULT_EVAL_SPLIT,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     data_dir: str | None = None,
     device: Any = None,
     seed: int = 0,
@@ -138,8 +143,15 @@ def run(
     from tqdm import tqdm
 
     from sharpscope import distributed
-    from sharpscope.cli.options import default_out, resolve_device
-    from sharpscope.inputs import AnalysisLoss, analysis_inputs, check_finite_loss, expand_checkpoints, run_names
+    from sharpscope.inputs import (
+        AnalysisLoss,
+        analysis_inputs,
+        check_finite_loss,
+        default_out,
+        expand_checkpoints,
+        resolve_device,
+        run_names,
+    )
     from sharpscope.io import prepare_out_dir, save_torch
     from sharpscope.plots.spectrum import plot_density
     from sharpscope.results import provenance

@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from sharpscope.errors import SharpscopeError, UsageError
+from sharpscope.inputs import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_EVAL_SPLIT,
+    DEFAULT_NUM_SAMPLES,
+)
 from sharpscope.plots.output import FigureOutput
 
 DIRECTION_KINDS = ("random", "interpolate", "pca", "hessian")
@@ -71,9 +76,9 @@ def run(
     model_spec: str | None = None,
     loss: str | None = None,
     dataset: str | None = None,
-    split: str = "train",
-    num_samples: int = 1024,
-    batch_size: int = 500,
+    split: str = DEFAULT_EVAL_SPLIT,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     data_dir: str | None = None,
     seed: int | None = None,
     device: str | None = None,
@@ -107,8 +112,7 @@ def run(
     or a job that would not fit in memory, before anything is written.
     """
     from sharpscope import distributed
-    from sharpscope.cli.options import resolve_device
-    from sharpscope.inputs import AnalysisLoss
+    from sharpscope.inputs import AnalysisLoss, resolve_device
 
     compare = [str(c) for c in compare]
     checkpoint = str(checkpoint)

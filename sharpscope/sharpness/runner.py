@@ -28,6 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sharpscope.inputs import (
+    DEFAULT_EVAL_BATCH_SIZE,
+    DEFAULT_EVAL_SPLIT,
+    DEFAULT_NUM_SAMPLES,
+)
 from sharpscope.plots.output import FIGURE_FORMATS, FigureOutput
 from sharpscope.sharpness.correlation import MIN_KENDALL_CHECKPOINTS
 from sharpscope.sharpness.suite import SuiteConfig
@@ -100,9 +105,9 @@ def run(
     model_spec: str | None = None,
     loss: str | None = None,
     dataset: str | None = None,
-    split: str = "train",
-    num_samples: int = 1024,
-    batch_size: int = 500,
+    split: str = DEFAULT_EVAL_SPLIT,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    batch_size: int = DEFAULT_EVAL_BATCH_SIZE,
     data_dir: str | None = None,
     seed: int = 0,
     device: Any = None,
@@ -150,9 +155,8 @@ def run(
             recorded losses, a PAC-Bayes measure of a model without accuracy.
     """
     from sharpscope import distributed
-    from sharpscope.cli.options import resolve_device
     from sharpscope.errors import SharpscopeError
-    from sharpscope.inputs import AnalysisLoss, expand_checkpoints
+    from sharpscope.inputs import AnalysisLoss, expand_checkpoints, resolve_device
     from sharpscope.io import prepare_out_dir
 
     if not (isinstance(save_every, (int, float)) and save_every >= 0 and math.isfinite(save_every)):

@@ -85,7 +85,7 @@ def test_top_eigenvalues_agree_with_scipy_eigsh(spectrum, runs):
     """An independent solver (ARPACK) on the same operator and evaluation set."""
     from scipy.sparse.linalg import eigsh
 
-    from sharpscope.cli.inputs import analysis_inputs
+    from sharpscope.inputs import analysis_inputs
     from sharpscope.hessian import HessianOperator
 
     out, _ = spectrum

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 import sharpscope.data
-from sharpscope.cli import inputs
+from sharpscope import inputs
 from sharpscope.cli.main import cli
 
 

@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 
 def _centre_loss(ckpt) -> float:
     """The checkpoint's loss on the same evaluation set, computed independently of the landscape code."""
-    from sharpscope.cli.inputs import analysis_inputs
+    from sharpscope.inputs import analysis_inputs
 
     checkpoint, batches = analysis_inputs(ckpt, num_samples=300, batch_size=128)
     total, count = 0.0, 0

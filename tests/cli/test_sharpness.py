@@ -86,7 +86,7 @@ def test_writes_results_gaps_arrays_figures_and_kendall(first_run, run_dir):
 
 def test_cli_values_are_the_library_values(first_run, run_dir):
     # The command is a thin shell: the same checkpoint, evaluation set and settings through the library agree.
-    from sharpscope.cli.inputs import analysis_inputs
+    from sharpscope.inputs import analysis_inputs
     from sharpscope.sharpness import m_sharpness
 
     out, _ = first_run
@@ -137,7 +137,7 @@ def test_a_file_from_before_the_measured_gap_keeps_its_results_and_gets_the_gap(
 
 
 def test_gap_samples_caps_both_splits_and_is_the_library_gap(run_dir, tmp_path):
-    from sharpscope.cli.inputs import analysis_inputs
+    from sharpscope.inputs import analysis_inputs
     from sharpscope.data import eval_batches, load_dataset
     from sharpscope.sharpness import generalization_gap
 

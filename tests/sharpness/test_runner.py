@@ -29,7 +29,7 @@ FAST = dict(m=(8, 32), rho=(0.05,), steps=2, num_samples=64, max_chunks=4, devic
 def test_run_from_python_writes_the_cli_outputs_and_returns_a_frozen_result(checkpoint, tmp_path):
     from dataclasses import FrozenInstanceError
 
-    from sharpscope.cli.inputs import analysis_inputs
+    from sharpscope.inputs import analysis_inputs
 
     result = run([checkpoint], measures=["worst", "adaptive"], **FAST, out=tmp_path,
                  figure_output=FigureOutput(("png", "svg"), dpi=60))
