@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sharpscope.models import create_model
-from sharpscope.optim import create_optimizer, training_step
+from sharpscope.optim import create_optimizer, micro_batches, training_step
 
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}  # the anchor study's settings (sam.md s.9)
 CONFIGS = {
@@ -51,8 +51,10 @@ def make_steps(model: nn.Module, m: int) -> dict[str, Callable | str]:
     loss_fn = nn.CrossEntropyLoss()
     steps: dict[str, Callable | str] = {}
 
-    def ours(name: str, **step_kwargs):
+    def ours(name: str, *, force_vmap: bool = False, **step_kwargs):
         net = copy.deepcopy(model)
+        if force_vmap:  # the previous batched path: vmap of functional_call over the micro-batches
+            micro_batches.refuse(net, "the benchmark's vmap column")
         extra = {"sam_every": step_kwargs.pop("sam_every")} if "sam_every" in step_kwargs else {}
         opt = create_optimizer(net.parameters(), name=name, base="sgd", **HP, **extra)
         return lambda x, y: training_step(net, opt, loss_fn, x, y, **step_kwargs)
@@ -60,6 +62,7 @@ def make_steps(model: nn.Module, m: int) -> dict[str, Callable | str]:
     steps["sgd"] = ours("sgd")
     steps["sam"] = ours("sam")
     steps[f"m-sam m={m}"] = ours("sam", micro_batch_size=m)
+    steps[f"m-sam m={m} vmap"] = ours("sam", micro_batch_size=m, force_vmap=True)
     steps[f"m-sam m={m} loop"] = ours("sam", micro_batch_size=m, vectorize=False)
     steps["sam every 2"] = ours("sam", sam_every=2)
     try:

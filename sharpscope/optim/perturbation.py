@@ -237,12 +237,27 @@ def stacked_joint_perturbation(
     ``g`` of the result is ``joint_perturbation([t[g] for t in grads], params, ...)`` (the same formula, the joint
     norm taken per row; equal up to the order of floating-point summation), computed with a handful of batched
     kernels instead of ``G`` calls. ``params`` (unstacked) give ASAM's ``T = |w| + eta``, shared by all rows.
+
+    On the CPU, p = 2 takes the plain norm ``||s||_2`` (one pass over the rows instead of four) when every row's
+    norm is finite and above ``sqrt(tiny) / eps`` of the dtype (~1e-12 in float32), which a host check decides
+    (free on the CPU): then no square overflowed, and the squares lost to underflow (entries below ~1e-19) change
+    the norm by less than the dtype's rounding. Otherwise (and on other devices, where the check would stall the
+    stream) the rescaled formula runs, as for every other p.
     """
     if not grads:
         return []
     ada_idx = [i for i, a in enumerate(adaptive) if a]
     t_scale = {i: params[i].detach().abs() + etas[i] for i in ada_idx}
     s = [g * t_scale[i] if i in t_scale else g for i, g in enumerate(grads)]
+    if p == 2.0 and s[0].device.type == "cpu":
+        norm = _row_norm(s, 2.0)
+        tiny = torch.finfo(norm.dtype).tiny
+        if bool((torch.isfinite(norm) & (norm > math.sqrt(tiny) / torch.finfo(norm.dtype).eps)).all()):
+            inverse = 1.0 / norm
+            out = [si * _per_row(inverse * r, si) for si, r in zip(s, rhos)]
+            for i in ada_idx:
+                out[i].mul_(t_scale[i])
+            return out
     if p == math.inf:
         d = [torch.sign(si) for si in s]
     else:

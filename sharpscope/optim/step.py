@@ -17,14 +17,17 @@ clean pass normalizes BatchNorm with its own micro-batch statistics, as each dev
 data-parallel m-sharpness). The running statistics are updated by each micro-batch's clean pass, as with gradient
 accumulation, in the micro-batches' order.
 
-Two implementations compute this: the loop (``vectorize=False``; the reference: one micro-batch after the other,
+Three implementations compute this: the loop (``vectorize=False``; the reference: one micro-batch after the other,
 ``w`` moved in place) and, by default where :func:`batched_refusal` allows it, one batched pass over all
-micro-batches of exactly ``m`` samples (``torch.func.vmap`` of ``grad`` of ``functional_call`` for the clean
-gradients, stacked weights ``w + eps_j`` for the perturbed pass; :func:`_batched_passes`); a smaller last
-micro-batch goes through the loop. They agree up to rounding (tests/optim/test_sam_batched_micro_batches.py,
-float64, 1e-10). DDP, torch.compile, hooks, active dropout and CPU half-precision autocast with normalization
-layers take the loop. Measured cost (benchmarks/bench_sam_step.py, CPU, 1 thread, registry ConvNet on 8x8
-digits): batch 16, m = 4: 5.6x an SGD step batched vs 5.9x looped; batch 128, m = 8: 4.1x vs 6.8x (SAM: 2.0-2.4x).
+micro-batches of exactly ``m`` samples, either through the network's own layers
+(:mod:`sharpscope.optim.micro_batches`: per-micro-batch weight gradients from the layers' backward, grouped
+convolutions for the per-micro-batch weights; models whose trainable tensors all sit in Linear, convolution,
+BatchNorm, LayerNorm or GroupNorm layers, checked once against the micro-batches run alone, without autocast) or,
+for any other model, ``torch.func.vmap`` of ``grad`` of ``functional_call`` for the clean gradients and stacked
+weights ``w + eps_j`` for the perturbed pass (:func:`_batched_passes`). A smaller last micro-batch goes through the
+loop. All agree up to rounding (tests/optim/test_sam_batched_micro_batches.py, float64, 1e-10). DDP, torch.compile,
+hooks, active dropout and CPU half-precision autocast with normalization layers take the loop. Measured cost:
+``benchmarks/bench_sam_step.py`` (its docstring has the table).
 
 Mixed precision: ``autocast_dtype`` (bf16 needs no scaler); with a ``torch.amp.GradScaler`` (fp16) the clean
 gradients are unscaled before ``eps`` is computed (``eps`` uses the true gradient), a non-finite clean gradient
@@ -50,6 +53,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from sharpscope.errors import SharpscopeError
+from sharpscope.optim import micro_batches
 from sharpscope.optim.bn import frozen_bn_stats
 from sharpscope.optim.perturbation import stacked_joint_perturbation
 from sharpscope.optim.sam import SAM
@@ -175,7 +179,7 @@ def training_step(
     if vectorize is not False and full >= 2 and refusal is None:
         try:
             totals = _batched_passes(model, optimizer, loss_fn, images[: full * m], labels[: full * m], m=m, n=n,
-                                     autocast=autocast, scaler=scaler)
+                                     autocast=autocast, scaler=scaler, structured=autocast_dtype is None)
         except (RuntimeError, NotImplementedError) as exc:
             if vectorize:
                 raise
@@ -391,6 +395,7 @@ def _batched_passes(
     n: int,
     autocast: Callable,
     scaler: torch.amp.GradScaler | None,
+    structured: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """What :func:`_loop_passes` does for ``G = len(images) / m`` micro-batches of ``m``, in two vmapped passes.
 
@@ -423,13 +428,61 @@ def _batched_passes(
         for w in group["params"]:
             if w.requires_grad:
                 entries.append((names[id(w)], w, rho, group))
-    train_names = {name for name, *_ in entries}
-    frozen = {name: w.detach() for name, w in model.named_parameters() if name not in train_names}
-    buffers = dict(model.named_buffers())
     norms = [module for module in model.modules()
              if isinstance(module, _NormBase) and module.training and module.track_running_stats]
     scale_value = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else None
     per_group = max(2, MAX_STACKED_ELEMENTS // max(1, sum(w.numel() for _, w, _, _ in entries)))
+    passes = _structured_passes(model, entries, loss_fn, images, labels, m=m) if structured else None
+    if passes is not None:
+        try:
+            return _run_batched(passes, model, entries, norms, loss_fn, images, labels, m=m, n=n,
+                                num_micro=num_micro, per_group=per_group, autocast=autocast, scaler=scaler,
+                                scale_value=scale_value)
+        except micro_batches.Unsupported as exc:  # seen only at run time (e.g. a layer called twice)
+            micro_batches.refuse(model, str(exc))
+            for _, w, _, _ in entries:
+                w.grad = None  # drop what a finished group accumulated; nothing else was written
+    return _run_batched(None, model, entries, norms, loss_fn, images, labels, m=m, n=n, num_micro=num_micro,
+                        per_group=per_group, autocast=autocast, scaler=scaler, scale_value=scale_value)
+
+
+def _structured_passes(model: nn.Module, entries: list, loss_fn: LossFn, images: Tensor, labels: Tensor, *,
+                       m: int) -> micro_batches.StructuredPasses | None:
+    """The model's :class:`~sharpscope.optim.micro_batches.StructuredPasses` once checked, else None (vmap path)."""
+    plan = micro_batches.structured_plan(model, [name for name, *_ in entries])
+    if isinstance(plan, str):
+        return None
+    if not plan.checked:
+        try:
+            plan.check([w for _, w, _, _ in entries], loss_fn, images, labels, m,
+                       lambda grads: _stacked_eps(entries, grads))
+        except micro_batches.Unsupported as exc:
+            micro_batches.refuse(model, str(exc))
+            return None
+    return plan
+
+
+def _run_batched(
+    passes: micro_batches.StructuredPasses | None,
+    model: nn.Module,
+    entries: list,
+    norms: list[_NormBase],
+    loss_fn: LossFn,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    m: int,
+    n: int,
+    num_micro: int,
+    per_group: int,
+    autocast: Callable,
+    scaler: torch.amp.GradScaler | None,
+    scale_value: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The two batched passes over groups of micro-batches: ``passes`` (structured) or, for None, ``vmap``."""
+    train_names = {name for name, *_ in entries}
+    frozen = {name: w.detach() for name, w in model.named_parameters() if name not in train_names}
+    buffers = dict(model.named_buffers())
 
     capturing = [False]
     captured: dict[int, list[tuple[Tensor, Tensor]]] = {}
@@ -454,29 +507,49 @@ def _batched_passes(
     clean_grad = vmap(grad(clean_objective, has_aux=True), in_dims=(None, 0, 0))
     perturbed = vmap(perturbed_objective, in_dims=(0, 0, 0))
     weights = {name: w.detach() for name, w, _, _ in entries}
+    live = [w for _, w, _, _ in entries]
     total_loss = total_correct = found_inf = None
     batch_stats: list[list[tuple[Tensor, Tensor]]] = []  # per group: per layer (means (G, C), variances (G, C))
-    hooks = [module.register_forward_pre_hook(capture_stats) for module in norms]
-    with _batch_statistics_only(norms), _removing(hooks):
+    if passes is not None:
+        if passes.tracked != norms:
+            raise micro_batches.Unsupported("the BatchNorm layers changed since the plan was made")
+        context = contextlib.nullcontext()
+    else:
+        hooks = [module.register_forward_pre_hook(capture_stats) for module in norms]
+        context = contextlib.ExitStack()
+        context.enter_context(_batch_statistics_only(norms))
+        context.enter_context(_removing(hooks))
+    with context:
         for start in range(0, num_micro, per_group):
             count = min(per_group, num_micro - start)
-            x = images[start * m: (start + count) * m].unflatten(0, (count, m))
-            y = labels[start * m: (start + count) * m].unflatten(0, (count, m))
-            capturing[0] = True
-            with autocast():
-                grads, (losses, logits, stats) = clean_grad(weights, x, y)
-            capturing[0] = False
-            if any(len(calls) != 1 for calls in stats):
-                # the closed-form update assumes one update per micro-batch, as a layer called once does
-                raise RuntimeError("a BatchNorm layer that tracks running statistics ran other than once per forward")
-            batch_stats.append([calls[0] for calls in stats])
-            g_list = [grads[name] for name, *_ in entries]
+            xf = images[start * m: (start + count) * m]
+            yf = labels[start * m: (start + count) * m]
+            if passes is not None:
+                g_list, losses, logits, stats = passes.clean(live, loss_fn, xf, yf, count, scale=scale_value)
+                batch_stats.append(stats)
+                y = yf
+            else:
+                x, y = xf.unflatten(0, (count, m)), yf.unflatten(0, (count, m))
+                capturing[0] = True
+                with autocast():
+                    grads, (losses, logits, stats) = clean_grad(weights, x, y)
+                capturing[0] = False
+                if any(len(calls) != 1 for calls in stats):
+                    # the closed-form update assumes one update per micro-batch, as a layer called once does
+                    raise RuntimeError(
+                        "a BatchNorm layer that tracks running statistics ran other than once per forward")
+                batch_stats.append([calls[0] for calls in stats])
+                g_list = [grads[name] for name, *_ in entries]
             if scaler is not None:
                 found_inf = _unscale_clean_grads(scaler, g_list, found_inf)
             eps = _stacked_eps(entries, g_list)
-            stacked = {name: w + e for (name, w, _, _), e in zip(entries, eps)}  # w live: autograd sums the rows
-            with autocast():
-                perturbed_losses = perturbed(stacked, x, y)
+            if passes is not None:
+                perturbed_losses = passes.perturbed(live, eps, loss_fn, xf, yf, count)
+            else:
+                # w live: autograd sums the rows of w + eps_j into p.grad
+                stacked = {name: w + e for (name, *_), w, e in zip(entries, live, eps)}
+                with autocast():
+                    perturbed_losses = perturbed(stacked, x, y)
             sam_loss = (perturbed_losses * (m / n)).sum()
             (sam_loss if scale_value is None else sam_loss * scale_value).backward()
             losses = losses.detach()

@@ -22,6 +22,7 @@ from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import SAM, training_step
+from sharpscope.optim import micro_batches
 from sharpscope.optim.step import batched_refusal
 
 CE = nn.CrossEntropyLoss()
@@ -129,15 +130,28 @@ def assert_steps_match(model, opt, ref, ref_opt, data, *, m, **step_kwargs):
         assert not opt.is_perturbed and not ref_opt.is_perturbed
 
 
+def path_taken(model):
+    """"structured" (the layers' own kernels, checked), "vmap", or None (no batched step ran)."""
+    plan = micro_batches._PLANS.get(model)
+    if isinstance(plan, micro_batches.StructuredPasses):
+        return "structured" if plan.checked else None
+    return None if plan is None else "vmap"
+
+
+@pytest.mark.parametrize("path", ["structured", "vmap"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("m", [4, 6], ids=["m4", "m6-remainder"])
-def test_batched_equals_loop_on_every_model(model_name, m):
+def test_batched_equals_loop_on_every_model(model_name, m, path):
     # 16 / 4: equal micro-batches; 14 / 4, 16 / 6, 14 / 6: a smaller last micro-batch (through the loop)
     model, data = make(model_name)
     ref = copy.deepcopy(model)
     opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
     assert batched_refusal(model, opt) is None
+    if path == "vmap":
+        micro_batches.refuse(model, "forced by the test")
     assert_steps_match(model, opt, ref, ref_opt, data, m=m)
+    # attention (nn.MultiheadAttention holds its own projection weights) is not a structured layer: vmap runs it
+    assert path_taken(model) == ("vmap" if model_name == "attention" else path)
     # the micro-batches matter (not plain SAM in disguise): one perturbation for the batch gives other weights
     plain = copy.deepcopy(ref)
     training_step(plain, build_sam(plain, SAM_SETTINGS["sgd-momentum"]), CE, *data[0])
@@ -152,6 +166,7 @@ def test_batched_equals_loop_for_every_sam_variant(settings, model_name):
     ref = copy.deepcopy(model)
     opt, ref_opt = build_sam(model, SAM_SETTINGS[settings]), build_sam(ref, SAM_SETTINGS[settings])
     assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+    assert path_taken(model) == "structured"
 
 
 def test_param_groups_with_their_own_rho_p_and_asam():
@@ -290,14 +305,15 @@ def test_micro_batches_beyond_the_memory_bound_run_in_groups(monkeypatch):
 
 
 class DataDependent(nn.Module):
-    """Python control flow on a tensor value: vmap cannot batch it (the loop can)."""
+    """Python control flow on a tensor value: vmap cannot batch it (the loop can). Its weight is its own (not in a
+    library layer), so the structured passes do not take it either."""
 
     def __init__(self):
         super().__init__()
-        self.lin = nn.Linear(5, 3)
+        self.weight = nn.Parameter(0.3 * torch.randn(3, 5))
 
     def forward(self, x):
-        out = self.lin(x)
+        out = x @ self.weight.T
         return out if bool(out.sum() > -1e9) else -out
 
 
@@ -340,3 +356,66 @@ def test_bad_vectorize_raises():
     with pytest.raises(SharpscopeError, match=r"vectorize must be None, True or False, got 'yes'"):
         training_step(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), CE, torch.randn(8, 5),
                       torch.randint(0, 3, (8,)), micro_batch_size=4, vectorize="yes")
+
+
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean between two Linear layers: it mixes the samples of the micro-batches when they run
+    as one batch, which the structured passes' check must notice (vmap runs it per micro-batch, as the loop)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+class TiedOutside(nn.Module):
+    """A Linear weight also used outside its layer's forward (F.linear with it): the perturbed pass would see w,
+    not w + eps_j, there; the check must notice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(torch.nn.functional.linear(h, self.a.weight))
+
+
+@pytest.mark.parametrize("factory", [BatchCentred, TiedOutside])
+def test_structured_check_rejects_sample_mixing_and_outside_uses_then_vmap_matches_the_loop(factory):
+    torch.manual_seed(0)
+    model = factory().to(DT)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 5, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))] * 2
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+    reason = micro_batches._PLANS[model]
+    assert isinstance(reason, str) and "check against the micro-batches run alone failed" in reason, reason
+    assert path_taken(model) == "vmap"
+
+
+def test_structured_plan_says_what_it_cannot_run():
+    model = nn.Sequential(nn.Linear(5, 4), nn.PReLU(), nn.Linear(4, 3))
+    reason = micro_batches.structured_plan(model, [name for name, _ in model.named_parameters()])
+    assert reason == "module 1 (PReLU) holds trainable tensors or batch statistics outside the supported layers"
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    assert micro_batches.structured_plan(conv, ["weight", "bias"]) == "a convolution with padding_mode='reflect'"
+    even = nn.Conv2d(2, 3, 2, padding="same")
+    assert "asymmetric padding" in micro_batches.structured_plan(even, ["weight", "bias"])
+
+
+def test_cross_entropy_per_micro_batch_matches_the_loss_of_each():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 5, (12,), generator=g)
+    y[3] = -100  # ignored: the micro-batch's mean is over the other 2
+    for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1),
+                 nn.CrossEntropyLoss(weight=torch.rand(5, generator=g, dtype=DT)), nn.MultiMarginLoss()):
+        per = micro_batches.chunk_losses(loss, logits, y.clamp(min=0) if isinstance(loss, nn.MultiMarginLoss) else y, 4)
+        yy = y.clamp(min=0) if isinstance(loss, nn.MultiMarginLoss) else y
+        expected = torch.stack([loss(logits[3 * j: 3 * j + 3], yy[3 * j: 3 * j + 3]) for j in range(4)])
+        torch.testing.assert_close(per, expected, rtol=1e-14, atol=0)

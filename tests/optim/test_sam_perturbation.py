@@ -151,3 +151,30 @@ def test_mismatched_lengths_raise():
     w = [torch.ones(2, dtype=DT)]
     with pytest.raises(SharpscopeError, match=r"pair up one to one, got 2 gradients for 1 tensors"):
         perturbation(w + w, w, rho=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("p", [2.0, 3.0, math.inf])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("magnitude", [1e-30, 1.0, 1e30])
+def test_stacked_rows_equal_the_per_row_perturbation(dtype, p, adaptive, magnitude):
+    # m-SAM's G rows at once (float32/16 at p = 2: a float64 norm in one pass) against joint_perturbation per row:
+    # the same formula in another summation order, so equal to a few ulps of the dtype (bf16 extremes: 1e30 is
+    # inside its range, like float32's)
+    from sharpscope.optim.perturbation import joint_perturbation, stacked_joint_perturbation
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 4, generator=g).to(dtype), torch.randn(5, generator=g).to(dtype)]
+    grads = [(magnitude * torch.randn(6, *w.shape, generator=g, dtype=torch.float64)).to(dtype) for w in params]
+    grads[1][2] = 0  # one row with a zero part; row 4 all zero: eps 0, never NaN
+    grads[0][4] = 0
+    grads[1][4] = 0
+    settings = dict(rhos=[0.05, 0.1], p=p, adaptive=[adaptive, False], etas=[0.01, 0.01])
+    stacked = stacked_joint_perturbation(grads, params, **settings)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+    for row in range(6):
+        expected = joint_perturbation([t[row] for t in grads], params, **settings)
+        for a, b in zip(stacked, expected):
+            assert torch.isfinite(a[row]).all()
+            torch.testing.assert_close(a[row].double(), b.double(), rtol=tol, atol=tol * 0.1)
+    assert all(torch.equal(e[4], torch.zeros_like(e[4])) for e in stacked)

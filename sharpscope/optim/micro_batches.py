@@ -1,0 +1,537 @@
+"""m-SAM's micro-batches through the network's own layers: per-micro-batch gradients and weights in one pass.
+
+The m-SAM step (:func:`sharpscope.optim.training_step` with ``micro_batch_size = m``) needs, for ``G`` micro-batches
+``s_j`` of ``m`` samples, the clean gradients ``g_j = grad L_{s_j}(w)`` and the sum of the perturbed gradients
+``sum_j (m / n) grad L_{s_j}(w + eps_j)``. Only the layers holding trainable weights see a difference between the
+micro-batches, so this module runs the whole batch of ``G m`` samples through the model once per pass and changes
+just those layers (and BatchNorm, whose batch statistics are per micro-batch):
+
+* **clean pass** (``w`` shared): Linear and convolutions run their ordinary kernel; their backward returns the
+  input gradient as usual and, instead of the summed weight gradient, each micro-batch's weight gradient
+  (``go_j^T x_j`` as one batched matmul for Linear; one grouped ``convolution_backward`` over the micro-batches
+  laid side by side as channel groups, ``(m, G C, ...)``, for convolutions). BatchNorm in training mode
+  normalises each micro-batch with its own statistics (``F.batch_norm`` on the ``(m, G C, ...)`` layout, one
+  kernel), and returns those statistics for the running buffers; LayerNorm and GroupNorm are per sample already.
+  The affine weights of the normalisations get per-micro-batch gradients through a zero ``(G, C)`` offset.
+* **perturbed pass** (``w + eps_j`` per micro-batch, built from the live parameters so autograd sums the rows into
+  ``p.grad``): Linear as a batched matmul with per-micro-batch weights, convolutions as one grouped convolution of
+  the ``(m, G C, ...)`` layout, normalisations with per-micro-batch affine weights.
+
+Every other layer (activations, pooling, reshapes, frozen layers) runs as it is, once, on all ``G m`` samples: it must
+not mix samples. :func:`structured_plan` accepts a model only if every trainable tensor sits in a supported layer
+whose forward is the library's (Linear, Conv1d/2d/3d with zero padding, BatchNorm1d/2d/3d, LayerNorm, GroupNorm),
+and :meth:`StructuredPasses.check` compares, once per model, both passes on two micro-batches against the
+micro-batches run one at a time (values and gradients to ``sqrt(eps)``): a layer that mixes samples, a tied weight
+used outside its layer or an input not batched on dim 0 make the check fail, and the step uses the ``vmap`` path.
+Only first derivatives are taken, by the library's own kernels, so torch 2.13's ``vmap`` bug does not apply.
+
+Measured against ``vmap`` of ``functional_call`` (the previous path; ``benchmarks/bench_sam_step.py``, CPU, one
+thread, registry ConvNet on 8x8 digits): see that benchmark's docstring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from sharpscope.chunk_kernels import ChunkLinear
+
+__all__ = ["StructuredPasses", "structured_plan"]
+
+_LINEAR = (nn.Linear,)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PER_SAMPLE_NORM = (nn.LayerNorm, nn.GroupNorm)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Unsupported(Exception):
+    """The structured passes cannot run this model or call (the step then uses the vmap path)."""
+
+
+def _library_base(module: nn.Module) -> type | None:
+    """The supported library class whose forward ``module`` runs unchanged, else None."""
+    for base in _LINEAR + _CONV + _BATCH_NORM + _PER_SAMPLE_NORM:
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return base
+    return None
+
+
+def _conv_padding(module: nn.Module) -> tuple[int, ...]:
+    """The convolution's padding as integers (``'same'`` with an even total padding, ``'valid'``), else Unsupported."""
+    dims = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        raise Unsupported(f"a convolution with padding_mode={module.padding_mode!r}")
+    if module.padding == "valid":
+        return (0,) * dims
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in total):
+            raise Unsupported("a convolution with padding='same' and an even kernel (asymmetric padding)")
+        return tuple(t // 2 for t in total)
+    return tuple(module.padding)
+
+
+@dataclass
+class _Layer:
+    """A layer the passes run themselves: its trainable tensors' slots in the entry list, by local name."""
+
+    module: nn.Module
+    base: type
+    slots: dict[str, int]  # "weight" / "bias" -> index into the trainable entries
+    padding: tuple[int, ...] = ()  # convolutions: integer padding
+    stats_slot: int | None = None  # BatchNorm that updates running statistics: index into the captured statistics
+
+
+@dataclass
+class _Call:
+    """What the swapped forwards read during one pass."""
+
+    mode: str  # "clean" or "perturbed"
+    groups: int
+    total: int
+    weights: list[Tensor]  # the shared w (clean: detached; perturbed: the live parameters)
+    offsets: list[Tensor]  # (G, *w.shape): clean, zeros whose gradients are the per-micro-batch ones; perturbed, eps_j
+    stats: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    fired: list[int] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+def _side_by_side(t: Tensor, groups: int) -> Tensor:
+    """``(G m, C, *sp)`` -> ``(m, G C, *sp)``: micro-batch ``j``'s channels at ``[j C, (j + 1) C)``."""
+    m = t.shape[0] // groups
+    return t.reshape(groups, m, *t.shape[1:]).transpose(0, 1).reshape(m, groups * t.shape[1], *t.shape[2:])
+
+
+def _stacked_back(t: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`_side_by_side`: ``(m, G C, *sp)`` -> ``(G m, C, *sp)``."""
+    m = t.shape[0]
+    c = t.shape[1] // groups
+    return t.reshape(m, groups, c, *t.shape[2:]).transpose(0, 1).reshape(groups * m, c, *t.shape[2:])
+
+
+# --------------------------------------------------------------------------------- clean-pass kernels
+class _SharedLinear(torch.autograd.Function):
+    """``F.linear(x, W, b)`` whose backward gives the per-micro-batch weight gradients to ``offset_w``/``offset_b``.
+
+    Forward: the layer's own kernel with the shared ``W`` (the offsets are zeros and not read). Backward:
+    ``dL/dx = go W``; ``dL/dD_j = go_j^T x_j`` for micro-batch ``j``'s rows (all rows of a sequence input too), one
+    ``torch.bmm``; ``dL/dd_j = sum of go_j``. No gradient for ``W``/``b`` (the clean pass wants the rows only).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, offset_w, offset_b, groups):  # noqa: ANN001, ANN205
+        # the (ctx, ...) form: no per-call argument binding (setup_context's costs ~0.2 ms, measured)
+        ctx.groups = groups
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, go):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        groups = ctx.groups
+        grad_x = go.matmul(weight) if ctx.needs_input_grad[0] else None
+        gov = go.reshape(groups, -1, go.shape[-1])
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[3]:
+            xv = x.reshape(groups, -1, x.shape[-1])
+            grad_w = torch.bmm(gov.transpose(1, 2), xv)
+        if ctx.needs_input_grad[4]:
+            grad_b = gov.sum(dim=1)
+        return grad_x, None, None, grad_w, grad_b, None
+
+
+class _SharedConv(torch.autograd.Function):
+    """A convolution with the shared ``W`` whose backward gives per-micro-batch weight (and bias) gradients.
+
+    Backward: ``dL/dx`` from ``convolution_backward`` as autograd would; the ``G`` weight gradients from one grouped
+    ``convolution_backward`` of the ``(m, G C, ...)`` layout (input and output gradient side by side, ``G *
+    groups`` groups), reshaped to ``(G, *W.shape)``; the bias gradients are the per-micro-batch sums of ``go``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, offset_w, offset_b, meta):  # noqa: ANN001, ANN205
+        ctx.meta = meta
+        ctx.save_for_backward(x, weight)
+        stride, padding, dilation, conv_groups, groups = meta
+        return _CONV_FN[weight.dim() - 2](x, weight, bias, stride, padding, dilation, conv_groups)
+
+    @staticmethod
+    def backward(ctx, go):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, conv_groups, groups = ctx.meta
+        dims = weight.dim() - 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                go, x, weight, None, stride, padding, dilation, False, [0] * dims, conv_groups,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[3]:
+            shape_only = weight.expand(groups, *weight.shape).reshape(groups * weight.shape[0], *weight.shape[1:])
+            grad_w = torch.ops.aten.convolution_backward(
+                _side_by_side(go, groups), _side_by_side(x, groups), shape_only, None, stride, padding, dilation,
+                False, [0] * dims, conv_groups * groups, [False, True, False])[1]
+            grad_w = grad_w.reshape(groups, *weight.shape)
+        if ctx.needs_input_grad[4]:
+            grad_b = go.reshape(groups, go.shape[0] // groups, go.shape[1], -1).sum(dim=(1, 3))
+        return grad_x, None, None, grad_w, grad_b, None
+
+
+# ------------------------------------------------------------------------------------------- the layers
+def _tensors(layer: _Layer, call: _Call, local: str) -> tuple[Tensor | None, Tensor | None]:
+    """(shared or stacked tensor, clean-pass offset) for the layer's ``local`` tensor; frozen ones come as is."""
+    slot = layer.slots.get(local)
+    if slot is None:
+        t = getattr(layer.module, local, None)
+        return (None if t is None else t.detach()), None
+    return call.weights[slot], call.offsets[slot]
+
+
+def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
+    """Linear. Clean: the layer's kernel, per-micro-batch weight gradients (:class:`_SharedLinear`). Perturbed:
+    ``(W + E_j) x + b + e_j = (W x + b) + E_j x + e_j``: the layer's kernel plus one batched matmul with the
+    constant ``E_j``, so ``W`` gets the layer's own (summed) gradient and only ``dL/dx`` sees ``E_j``."""
+    weight, w_off = _tensors(layer, call, "weight")
+    bias, b_off = _tensors(layer, call, "bias")
+    G = call.groups
+    if call.mode == "clean" and (w_off is not None or b_off is not None):
+        return _SharedLinear.apply(x, weight, bias, w_off, b_off, G)
+    out = F.linear(x, weight, bias)
+    if call.mode == "clean" or (w_off is None and b_off is None):
+        return out
+    view = out.reshape(G, -1, out.shape[-1])
+    if w_off is not None:
+        view = view + torch.bmm(x.reshape(G, -1, x.shape[-1]), w_off.transpose(1, 2))
+    if b_off is not None:
+        view = view + b_off[:, None, :]
+    return view.reshape(out.shape)
+
+
+def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
+    """Convolution. Clean: the layer's kernel, per-micro-batch weight gradients (:class:`_SharedConv`).
+    Perturbed: one grouped convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` side by side
+    (built from the live ``W``: autograd sums the micro-batches' weight gradients into it)."""
+    module = layer.module
+    weight, w_off = _tensors(layer, call, "weight")
+    bias, b_off = _tensors(layer, call, "bias")
+    G = call.groups
+    conv = _CONV_FN[weight.dim() - 2]
+    if w_off is None and b_off is None:
+        return conv(x, weight, bias, module.stride, layer.padding, module.dilation, module.groups)
+    if call.mode == "clean":
+        meta = (module.stride, layer.padding, module.dilation, module.groups, G)
+        return _SharedConv.apply(x, weight, bias, w_off, b_off, meta)
+    w = weight + w_off if w_off is not None else weight.expand(G, *weight.shape)
+    b = None
+    if bias is not None:
+        b = (bias + b_off if b_off is not None else bias.expand(G, *bias.shape)).reshape(-1)
+    out = conv(_side_by_side(x, G), w.reshape(-1, *w.shape[2:]), b, module.stride, layer.padding, module.dilation,
+               module.groups * G)
+    return _stacked_back(out, G)
+
+
+def _affine(layer: _Layer, call: _Call) -> tuple[Tensor | None, Tensor | None]:
+    """The normalisation's affine weight and bias as ``(G, ...)`` stacks, one row per micro-batch (or None):
+    ``w + offset`` (clean: a zero offset that carries the per-micro-batch gradient; perturbed: ``eps_j``)."""
+    out = []
+    for local in ("weight", "bias"):
+        t, offset = _tensors(layer, call, local)
+        if t is None:
+            out.append(None)
+        elif offset is not None:
+            out.append(t + offset)
+        else:
+            out.append(t.expand(call.groups, *t.shape))  # frozen
+    return out[0], out[1]
+
+
+def _run_batch_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
+    """BatchNorm with each micro-batch's own statistics (training mode) or the running ones (eval mode).
+
+    Runs ``F.batch_norm`` on the ``(m, G C, ...)`` layout with the affine weights of every micro-batch side by
+    side. A layer that updates running statistics gets them captured instead: ``F.batch_norm`` with scratch
+    buffers and momentum 1 writes exactly the micro-batch mean and unbiased variance it normalised with.
+    """
+    module = layer.module
+    G = call.groups
+    weight, bias = _affine(layer, call)
+    weight = None if weight is None else weight.reshape(-1)
+    bias = None if bias is None else bias.reshape(-1)
+    batch_stats = module.training or module.running_mean is None
+    if x.dim() == 2:  # BatchNorm1d on (N, C): the layout needs a trailing dimension
+        x_side = _side_by_side(x[:, :, None], G)
+    else:
+        x_side = _side_by_side(x, G)
+    if batch_stats:
+        running_mean = running_var = None
+        if layer.stats_slot is not None:
+            c = x.shape[1]
+            running_mean = torch.zeros(G * c, dtype=x.dtype, device=x.device)
+            running_var = torch.ones(G * c, dtype=x.dtype, device=x.device)
+        out = F.batch_norm(x_side, running_mean, running_var, weight, bias, True, 1.0, module.eps)
+        if layer.stats_slot is not None:
+            call.stats[layer.stats_slot] = (running_mean.reshape(G, -1), running_var.reshape(G, -1))
+    else:
+        out = F.batch_norm(x_side, module.running_mean.repeat(G), module.running_var.repeat(G), weight, bias,
+                           False, 0.0, module.eps)
+    out = _stacked_back(out, G)
+    return out[:, :, 0] if x.dim() == 2 else out
+
+
+def _run_per_sample_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
+    """LayerNorm / GroupNorm: normalise as the layer does (per sample), then each micro-batch's affine map."""
+    module = layer.module
+    G = call.groups
+    weight, bias = _affine(layer, call)
+    if isinstance(module, nn.LayerNorm):
+        normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+        view = normed.reshape(G, -1, *module.normalized_shape)  # (G, rows, *normalized_shape)
+        expand = lambda t: t[:, None]  # noqa: E731
+    else:
+        normed = F.group_norm(x, module.num_groups, None, None, module.eps)
+        view = normed.reshape(G, x.shape[0] // G, *x.shape[1:])  # (G, m, C, *sp)
+        expand = lambda t: t.reshape(G, 1, t.shape[1], *([1] * (x.dim() - 2)))  # noqa: E731
+    if weight is not None:
+        view = view * expand(weight)
+    if bias is not None:
+        view = view + expand(bias)
+    return view.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------- the passes
+class StructuredPasses:
+    """The clean and perturbed m-SAM passes of one model through its own layers (see the module docstring).
+
+    Build with :func:`structured_plan`. ``names`` are the trainable tensors' names in the order of the step's
+    entries; ``tracked`` the BatchNorm layers whose running statistics the clean pass captures (in the order of
+    ``model.modules()``, the order :func:`sharpscope.optim.step._commit_running_stats` gets them).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], layers: list[_Layer], tracked: list[nn.Module]):
+        self.model = model
+        self.names = list(names)
+        self.layers = layers
+        self.tracked = tracked
+        self.checked = False
+
+    @contextlib.contextmanager
+    def _swapped(self, call: _Call) -> Iterator[None]:
+        def make(slot: int, layer: _Layer) -> Callable[..., Tensor]:
+            run = {"linear": _run_linear, "conv": _run_conv, "bn": _run_batch_norm, "norm": _run_per_sample_norm}[
+                "linear" if layer.base in _LINEAR else "conv" if layer.base in _CONV
+                else "bn" if layer.base in _BATCH_NORM else "norm"]
+
+            def forward(*args: Any, **kwargs: Any) -> Tensor:
+                if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+                    raise Unsupported(f"{type(layer.module).__name__} called with other arguments than one tensor")
+                x = args[0]
+                if x.dim() < 2 or x.shape[0] != call.total:
+                    raise Unsupported(f"a {type(layer.module).__name__} saw an input of shape {tuple(x.shape)}, not "
+                                      f"the batch of {call.total} samples on dim 0")
+                call.fired[slot] += 1
+                return run(layer, call, x)
+            return forward
+
+        swapped = []
+        try:
+            for slot, layer in enumerate(self.layers):
+                if "forward" in vars(layer.module):
+                    raise Unsupported(f"a {type(layer.module).__name__} has its forward replaced on the instance")
+                layer.module.forward = make(slot, layer)
+                swapped.append(layer.module)
+            yield
+        finally:
+            for module in swapped:
+                del module.forward
+
+    def _forward(self, call: _Call, x: Tensor) -> Tensor:
+        call.fired = [0] * len(self.layers)
+        call.stats = [None] * len(self.tracked)
+        with self._swapped(call):
+            out = self.model(x)
+        if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != call.total:
+            raise Unsupported("the model does not return one tensor with the batch on dim 0")
+        if any(count != 1 for count in call.fired):
+            raise Unsupported("a layer holding trainable weights (or a BatchNorm) ran other than once per forward")
+        return out
+
+    def clean(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, groups: int, *,
+              scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """Per-micro-batch clean gradients at the shared ``weights``.
+
+        ``x (G m, ...)``, ``y (G m, ...)``. Returns ``(grads, losses, logits, stats)``: ``grads[i]`` is
+        ``(G, *weights[i].shape)`` (of ``scale * L_j`` when a loss scale is given), ``losses (G,)`` the unscaled
+        ``L_j``, ``logits`` the outputs for all samples (detached), ``stats`` per tracked BatchNorm the micro-batch
+        means and unbiased variances ``(G, C)``.
+        """
+        shared = [w.detach() for w in weights]
+        offsets = [torch.zeros((), dtype=w.dtype, device=w.device).expand(groups, *w.shape).requires_grad_()
+                   for w in shared]  # stride 0: nothing to fill
+        call = _Call("clean", groups, x.shape[0], shared, offsets)
+        with torch.enable_grad():
+            logits = self._forward(call, x)
+            losses = chunk_losses(loss_fn, logits, y, groups)
+            total = losses.sum() if scale is None else losses.sum() * scale
+            grads = torch.autograd.grad(total, offsets, allow_unused=True)
+        grads = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g
+                 for o, g in zip(offsets, grads)]
+        stats = [s for s in call.stats]
+        if any(s is None for s in stats):
+            raise Unsupported("a BatchNorm that tracks running statistics did not run in the clean pass")
+        return grads, losses.detach(), logits.detach(), stats  # type: ignore[return-value]
+
+    def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor,
+                  groups: int) -> Tensor:
+        """``(G,)`` losses ``L_j(w + eps_j)``, ``eps[i]`` ``(G, *w_i.shape)`` (constants), with a graph to the live
+        ``weights`` (the backward of ``sum_j c_j L_j`` adds ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``)."""
+        call = _Call("perturbed", groups, x.shape[0], list(weights), [e.detach() for e in eps])
+        logits = self._forward(call, x)
+        return chunk_losses(loss_fn, logits, y, groups)
+
+    def check(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, m: int,
+              make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        """Once per model: both passes on (up to) two micro-batches of ``x`` against each run alone.
+
+        The reference evaluates each micro-batch by itself (``functional_call`` with ``w`` or ``w + eps_j``; its
+        BatchNorm layers normalise with that micro-batch's statistics and write nothing): values and gradients must
+        agree to ``sqrt(eps)`` of the dtype, relative. Raises Unsupported otherwise (nothing is written either way).
+        """
+        groups = min(2, x.shape[0] // m)
+        x, y = x[: groups * m], y[: groups * m]
+        grads, losses, _, _ = self.clean(weights, loss_fn, x, y, groups)
+        eps = make_eps(grads)
+        perturbed_losses = self.perturbed(weights, eps, loss_fn, x, y, groups)
+        sam_grads = torch.autograd.grad(perturbed_losses.sum(), list(weights), allow_unused=True)
+        tol = math.sqrt(torch.finfo(weights[0].dtype).eps)
+        names = self.names
+        frozen_norms = [mod for mod in self.model.modules()
+                        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats]
+        saved = [mod.track_running_stats for mod in frozen_norms]
+        ref_sam = [torch.zeros_like(w) for w in weights]
+        try:
+            for mod in frozen_norms:
+                if mod.training:
+                    mod.track_running_stats = False  # batch statistics, no buffer writes
+            for j in range(groups):
+                xj, yj = x[j * m: (j + 1) * m], y[j * m: (j + 1) * m]
+                for state, value, grad in (
+                    ({n: w for n, w in zip(names, weights)}, losses[j], [g[j] for g in grads]),
+                    ({n: w + e[j] for n, w, e in zip(names, weights, eps)}, perturbed_losses[j], None),
+                ):
+                    with torch.enable_grad():
+                        ref_value = loss_fn(functional_call(self.model, state, (xj,)), yj)
+                        ref_grad = torch.autograd.grad(ref_value, list(weights), allow_unused=True)
+                    _agree(value, ref_value, tol, "loss")
+                    if grad is not None:
+                        for name, a, b in zip(names, grad, ref_grad):
+                            _agree(a, b, tol, f"clean gradient of {name}")
+                    else:
+                        for total, b in zip(ref_sam, ref_grad):
+                            if b is not None:
+                                total.add_(b)
+        finally:
+            for mod, flag in zip(frozen_norms, saved):
+                mod.track_running_stats = flag
+        for name, a, b in zip(names, sam_grads, ref_sam):
+            _agree(torch.zeros_like(b) if a is None else a, b, tol, f"perturbed gradient of {name}")
+        self.checked = True
+
+
+def _agree(a: Tensor, b: Tensor | None, tol: float, what: str) -> None:
+    b = torch.zeros_like(a) if b is None else b
+    diff = float((a.detach() - b.detach()).norm())
+    scale = float(b.detach().norm())
+    if not diff <= tol * (scale + tol):
+        raise Unsupported(f"the check against the micro-batches run alone failed: {what} differs by {diff:.3g} "
+                          f"(norm {scale:.3g})")
+
+
+def chunk_losses(loss_fn: Callable, logits: Tensor, y: Tensor, groups: int) -> Tensor:
+    """``(G,)`` losses ``loss_fn(logits_j, y_j)`` of the ``G`` equal micro-batches of ``logits (G m, ...)``.
+
+    ``nn.CrossEntropyLoss`` (mean reduction, no class weights) takes one ``reduction='none'`` call, averaged per
+    micro-batch over the targets it does not ignore (its own mean); any other loss runs under ``vmap`` over the
+    micro-batches, or one micro-batch at a time where ``vmap`` cannot batch it.
+    """
+    m = logits.shape[0] // groups
+    if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean"
+            and y.dtype in (torch.int64, torch.int32) and y.dim() == 1):
+        per_sample = F.cross_entropy(logits, y, reduction="none", ignore_index=loss_fn.ignore_index,
+                                     label_smoothing=loss_fn.label_smoothing)
+        kept = (y != loss_fn.ignore_index).reshape(groups, m).sum(dim=1).to(per_sample.dtype)
+        return per_sample.reshape(groups, m).sum(dim=1) / kept
+    views = logits.reshape(groups, m, *logits.shape[1:]), y.reshape(groups, m, *y.shape[1:])
+    try:
+        return vmap(loss_fn)(*views)
+    except (RuntimeError, NotImplementedError):
+        return torch.stack([loss_fn(views[0][j], views[1][j]) for j in range(groups)])
+
+
+#: Models the structured passes cannot run (the reason) or have passed the check for (None).
+_PLANS: weakref.WeakKeyDictionary[nn.Module, StructuredPasses | str] = weakref.WeakKeyDictionary()
+
+
+def structured_plan(model: nn.Module, names: Sequence[str]) -> StructuredPasses | str:
+    """The :class:`StructuredPasses` for ``model`` with trainable tensors ``names``, or why it cannot run them.
+
+    Cached per model (the check result too); a different set of trainable tensors builds a new plan.
+    """
+    cached = _PLANS.get(model)
+    if isinstance(cached, StructuredPasses) and cached.names == list(names):
+        return cached
+    if isinstance(cached, str):
+        return cached
+    try:
+        plan = _build(model, names)
+    except Unsupported as exc:
+        _PLANS[model] = str(exc)
+        return str(exc)
+    _PLANS[model] = plan
+    return plan
+
+
+def refuse(model: nn.Module, reason: str) -> None:
+    """Remember that the structured passes failed on ``model`` (the step uses the vmap path from now on)."""
+    _PLANS[model] = reason
+
+
+def _build(model: nn.Module, names: Sequence[str]) -> StructuredPasses:
+    index = {name: i for i, name in enumerate(names)}
+    layers: list[_Layer] = []
+    tracked: list[nn.Module] = []
+    claimed: set[str] = set()
+    for prefix, module in model.named_modules():
+        own = {local: index[f"{prefix}.{local}" if prefix else local]
+               for local, _ in module.named_parameters(recurse=False)
+               if (f"{prefix}.{local}" if prefix else local) in index}
+        is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        updates_stats = is_bn and module.training and module.track_running_stats
+        batch_stats = is_bn and (module.training or module.running_mean is None)
+        if not own and not batch_stats:
+            continue
+        base = _library_base(module)
+        if base is None or any(local not in ("weight", "bias") for local in own):
+            where = prefix or type(module).__name__
+            raise Unsupported(f"module {where} ({type(module).__name__}) holds trainable tensors or batch "
+                              "statistics outside the supported layers")
+        layer = _Layer(module, base, own)
+        if base in _CONV:
+            layer.padding = _conv_padding(module)
+        if updates_stats:
+            layer.stats_slot = len(tracked)
+            tracked.append(module)
+        layers.append(layer)
+        claimed.update(f"{prefix}.{local}" if prefix else local for local in own)
+    missing = [name for name in names if name not in claimed]
+    if missing:
+        raise Unsupported(f"trainable tensors outside the model's layers: {missing[:3]}")
+    return StructuredPasses(model, names, layers, tracked)
