@@ -75,6 +75,28 @@ def group_norm():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
+def conv1d_bn():
+    """Conv1d with groups and padding='same', BatchNorm1d on (n, C, L), strided Conv1d without bias."""
+    return nn.Sequential(nn.Conv1d(2, 4, 3, padding="same", groups=2), nn.BatchNorm1d(4), nn.ReLU(),
+                         nn.Conv1d(4, 4, 2, stride=2, bias=False), nn.Flatten(), nn.Linear(12, 3))
+
+
+def conv3d():
+    return nn.Sequential(nn.Conv3d(1, 2, 2, dilation=1), nn.BatchNorm3d(2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(2 * 8, 3))
+
+
+class SequenceHead(nn.Module):
+    """Tokens (n, 4, 5) -> Linear -> LayerNorm over features -> mean over tokens -> Linear: rows per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.proj(x))).mean(1))
+
+
 MODELS = {  # name: (factory, input shape of one sample)
     "mlp": (mlp, (5,)),
     "mlp-batchnorm": (mlp_bn, (5,)),
@@ -84,6 +106,9 @@ MODELS = {  # name: (factory, input shape of one sample)
     "layernorm": (layer_norm, (5,)),
     "groupnorm": (group_norm, (2, 6, 6)),
     "attention": (Attention, (4, 6)),
+    "conv1d-groups-batchnorm1d": (conv1d_bn, (2, 6)),
+    "conv3d-batchnorm3d": (conv3d, (1, 3, 3, 3)),
+    "sequence-layernorm": (SequenceHead, (4, 5)),
 }
 
 SAM_SETTINGS = {  # name: SAM keyword arguments
