@@ -17,6 +17,14 @@ Measured 2026-12-06 on a shared 2-core machine, 1 thread, process CPU seconds of
 trained digits ConvNet (``runs/sgd/final.pt``), 20 steps, 1,024 samples, versions alternated in separate processes:
 before (HEAD d0fadf8) m = 1 20-23 s, m = 1,024 4.6-5.6 s; after m = 1 12-15 s, m = 1,024 2.7-3.4 s (one chunk
 now runs the layers' own kernels with ``W + D``, as the loop does). Read the ratios as +-20% (shared machine).
+Then (issue 15, HEAD bdf280f -> the ascent working in reused stacks with lazy best-point copies, bit-identical
+values): one cell per process, 4 interleaved rounds, medians: m = 1 12.95 -> 10.92 s, m = 1,024 2.95 -> 2.96 s,
+ratio 4.39 -> 3.69. This script (both cells in one process, 3 rounds): m = 1 12.24 -> 11.2-11.7 s, m = 1,024
+2.46 -> 2.3-2.5 s, ratio 4.99 -> 4.6-4.9. Most of the spread is page faults: glibc returns freed stacks to the
+system and faults them in again (0.05-0.56 M minor faults per m = 1 cell, by allocation history); with
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` (no faults; one process, 2 rounds) m = 1
+9.9-10.7 -> 9.3-10.4 s, m = 1,024 1.9-2.1 s, ratio 5.1-5.3 -> 4.8-4.9: what remains at m = 1 is the per-chunk
+objective (~5.5 s) and the ascent's memory traffic (~3.5 s, 18 passes over the (G, params) stacks per step).
 """
 
 from __future__ import annotations
@@ -42,12 +50,12 @@ def measure(model, data, *, m, path, steps, rho, batch_size, max_chunks=None):
     x, y = stack_data(data, device=objective.device, dtype=objective.dtype)
     xc, yc = make_chunks(x, y, m=m, shuffle=True, seed=0, max_chunks=max_chunks)
     with eval_mode(model):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trace, _, _ = _worst_case_on_chunks(
             objective, xc, yc, rho=rho, p=2.0, adaptive=False, eta=0.01, steps=steps, random_init=False, seed=0,
             keep_perturbation=False, on_progress=None,
         )
-        return time.perf_counter() - start, trace[:, -1]
+        return time.perf_counter() - start, time.process_time() - cpu, trace[:, -1]
 
 
 def main() -> None:
@@ -87,6 +95,7 @@ def main() -> None:
     print(f"{what}, {sum(p.numel() for p in model.parameters())} params, {args.samples} samples, "
           f"{args.steps} steps, rho {args.rho}, batch size {args.batch_size}, {torch.get_num_threads()} threads")
     times = {(m, path): [] for m in m_values for path in paths}
+    cpu_times = {(m, path): [] for m in m_values for path in paths}
     values = {}
     for _ in range(args.rounds):
         for m in m_values:
@@ -94,19 +103,22 @@ def main() -> None:
                 chunks = args.samples // m
                 limit = args.loop_chunks if (path == "loop" or (path == "vmap" and m < 32)) else None
                 limit = limit if limit is not None and limit < chunks else None
-                seconds, value = measure(model, data, m=m, path=path, steps=args.steps, rho=args.rho,
-                                         batch_size=args.batch_size, max_chunks=limit)
+                seconds, cpu, value = measure(model, data, m=m, path=path, steps=args.steps, rho=args.rho,
+                                              batch_size=args.batch_size, max_chunks=limit)
                 times[(m, path)].append(seconds * (chunks / limit if limit else 1))
+                cpu_times[(m, path)].append(cpu * (chunks / limit if limit else 1))
                 values[(m, path)] = value
     full = args.samples
-    print(f"\n{'m':>6} " + " ".join(f"{p + ' s':>14} {'x m=' + str(full):>9}" for p in paths))
-    for m in m_values:
-        row = []
-        for path in paths:
-            t = statistics.median(times[(m, path)])
-            ref = statistics.median(times[(full, path)]) if (full, path) in times else float("nan")
-            row.append(f"{t:14.3f} {t / ref:9.2f}")
-        print(f"{m:>6} " + " ".join(row))
+    for label, table in (("wall", times), ("process CPU", cpu_times)):
+        print(f"\n{label} seconds, medians of {args.rounds}")
+        print(f"{'m':>6} " + " ".join(f"{p + ' s':>14} {'x m=' + str(full):>9}" for p in paths))
+        for m in m_values:
+            row = []
+            for path in paths:
+                t = statistics.median(table[(m, path)])
+                ref = statistics.median(table[(full, path)]) if (full, path) in table else float("nan")
+                row.append(f"{t:14.3f} {t / ref:9.2f}")
+            print(f"{m:>6} " + " ".join(row))
     print("(loop, and vmap at m < 32: timed on the first --loop-chunks chunks, scaled)")
     if "loop" in paths:
         print("\nexactness, float32 ConvNet: max |value - loop value| over the chunks both ran")

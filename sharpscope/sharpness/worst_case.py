@@ -71,8 +71,8 @@ __all__ = ["worst_case_sharpness", "m_sharpness"]
 #: steps below which the step size is halved.
 _MOMENTUM = 0.75
 _IMPROVING_FRACTION = 0.75
-#: Copies of the perturbation held by the ascent (iterate, previous, candidate, best, gradient, best gradient,
-#: direction); sizes the chunk groups.
+#: Copies of the perturbation held by the ascent (iterate, previous, candidate, best, gradient, best gradient, and
+#: the new gradient or a direction); sizes the chunk groups.
 _ASCENT_COPIES = 7
 
 
@@ -131,17 +131,32 @@ def _expand(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _assign_rows(target: Sequence[Tensor], source: Sequence[Tensor], mask: Tensor) -> None:
-    """``target[g] = source[g]`` in place for the chunks ``g`` where ``mask (G,)`` holds (only those rows move)."""
+def _copy_rows(target: Sequence[Tensor], source: Sequence[Tensor], mask: Tensor, *, runs: bool | None = None) -> None:
+    """``target[g] = source[g]`` in place for the chunks ``g`` where ``mask (G,)`` holds (only those rows move).
+
+    ``runs`` (default: on the CPU) copies the selected rows as runs of consecutive rows (``copy_`` on row slices:
+    those rows' bytes are read and written once, nothing is allocated); ``index_select`` + ``index_copy_`` cost
+    ~2-3x a copy plus a fresh temporary, and ``torch.where`` reads and writes every row (profiled at m = 1 on the
+    digits ConvNet, ``benchmarks/bench_sharpness.py``). Otherwise (a GPU, where a launch costs more than moving
+    a row) one masked ``torch.where`` per tensor.
+    """
     if not bool(mask.any()):
         return
     if bool(mask.all()):
         for t, s in zip(target, source):
             t.copy_(s)
         return
-    rows = mask.nonzero().squeeze(1)
-    for t, s in zip(target, source):
-        t.index_copy_(0, rows, s.index_select(0, rows))
+    if not (mask.device.type == "cpu" if runs is None else runs):
+        for t, s in zip(target, source):
+            torch.where(_expand(mask, t), s, t, out=t)
+        return
+    rows = mask.nonzero().squeeze(1).tolist()
+    begin = rows[0]
+    for row, following in zip(rows, rows[1:] + [None]):
+        if following != row + 1:  # a run [begin, row] ends here
+            for t, s in zip(target, source):
+                t[begin:row + 1].copy_(s[begin:row + 1])
+            begin = following
 
 
 def scale_of(params: Sequence[Tensor], *, adaptive: bool, eta: float) -> list[Tensor] | None:
@@ -247,6 +262,22 @@ def random_start(
 
 
 # ----------------------------------------------------------------------------------------------- the ascent
+class AscentWorkspace:
+    """The five perturbation stacks :func:`ascend` works in (three iterates, the best point, its gradient), each a
+    list of ``(capacity, *p.shape)`` tensors, allocated once and reused by every group of up to ``capacity``
+    chunks (a smaller group uses the leading rows)."""
+
+    def __init__(self, objective: ChunkedObjective, capacity: int) -> None:
+        self.capacity = capacity
+        self._stacks = [objective.zeros(capacity) for _ in range(5)]
+
+    def stacks(self, group: int) -> list[list[Tensor]]:
+        """``[current, previous, free, best_delta, best_grad]`` for ``group <= capacity`` chunks (contiguous views)."""
+        if group > self.capacity:
+            raise SharpscopeError(f"an ascent workspace for {self.capacity} chunks cannot hold {group}")
+        return [[t[:group] for t in stack] for stack in self._stacks]
+
+
 def ascend(
     objective: ChunkedObjective,
     x: Tensor,
@@ -258,6 +289,7 @@ def ascend(
     eta: float,
     steps: int,
     start: list[Tensor] | None = None,
+    workspace: AscentWorkspace | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Projected Auto-PGD ascent of ``L_B(w + delta)`` for a group of ``G`` chunks at once.
 
@@ -268,27 +300,37 @@ def ascend(
         steps: ascent steps (gradient evaluations); ``steps`` values and ``steps - 1`` gradients are computed
             after the clean one.
         start: starting perturbations ``(G, *shape)`` (projected first), or None for ``delta = 0``.
+        workspace: the stacks the ascent works in (:class:`AscentWorkspace`, at least ``G`` chunks), reused
+            across groups; None allocates one for this call.
 
     Returns:
         ``(trace, clean, best_delta)``: ``trace (G, steps + 1)`` the best ``L_B(w + delta) - L_B(w)`` after
         each step (never negative, non-decreasing), ``clean (G,)`` the values ``L_B(w)``, and the best
-        perturbations found.
+        perturbations found (held in ``workspace``: valid until it is used again).
     """
     group = leading_size((x, y), 0)
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
+    # Three iterate stacks, reused in turn (previous, current, and the one the candidate is written into), and
+    # all of them reused across groups: no stack is allocated per step or per group (on the CPU a fresh stack
+    # costs its page faults, more than the arithmetic on it). The best point and its gradient are copied
+    # lazily: a chunk's best is either its current iterate (best_is_current) or held in best_delta / best_grad,
+    # whose rows are written only when the ascent leaves that iterate without improving on it.
+    if workspace is None:
+        workspace = AscentWorkspace(objective, group)
+    current, previous, free, best_delta, best_grad = workspace.stacks(group)
+    for t in current:
+        t.zero_()
     if start is None:
-        current = objective.zeros(group)
         value, grad = objective.value_and_grad(current, x, y)
         clean = value
     else:
-        clean = objective.value(objective.zeros(group), x, y)
-        current = project(start, scale, rho, p)
+        clean = objective.value(current, x, y)
+        for t, s in zip(current, project(start, scale, rho, p)):
+            t.copy_(s)
         value, grad = objective.value_and_grad(current, x, y)
     step_size = torch.full((group,), 2.0 * rho, dtype=objective.dtype, device=objective.device)
-    # the best point and its gradient are updated in place, row by row: they must not share memory with the
-    # iterates (which are fresh tensors every step)
-    previous = current
-    best_value, best_delta, best_grad = value, [t.clone() for t in current], [t.clone() for t in grad]
+    best_value = value
+    best_is_current = torch.ones(group, dtype=torch.bool, device=objective.device)
     trace = [best_value]
     improving = torch.zeros(group, dtype=objective.dtype, device=objective.device)
     best_at_check = best_value
@@ -297,8 +339,8 @@ def ascend(
     for k in range(steps):
         direction, factor = _direction_parts(objective, grad, p=p, adaptive=adaptive, eta=eta)
         coefficient = step_size if factor is None else step_size * factor
-        candidate = project([torch.addcmul(d, _expand(coefficient, d), s) for d, s in zip(current, direction)],
-                            scale, rho, p, inplace=True)
+        candidate = project([torch.addcmul(d, _expand(coefficient, d), s, out=z)
+                             for d, s, z in zip(current, direction, free)], scale, rho, p, inplace=True)
         del direction
         if k > 0:
             # u + a (z - u) + (1 - a)(u - u_prev) = a z + (2 - 2a) u - (1 - a) u_prev, in place on z
@@ -315,23 +357,28 @@ def ascend(
         improving = improving + (new_value > value).to(improving.dtype)
         better = new_value > best_value
         best_value = torch.where(better, new_value, best_value)
-        _assign_rows(best_delta, candidate, better)
+        left = best_is_current & ~better  # the best stays behind at the current iterate: keep its rows
+        _copy_rows(best_delta, current, left)
         if any(_is_checkpoint(j) for j in range(k + 1, steps)):  # a restart may still need the best gradient
-            _assign_rows(best_grad, new_grad, better)
-        previous, current, value, grad = current, candidate, new_value, new_grad
+            _copy_rows(best_grad, grad, left)
+        best_is_current = better
+        previous, current, free = current, candidate, previous
+        value, grad = new_value, new_grad
         trace.append(best_value)
         if not final and _is_checkpoint(k + 1):
             interval = k + 1 - last_check
             reduce = (improving <= _IMPROVING_FRACTION * interval) | (~reduced_last & (best_value <= best_at_check))
             step_size = torch.where(reduce, step_size / 2, step_size)
-            if previous is current:
-                previous = [t.clone() for t in previous]
-            _assign_rows(current, best_delta, reduce)
-            _assign_rows(previous, best_delta, reduce)  # restart without momentum
-            _assign_rows(grad, best_grad, reduce)
+            # restart from the best point without momentum: where the best is the current iterate only the
+            # previous one moves
+            held = reduce & ~best_is_current
+            _copy_rows(current, best_delta, held)
+            _copy_rows(grad, best_grad, held)
+            _copy_rows(previous, current, reduce)
             value = torch.where(reduce, best_value, value)
             reduced_last, best_at_check, last_check = reduce, best_value, k + 1
             improving = torch.zeros_like(improving)
+    _copy_rows(best_delta, current, best_is_current)
     gains = (torch.stack(trace, dim=1) - clean[:, None]).clamp(min=0.0)
     return gains, clean, best_delta
 
@@ -381,6 +428,7 @@ def _worst_case_on_chunks(
     traces = [torch.zeros(0, steps + 1, dtype=objective.dtype, device=objective.device)]
     cleans = [torch.zeros(0, dtype=objective.dtype, device=objective.device)]
     deltas = []
+    workspace = None
     for first in range(mine.start, mine.stop, group):
         last = min(first + group, mine.stop)
         key = f"w|m={m}|rho={rho!r}|{first}-{last}"
@@ -395,14 +443,16 @@ def _worst_case_on_chunks(
         x, y = take((xc, yc), slice(first, last))
         chunks = range(first, last)
         start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
+        if workspace is None:
+            workspace = AscentWorkspace(objective, min(group, len(mine)))
         trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
-                                    start=start)
+                                    start=start, workspace=workspace)
         if partial is not None:
             partial.put(key, torch.cat([trace, clean[:, None]], dim=1).detach().cpu().numpy(), chunks=last - first)
         traces.append(trace)
         cleans.append(clean)
         if keep_perturbation:
-            deltas.append(best)
+            deltas.append([t.clone() for t in best])  # best lives in the workspace, which the next group reuses
         if on_progress is not None:
             on_progress((last - first) * (shard[1] if shard else 1))  # the others advance alike: count the whole job
     perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
