@@ -1,4 +1,4 @@
-"""Benchmark sharpscope.hessian against the dense truth and PyHessian 0.1 on small digits models.
+"""Benchmark sharpscope.hessian against the dense truth, PyHessian 0.1 and curvlinops 3.0.1 on small digits models.
 
     python benchmarks/bench_hessian.py [--threads 1] [--quick] [--cost-only] [--models mlp,convnet] [--out FILE]
 
@@ -14,35 +14,58 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
 
 * top-1 / top-5 eigenvalues: HVPs, wall time, max relative error against the truth. sharpscope's Lanczos with
   the eigenvalue criterion at ``tol=1e-4`` (estimated relative eigenvalue error ``residual^2 / gap``: the brief's
-  target is <= 1e-4), with the residual criterion at ``tol=1e-4`` and at its default ``1e-6``; SciPy ``eigsh`` on ``HessianOperator.to_scipy()``; PyHessian's deflated power iteration at its
-  default ``tol=1e-3`` (and ``tol=1e-5``), multi-batch (``dataloader=``) path, HVPs counted by wrapping its
-  ``dataloader_hv_product``.
+  target is <= 1e-4), with the residual criterion at ``tol=1e-4`` and at its default ``1e-6``; SciPy ``eigsh``
+  on ``HessianOperator.to_scipy()``; PyHessian's deflated power iteration at its default ``tol=1e-3`` (and
+  ``tol=1e-5``), multi-batch (``dataloader=``) path, HVPs counted by wrapping its ``dataloader_hv_product``;
+  SciPy ``eigsh`` (same ``v0``, ``tol=1e-4`` and ``0``) on curvlinops' ``HessianLinearOperator(...).to_scipy()``
+  (curvlinops has no eigensolver of its own), HVPs counted by wrapping its ``_matmat`` (one per column).
 * HVP / gradient cost: wall time of one full-data product against one full-data gradient (``H.gradient()``),
   medians of 15 rounds (5 with ``--quick``) in which every path runs once, interleaved so the load of other jobs on
   a shared machine hits all paths alike. Paths: "before" (recomputed per product, native batch-norm kernels: the
   operator before the graph cache), ``cache_graph=False`` (recomputed, affine eval-mode BatchNorm), the cached graph
   (the default; also its first product, which builds the graphs), per vector of a 5-column ``H @ V``,
   ``torch.func`` forward-over-reverse (``jvp(grad)`` per product, and ``linearize``, traced once per batch, with
-  its build time), and PyHessian's multi-batch HVP. The maximal relative difference of each path's product to the
-  old one is printed (float32 rounding). Then the wall time of top-5 Lanczos (``tol=1e-6``) on a fresh operator of
-  each kind, graph building included: medians of 7 interleaved rounds. Wall and CPU time are both shown.
+  its build time), PyHessian's multi-batch HVP, and curvlinops' ``H @ v`` and ``H @ V`` (5 columns, per vector).
+  The maximal relative difference of each path's product to the old one is printed (float32 rounding). Then the
+  wall time of top-5 Lanczos (``tol=1e-6``) on a fresh operator of each kind, graph building included: medians of
+  7 interleaved rounds. Wall and CPU time are both shown.
 * block cost: ``H @ V`` for 16 columns per vector against one gradient: the column loop (``batched=False``), the
   default (``batched=None``) and one vmapped pass (``batched=True``), on the data as loaded, on a plain-NCHW copy
   (the ConvNet's 1-channel inputs arrive with channels-last strides), and split into 40 batches of 25 (smaller
   graphs: where the vmapped pass pays off on CPU); interleaved medians. Fallbacks of the batched path are shown.
-* trace: Hutch++ with 99 products vs PyHessian's Hutchinson (default adaptive stop, tol=1e-3).
+  curvlinops' ``H @ V`` (one ``vmap`` over the 16 columns of ``jvp(jacrev(loss))`` per batch) runs in the same
+  rounds, on the same data, with its maximal relative difference to our column loop.
+* trace: Hutch++ with 99 products vs PyHessian's Hutchinson (default adaptive stop, tol=1e-3) vs curvlinops'
+  ``hutchpp_trace`` and ``hutchinson_trace`` with 99 products (Rademacher, ``torch.manual_seed(0)``; its Hutch++
+  multiplies 33 columns per call, its Hutchinson all 99 in one call). One seed each: the error column is one draw.
 * spectral density: SLQ with 90 Lanczos steps x 5 runs (Ghorbani et al. 2019) -- sharpscope advances the 5 runs
   in one batched product per step; PyHessian 0.1's ``density()`` calls ``torch.eig``, removed in torch 2, so
   this script MONKEYPATCHES ``torch.eig`` with a ``torch.linalg.eigh``-based shim for it (and says so in the
-  output). Accuracy (MLP only): W1 distance between the quadrature measure and the exact spectrum / range.
+  output). curvlinops' ``LanczosApproximateSpectrumCached`` (Papyan 2020, algorithm 2: Lanczos without
+  reorthogonalization, one product per step, runs one after another, plus ARPACK ``eigsh(k=2, which="BE",
+  tol=1e-2)`` for the spectral bounds, HVPs and time included) with the same steps x runs; its error is taken on the
+  quadrature measure behind its smoothed density (its cached Ritz values and weights). Accuracy (MLP only): W1
+  distance between the quadrature measure and the exact spectrum / range.
 
-PyHessian is optional (``pip install pyhessian==0.1``, the ``bench`` extra); without it its rows are skipped.
+Every curvlinops operator is built on the model as given (eval mode), the same float32 data and the parameters in
+our order, with its default determinism check; building it (a few products) is outside the timings and counts, as
+PyHessian's construction is. Its product is ``jvp(jacrev(loss))`` under ``vmap``, the pattern that torch 2.13
+gets wrong on LayerNorm models; these two models have none, and the printed differences to our product check it.
+
+PyHessian (``pip install pyhessian==0.1``, in the ``bench`` extra) and curvlinops are optional; without one, its rows
+and columns are skipped, and the header prints their versions. curvlinops is not in the extra: its dependency
+backpack-for-pytorch requires torchvision, which upgrades torch (or fails to import beside the CPU build). Install it
+without dependencies:
+
+    pip install --no-deps curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 einconv==0.1.0 \
+        linear_operator==0.6.1 unfoldNd==0.2.3 opt_einsum==3.4.0 einops
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import time
 import warnings
@@ -126,6 +149,34 @@ def pyhessian_module():
     return pyhessian_hessian
 
 
+def curvlinops_module():
+    """The installed curvlinops package and its version, or ``(None, None)`` when it is not installed."""
+    try:
+        import curvlinops
+    except ImportError:
+        return None, None
+    from importlib.metadata import version
+
+    return curvlinops, version("curvlinops-for-pytorch")
+
+
+def counted_curvlinops(curvlinops, model, loss_fn, params, batches):
+    """curvlinops' ``HessianLinearOperator`` on ``model`` (its own evaluation mode, here eval) over ``batches``, with
+    the parameters in ``params``' order (so its flat vectors are laid out as ours), built with its default
+    determinism check (which spends products: not counted, not timed), and its HVPs counted in ``.hvps`` (one per
+    column of every ``_matmat``, the routine every product goes through: ``@``, ``to_scipy()``, its estimators)."""
+    op = curvlinops.HessianLinearOperator(model, loss_fn, list(params), list(batches))
+    op.hvps = 0
+    inner = op._matmat
+
+    def counting(M):
+        op.hvps += M[0].shape[-1]
+        return inner(M)
+
+    op._matmat = counting
+    return op
+
+
 def counted_pyhessian(factory, model, batches):
     """A PyHessian object on a copy of the model with its HVPs counted."""
     copy_ = copy.deepcopy(model)
@@ -205,7 +256,8 @@ def functorch_products(model, loss_fn, batches, H: HessianOperator):
     return jvp_hvp, make_linearized
 
 
-def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeats: int, pyhessian) -> None:
+def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeats: int, pyhessian,
+               curvlinops=None) -> None:
     """HVP / gradient cost ratio of every product path, medians of ``repeats`` interleaved rounds."""
     n = H.num_params
     v = torch.randn(n)
@@ -219,10 +271,13 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")  # fx const-folding noise
         linearized, build_seconds = timed(make_linearized)
     reference = legacy @ v
-    differences = {}
-    for label, product in (("recomputed", recomputed @ v), ("cached", cached @ v), ("cached again", cached @ v),
-                           ("jvp(grad)", jvp_hvp(v)), ("linearize", linearized(v))):
-        differences[label] = float((product - reference).abs().max() / reference.abs().max())
+    products = {"recomputed": recomputed @ v, "cached": cached @ v,
+                "cached again": cached @ v, "jvp(grad)": jvp_hvp(v), "linearize": linearized(v)}
+    if curvlinops is not None:
+        C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
+        products["curvlinops"] = C @ v
+    differences = {label: float((product - reference).abs().max() / reference.abs().max())
+                   for label, product in products.items()}
 
     def build_and_multiply():
         first.clear_cache()
@@ -249,6 +304,9 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         ph = counted_pyhessian(pyhessian, model, batches)
         vs = [torch.randn_like(p) for p in ph.params]
         fns["PyHessian dataloader_hv_product"] = lambda: ph.dataloader_hv_product(vs)
+    if curvlinops is not None:
+        fns["curvlinops H @ v"] = lambda: C @ v
+        fns["curvlinops H @ V (5), per vector"] = lambda: C @ V
     medians, cpu = interleaved_medians(fns, repeats)
     medians = {key: t / 5 if "(5)" in key else t for key, t in medians.items()}
     cpu = {key: t / 5 if "(5)" in key else t for key, t in cpu.items()}
@@ -281,12 +339,13 @@ def _nchw_copy(batches):
     return [(torch.empty(x.shape, dtype=x.dtype).copy_(x), y) for x, y in batches]
 
 
-def bench_block_cost(name: str, model, loss_fn, batches, *, repeats: int, block: int = 16) -> None:
+def bench_block_cost(name: str, model, loss_fn, batches, *, repeats: int, block: int = 16, curvlinops=None) -> None:
     """Per-vector cost of ``H @ V`` for a block of ``block`` columns against one gradient: the column loop
     (``batched=False``), the default (``batched=None``: vmapped sub-blocks sized by the graph memory, verified),
-    and one vmapped pass (``batched=True``); interleaved medians of ``repeats`` rounds per data layout and split.
-    The verification product is spent in the warm-up call (once per operator and weights), so it is not in the
-    medians."""
+    one vmapped pass (``batched=True``) and, when installed, curvlinops' ``HessianLinearOperator @ V`` (one
+    ``vmap(jvp(jacrev))`` call over the block per batch); interleaved medians of ``repeats`` rounds per data layout
+    and split. The verification product is spent in the warm-up call (once per operator and weights), so it is not
+    in the medians. The last column is curvlinops' maximal relative difference to our column loop (float32)."""
     X = torch.cat([x for x, _ in batches])
     Y = torch.cat([y for _, y in batches])
     configs = {"as loaded, 2x500": list(batches)}
@@ -296,29 +355,39 @@ def bench_block_cost(name: str, model, loss_fn, batches, *, repeats: int, block:
     else:
         configs["40x25"] = [(X[i:i + 25], Y[i:i + 25]) for i in range(0, len(X), 25)]
     print(f"\n{name}: H @ V, block of {block}, per-vector cost in gradients (median of {repeats} interleaved repeats)")
-    print("| data | gradient ms | column loop | auto (batched=None) | one vmapped pass (batched=True) | notes |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| data | gradient ms | column loop | auto (batched=None) | one vmapped pass (batched=True) | curvlinops "
+          "| notes | curvlinops rel. diff |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for label, data in configs.items():
         ops = {key: HessianOperator(model, loss_fn, data, cache_graph=True, batched=batched)
                for key, batched in (("loop", False), ("auto", None), ("forced", True))}
         V = torch.randn(ops["loop"].num_params, block)
         fns = {"gradient": ops["loop"].gradient}
         fns.update({key: (lambda op: lambda: op @ V)(op) for key, op in ops.items()})
+        curvlinops_diff = "-"
+        if curvlinops is not None:
+            C = counted_curvlinops(curvlinops, model, loss_fn, ops["loop"].params, data)
+            fns["curvlinops"] = functools.partial(C.__matmul__, V)
+            loop_product = ops["loop"] @ V
+            curvlinops_diff = f"{float((C @ V - loop_product).abs().max() / loop_product.abs().max()):.1e}"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="HessianOperator: the batched")  # reported below instead
             medians, cpu = interleaved_medians(fns, repeats)
         t_grad = medians["gradient"]
-        cost = {key: medians[key] / block / t_grad for key in ops}
+        paths = [key for key in fns if key != "gradient"]
+        cost = {key: medians[key] / block / t_grad for key in paths}
         notes = "; ".join(f"{key}: fell back ({op.batched_disabled[:70]})" for key, op in ops.items()
                           if op.batched_disabled) or "no fallback"
+        theirs = f"{cost['curvlinops']:.2f}" if "curvlinops" in cost else "-"
         print(f"| {label} | {1e3 * t_grad:.1f} | {cost['loop']:.2f} | {cost['auto']:.2f} | {cost['forced']:.2f} "
-              f"| {notes} |", flush=True)
+              f"| {theirs} | {notes} | {curvlinops_diff} |", flush=True)
         ROWS.append({"model": name, "task": f"block-{block} cost", "data": label, "repeats": repeats,
                      "gradient ms": 1e3 * t_grad, **{f"{key} x gradient per vector": c for key, c in cost.items()},
-                     **{f"{key} x gradient per vector (CPU time)": cpu[key] / block / cpu["gradient"] for key in ops},
-                     "fallbacks": notes})
+                     **{f"{key} x gradient per vector (CPU time)": cpu[key] / block / cpu["gradient"] for key in paths},
+                     "fallbacks": notes, "curvlinops max rel diff vs loop": curvlinops_diff})
         NOTES.append(f"{name}, {label}: block of {block} per vector = {cost['loop']:.2f}x a gradient looped, "
-                     f"{cost['auto']:.2f}x auto, {cost['forced']:.2f}x one vmapped pass ({notes})")
+                     f"{cost['auto']:.2f}x auto, {cost['forced']:.2f}x one vmapped pass, curvlinops {theirs} "
+                     f"({notes})")
     print(flush=True)
 
 
@@ -346,13 +415,14 @@ def bench_lanczos_wall(name: str, model, loss_fn, batches, *, repeats: int) -> N
 
 
 def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: bool, pyhessian,
-                cost_only: bool = False) -> None:
+                cost_only: bool = False, curvlinops=None) -> None:
     loss_fn = nn.CrossEntropyLoss()
     H = HessianOperator(model, loss_fn, batches)
     n = H.num_params
     # --- cost of one product relative to one gradient; top-5 wall time of each product path ------------------
-    bench_cost(name, model, loss_fn, batches, H, repeats=5 if quick else 15, pyhessian=pyhessian)
-    bench_block_cost(name, model, loss_fn, batches, repeats=5 if quick else 15)
+    bench_cost(name, model, loss_fn, batches, H, repeats=5 if quick else 15, pyhessian=pyhessian,
+               curvlinops=curvlinops)
+    bench_block_cost(name, model, loss_fn, batches, repeats=5 if quick else 15, curvlinops=curvlinops)
     bench_lanczos_wall(name, model, loss_fn, batches, repeats=1 if quick else 7)
     if cost_only:
         return
@@ -391,6 +461,14 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
                                                   v0=np.random.default_rng(0).standard_normal(n))[0])
             row(name, f"top-{k}", f"scipy eigsh tol={tol:g}", H.num_matvecs, seconds,
                 max_rel_error(np.sort(values)[::-1], truth))
+        if curvlinops is not None:
+            C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
+            for tol in (1e-4, 0):
+                C.hvps = 0
+                values, seconds = timed(lambda C=C, k=k, tol=tol: eigsh(
+                    C.to_scipy(), k=k, which="LA", tol=tol, v0=np.random.default_rng(0).standard_normal(n))[0])
+                row(name, f"top-{k}", f"curvlinops to_scipy() + eigsh tol={tol:g}", C.hvps, seconds,
+                    max_rel_error(np.sort(values)[::-1], truth))
         if pyhessian is not None:
             for tol in (1e-3, 1e-5):
                 torch.manual_seed(0)
@@ -420,6 +498,14 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
         value = float(np.mean(samples))
         error = abs(value - trace_truth) / abs(trace_truth) if trace_truth else "n/a"
         row(name, "trace", f"pyhessian hutchinson default = {value:.4g}", ph.hvps, seconds, error)
+    if curvlinops is not None:
+        for estimator in (curvlinops.hutchpp_trace, curvlinops.hutchinson_trace):
+            torch.manual_seed(0)
+            C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
+            C.hvps = 0
+            value, seconds = timed(lambda C=C, estimator=estimator: float(estimator(C, 99)))
+            error = abs(value - trace_truth) / abs(trace_truth) if trace_truth else "n/a"
+            row(name, "trace", f"curvlinops {estimator.__name__} 99 = {value:.4g}", C.hvps, seconds, error)
 
     # --- spectral density -------------------------------------------------------------------------------------
     iters, runs = (30, 2) if quick else (90, 5)
@@ -438,6 +524,25 @@ def bench_model(name: str, model: nn.Module, batches, *, dense: bool, quick: boo
             row(name, "density", f"pyhessian SLQ {iters}x{runs} (torch.eig SHIMMED)", ph.hvps, seconds, error)
         except Exception as exc:  # noqa: BLE001 - report, do not crash the benchmark
             row(name, "density", "pyhessian SLQ", None, None, f"fails: {type(exc).__name__}: {exc}"[:80])
+    if curvlinops is not None:
+        torch.manual_seed(0)
+        C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
+        C.hvps = 0
+
+        def papyan():
+            spectrum = curvlinops.LanczosApproximateSpectrumCached(C, ncv=iters)  # eigsh for the boundaries
+            spectrum.approximate_spectrum(num_repeats=runs)  # the Gaussian-smoothed density on a grid
+            return spectrum
+
+        spectrum, seconds = timed(papyan)
+        # the quadrature measures behind that density (a private cache): nodes = Ritz values, weights = e1-components^2
+        iterations = spectrum._get_lanczos_iters(runs)
+        nodes = torch.cat([evals for evals, _ in iterations]).double().numpy()
+        weights = torch.cat([evecs[0] ** 2 for _, evecs in iterations]).double().numpy()
+        error = (w1_over_range(nodes, weights, exact) if exact is not None
+                 else f"range [{nodes.min():.4g}, {nodes.max():.4g}]")
+        row(name, "density", f"curvlinops papyan2020 {iters}x{runs} (no reorth., + eigsh bounds)", C.hvps, seconds,
+            error)
 
 
 def main() -> None:
@@ -446,8 +551,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller density (smoke run)")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
     parser.add_argument("--cost-only", action="store_true",
-                        help="only the HVP / gradient cost table and the top-5 Lanczos wall time (no truth, PyHessian "
-                             "eigen/trace/density rows)")
+                        help="only the HVP / gradient cost tables and the top-5 Lanczos wall time (no truth, "
+                             "PyHessian / curvlinops eigen/trace/density rows)")
     parser.add_argument("--models", default="mlp,convnet", help="comma-separated subset of mlp,convnet")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -456,18 +561,23 @@ def main() -> None:
     pyhessian = pyhessian_module()
     if pyhessian is None:
         NOTES.append("PyHessian not installed (pip install pyhessian==0.1): its rows are skipped.")
+    curvlinops, curvlinops_version = curvlinops_module()
+    if curvlinops is None:
+        NOTES.append("curvlinops not installed (pip install curvlinops-for-pytorch==3.0.1): its rows are skipped.")
     start = time.perf_counter()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), PyHessian {'yes' if pyhessian else 'no'}")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), PyHessian {'yes' if pyhessian else 'no'}, "
+          f"curvlinops {curvlinops_version or 'no'}")
     print("| model | task | method | HVPs | wall s | max rel. error |")
     print("|---|---|---|---:|---:|---:|")
     models = set(args.models.split(","))
     if "mlp" in models:
         mlp, batches = train("mlp", {"hidden": 32}, epochs=5)
-        bench_model("mlp", mlp, batches, dense=True, quick=args.quick, pyhessian=pyhessian, cost_only=args.cost_only)
+        bench_model("mlp", mlp, batches, dense=True, quick=args.quick, pyhessian=pyhessian, cost_only=args.cost_only,
+                    curvlinops=curvlinops)
     if "convnet" in models:
         convnet, batches = train("convnet", {}, epochs=3)
         bench_model("convnet", convnet, batches, dense=False, quick=args.quick, pyhessian=pyhessian,
-                    cost_only=args.cost_only)
+                    cost_only=args.cost_only, curvlinops=curvlinops)
     print()
     NOTES.insert(0, "error column: top-k = max relative eigenvalue error; trace = relative error vs the exact trace; "
                     "density = W1(quadrature measure, exact spectrum) / spectral range (MLP) or the Ritz range.")
@@ -477,7 +587,8 @@ def main() -> None:
     if args.out:
         from sharpscope.io import write_json
 
-        write_json(args.out, {"rows": ROWS, "notes": NOTES, "torch": torch.__version__, "threads": args.threads})
+        write_json(args.out, {"rows": ROWS, "notes": NOTES, "torch": torch.__version__, "threads": args.threads,
+                              "curvlinops": curvlinops_version})
 
 
 if __name__ == "__main__":
