@@ -14,12 +14,12 @@ the network's own layers, :mod:`sharpscope.optim.micro_batches`), "m-sam vmap" t
 run (``torch.func.vmap`` over the micro-batches; forced here), "m-sam loop" is ``vectorize=False`` (one micro-batch
 after the other, the reference); the last column of those rows is the cost relative to the loop.
 
-Measured 2026-12-06 (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, one other job on the
-second core), step time x SGD:
+Measured 2026-12-06 (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine), step
+time x SGD:
 
     config (digits ConvNet)   SAM    m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.13   3.26             4.65         5.36         2.00
-    batch 128, m = 8          2.06   2.91             4.43         6.39         2.01
+    batch 16, m = 4           2.19   3.33             4.73         5.62         2.06
+    batch 128, m = 8          2.03   2.55             4.70         6.09         2.00
 
 The goals (2.5x and 2.3x) are not met. What the m-SAM step spends beyond SAM's two passes (profiled at batch 128):
 each pass costs 1.4-1.5x a plain forward/backward (per-micro-batch weight gradients from a grouped
