@@ -1,6 +1,12 @@
-"""Shared test setup: one torch thread (the CI machine has 2 cores), a headless matplotlib backend."""
+"""Shared test setup: one torch thread (the CI machine has 2 cores), a headless matplotlib backend, and this folder on
+``sys.path`` (the suite runs with ``--import-mode=importlib``) so test modules can ``import example_scripts``."""
 
 import os
+import sys
+from pathlib import Path
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -4,27 +4,20 @@ the runs measured, a rerun skips finished runs, a lost run is redone alone and i
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from example_scripts import load_example
 
 from sharpscope.errors import SharpscopeError
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_RUNS = ["sgd-seed0", "sam-rho0.05-m4-seed0", "sam-rho0.05-m16-seed0", "sam-rho0.1-m4-seed0",
              "sam-rho0.1-m16-seed0"]
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import m_sharpness_sweep
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return m_sharpness_sweep
+    return load_example("m_sharpness_sweep")
 
 
 def _progress_lines(text: str) -> dict[str, str]:

@@ -3,12 +3,10 @@ grid): both Markdown tables come out with numbers in every column, in the README
 computes nothing again."""
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
+from example_scripts import EXAMPLES, load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--seeds", "0,1", "--jobs", "2", "--train-option=--epochs=1", "--train-option=--train-samples=256",
         "--report-option=--num-samples=64", "--report-option=--grid=-1:1:3", "--report-option=--m=8,32",
         "--report-option=--rho=0.05", "--report-option=--top-k=1", "--report-option=--density-iters=4",
@@ -18,12 +16,7 @@ NUMBER = r"-?\d+(\.\d+)?(e-?\d+)?"
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import reproduce_readme
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return reproduce_readme
+    return load_example("reproduce_readme")
 
 
 def _rows(markdown: str) -> list[list[str]]:

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from sharpscope.optim.bn import frozen_bn_stats
+
 __all__ = ["StructuredPasses", "structured_plan"]
 
 _LINEAR = (nn.Linear,)
@@ -203,11 +205,11 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     weight, w_off = _tensors(layer, call, "weight")
     bias, b_off = _tensors(layer, call, "bias")
     G = call.groups
-    if call.mode == "clean" and (w_off is not None or b_off is not None):
+    if w_off is None and b_off is None:
+        return F.linear(x, weight, bias)
+    if call.mode == "clean":
         return _SharedLinear.apply(x, weight, bias, w_off, b_off, G)
     out = F.linear(x, weight, bias)
-    if call.mode == "clean" or (w_off is None and b_off is None):
-        return out
     view = out.reshape(G, -1, out.shape[-1])
     if w_off is not None:
         view = view + torch.bmm(x.reshape(G, -1, x.shape[-1]), w_off.transpose(1, 2))
@@ -384,10 +386,9 @@ class StructuredPasses:
             grads = torch.autograd.grad(total, offsets, allow_unused=True)
         grads = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g
                  for o, g in zip(offsets, grads)]
-        stats = [s for s in call.stats]
-        if any(s is None for s in stats):
+        if any(s is None for s in call.stats):
             raise Unsupported("a BatchNorm that tracks running statistics did not run in the clean pass")
-        return grads, losses.detach(), logits.detach(), stats  # type: ignore[return-value]
+        return grads, losses.detach(), logits.detach(), call.stats  # type: ignore[return-value]
 
     def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor,
                   groups: int) -> Tensor:
@@ -413,14 +414,8 @@ class StructuredPasses:
         sam_grads = torch.autograd.grad(perturbed_losses.sum(), list(weights), allow_unused=True)
         tol = math.sqrt(torch.finfo(weights[0].dtype).eps)
         names = self.names
-        frozen_norms = [mod for mod in self.model.modules()
-                        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats]
-        saved = [mod.track_running_stats for mod in frozen_norms]
         ref_sam = [torch.zeros_like(w) for w in weights]
-        try:
-            for mod in frozen_norms:
-                if mod.training:
-                    mod.track_running_stats = False  # batch statistics, no buffer writes
+        with frozen_bn_stats(self.model):  # the reference writes no running statistics either
             for j in range(groups):
                 xj, yj = x[j * m: (j + 1) * m], y[j * m: (j + 1) * m]
                 for state, value, grad in (
@@ -438,9 +433,6 @@ class StructuredPasses:
                         for total, b in zip(ref_sam, ref_grad):
                             if b is not None:
                                 total.add_(b)
-        finally:
-            for mod, flag in zip(frozen_norms, saved):
-                mod.track_running_stats = flag
         for name, a, b in zip(names, sam_grads, ref_sam):
             _agree(torch.zeros_like(b) if a is None else a, b, tol, f"perturbed gradient of {name}")
         self.checked = True

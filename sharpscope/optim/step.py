@@ -462,6 +462,72 @@ def _structured_passes(model: nn.Module, entries: list, loss_fn: LossFn, images:
     return plan
 
 
+class _VmapPasses:
+    """The two passes of :func:`_run_batched` for any model: ``torch.func.vmap`` over the micro-batches.
+
+    The same interface as :class:`~sharpscope.optim.micro_batches.StructuredPasses` (``clean`` / ``perturbed`` on
+    the flat samples of ``G`` micro-batches, inside :meth:`active`). BatchNorm layers in training mode run with
+    ``track_running_stats`` off (micro-batch statistics, no buffer writes) while a forward pre-hook captures each
+    micro-batch's statistics (mean and unbiased variance of the layer's input over all dimensions but the channel).
+    """
+
+    def __init__(self, model: nn.Module, entries: list, norms: list[_NormBase], loss_fn: LossFn, autocast: Callable,
+                 scale: Tensor | None) -> None:
+        self.norms = norms
+        self.autocast = autocast
+        self.names = [name for name, *_ in entries]
+        train_names = set(self.names)
+        frozen = {name: w.detach() for name, w in model.named_parameters() if name not in train_names}
+        buffers = dict(model.named_buffers())
+        self._capturing = False
+        self._captured: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+        def clean_objective(weights, x, y):
+            self._captured.clear()
+            logits = functional_call(model, (weights, frozen, buffers), (x,))
+            loss = loss_fn(logits, y)
+            stats = [self._captured.get(id(module), []) for module in norms]
+            return (loss if scale is None else loss * scale), (loss, logits, stats)
+
+        def perturbed_objective(weights, x, y):
+            return loss_fn(functional_call(model, (weights, frozen, buffers), (x,)), y)
+
+        self._clean_grad = vmap(grad(clean_objective, has_aux=True), in_dims=(None, 0, 0))
+        self._perturbed = vmap(perturbed_objective, in_dims=(0, 0, 0))
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        if self._capturing:
+            x = args[0].detach()
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # the kernel's accumulation type
+            dims = [0, *range(2, x.dim())]
+            self._captured.setdefault(id(module), []).append((x.mean(dims), x.var(dims, correction=1)))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        hooks = [module.register_forward_pre_hook(self._capture) for module in self.norms]
+        with _batch_statistics_only(self.norms), _removing(hooks):
+            yield
+
+    def clean(self, live: list[Tensor], x: Tensor, y: Tensor, groups: int):
+        weights = {name: w.detach() for name, w in zip(self.names, live)}
+        self._capturing = True
+        try:
+            with self.autocast():
+                grads, (losses, logits, stats) = self._clean_grad(
+                    weights, x.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1)))
+        finally:
+            self._capturing = False
+        if any(len(calls) != 1 for calls in stats):
+            # the closed-form update assumes one update per micro-batch, as a layer called once does
+            raise RuntimeError("a BatchNorm layer that tracks running statistics ran other than once per forward")
+        return [grads[name] for name in self.names], losses, logits.flatten(0, 1), [calls[0] for calls in stats]
+
+    def perturbed(self, live: list[Tensor], eps: list[Tensor], x: Tensor, y: Tensor, groups: int) -> Tensor:
+        stacked = {name: w + e for name, w, e in zip(self.names, live, eps)}  # w live: autograd sums the rows
+        with self.autocast():
+            return self._perturbed(stacked, x.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1)))
+
+
 def _run_batched(
     passes: micro_batches.StructuredPasses | None,
     model: nn.Module,
@@ -480,76 +546,29 @@ def _run_batched(
     scale_value: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """The two batched passes over groups of micro-batches: ``passes`` (structured) or, for None, ``vmap``."""
-    train_names = {name for name, *_ in entries}
-    frozen = {name: w.detach() for name, w in model.named_parameters() if name not in train_names}
-    buffers = dict(model.named_buffers())
-
-    capturing = [False]
-    captured: dict[int, list[tuple[Tensor, Tensor]]] = {}
-
-    def capture_stats(module: nn.Module, args: tuple) -> None:
-        if capturing[0]:
-            x = args[0].detach()
-            x = x.to(torch.promote_types(x.dtype, torch.float32))  # the kernel's accumulation type
-            dims = [0, *range(2, x.dim())]
-            captured.setdefault(id(module), []).append((x.mean(dims), x.var(dims, correction=1)))
-
-    def clean_objective(weights, x, y):
-        captured.clear()
-        logits = functional_call(model, (weights, frozen, buffers), (x,))
-        loss = loss_fn(logits, y)
-        stats = [captured.get(id(module), []) for module in norms]
-        return (loss if scale_value is None else loss * scale_value), (loss, logits, stats)
-
-    def perturbed_objective(weights, x, y):
-        return loss_fn(functional_call(model, (weights, frozen, buffers), (x,)), y)
-
-    clean_grad = vmap(grad(clean_objective, has_aux=True), in_dims=(None, 0, 0))
-    perturbed = vmap(perturbed_objective, in_dims=(0, 0, 0))
-    weights = {name: w.detach() for name, w, _, _ in entries}
+    if passes is None:
+        runner = _VmapPasses(model, entries, norms, loss_fn, autocast, scale_value)
+        clean, perturbed, context = runner.clean, runner.perturbed, runner.active()
+    else:
+        if passes.tracked != norms:
+            raise micro_batches.Unsupported("the BatchNorm layers changed since the plan was made")
+        clean = partial(passes.clean, loss_fn=loss_fn, scale=scale_value)
+        perturbed = partial(passes.perturbed, loss_fn=loss_fn)
+        context = contextlib.nullcontext()
     live = [w for _, w, _, _ in entries]
     total_loss = total_correct = found_inf = None
     batch_stats: list[list[tuple[Tensor, Tensor]]] = []  # per group: per layer (means (G, C), variances (G, C))
-    if passes is not None:
-        if passes.tracked != norms:
-            raise micro_batches.Unsupported("the BatchNorm layers changed since the plan was made")
-        context = contextlib.nullcontext()
-    else:
-        hooks = [module.register_forward_pre_hook(capture_stats) for module in norms]
-        context = contextlib.ExitStack()
-        context.enter_context(_batch_statistics_only(norms))
-        context.enter_context(_removing(hooks))
     with context:
         for start in range(0, num_micro, per_group):
             count = min(per_group, num_micro - start)
-            xf = images[start * m: (start + count) * m]
-            yf = labels[start * m: (start + count) * m]
-            if passes is not None:
-                g_list, losses, logits, stats = passes.clean(live, loss_fn, xf, yf, count, scale=scale_value)
-                batch_stats.append(stats)
-                y = yf
-            else:
-                x, y = xf.unflatten(0, (count, m)), yf.unflatten(0, (count, m))
-                capturing[0] = True
-                with autocast():
-                    grads, (losses, logits, stats) = clean_grad(weights, x, y)
-                capturing[0] = False
-                if any(len(calls) != 1 for calls in stats):
-                    # the closed-form update assumes one update per micro-batch, as a layer called once does
-                    raise RuntimeError(
-                        "a BatchNorm layer that tracks running statistics ran other than once per forward")
-                batch_stats.append([calls[0] for calls in stats])
-                g_list = [grads[name] for name, *_ in entries]
+            x = images[start * m: (start + count) * m]
+            y = labels[start * m: (start + count) * m]
+            g_list, losses, logits, stats = clean(live, x=x, y=y, groups=count)
+            batch_stats.append(stats)
             if scaler is not None:
                 found_inf = _unscale_clean_grads(scaler, g_list, found_inf)
             eps = _stacked_eps(entries, g_list)
-            if passes is not None:
-                perturbed_losses = passes.perturbed(live, eps, loss_fn, xf, yf, count)
-            else:
-                # w live: autograd sums the rows of w + eps_j into p.grad
-                stacked = {name: w + e for (name, *_), w, e in zip(entries, live, eps)}
-                with autocast():
-                    perturbed_losses = perturbed(stacked, x, y)
+            perturbed_losses = perturbed(live, eps, x=x, y=y, groups=count)
             sam_loss = (perturbed_losses * (m / n)).sum()
             (sam_loss if scale_value is None else sam_loss * scale_value).backward()
             losses = losses.detach()

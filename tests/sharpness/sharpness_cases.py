@@ -124,3 +124,20 @@ def digits_checkpoint(path, *, hidden: int | None = None, steps: int = 40, seed:
         optimizer.step()
     return save_checkpoint(path, model=model, model_name="mlp", model_kwargs=shape, dataset="digits",
                            config={"dataset": "digits", "model": "mlp"}, epoch=1, step=steps)
+
+
+def conv_norms_model() -> nn.Sequential:
+    """A float64 ConvNet in eval mode with every normalisation the per-chunk paths handle: Conv -> BatchNorm (running
+    statistics drawn away from 0/1) -> ReLU -> grouped strided Conv -> GroupNorm -> Linear -> LayerNorm (non-trivial
+    affine parameters) -> Linear(6, 3), on ``(2, 6, 6)`` inputs. Draws from the global generator, seeded 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, groups=2),
+        nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3),
+    ).to(torch.float64).eval()
+    model[1].running_mean.normal_(0, 0.3)
+    model[1].running_var.uniform_(0.5, 2.0)
+    for norm in (model[4], model[8]):
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.normal_(0, 0.2)
+    return model
