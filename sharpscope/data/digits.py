@@ -10,6 +10,10 @@ order. Mean and std are computed on the train split.
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -24,11 +28,8 @@ SPLIT_SEED = 0
                   summary="scikit-learn 8x8 digits, bundled; 1437 train / 360 test (seed-0 permutation)")
 def load_digits(*, data_dir=None, download: bool = False) -> ImageDataset:
     """Load ``digits`` (``data_dir`` and ``download`` are ignored: the data ship with scikit-learn)."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    raw = sklearn_digits()
-    images = np.rint(raw.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
-    labels = raw.target.astype(np.int64)
+    flat, labels = _read_sklearn_digits()
+    images = np.rint(flat.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # (1797, 1, 8, 8)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     train, test = order[:-NUM_TEST], order[-NUM_TEST:]
     train_images = torch.from_numpy(images[train])
@@ -44,3 +45,24 @@ def load_digits(*, data_dir=None, download: bool = False) -> ImageDataset:
         std=std,
         augment="none",
     )
+
+
+def _read_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """``(data (1797, 64) float64, target (1797,) int64)`` as ``sklearn.datasets.load_digits`` returns them.
+
+    Read from scikit-learn's bundled ``datasets/data/digits.csv.gz`` directly (64 pixel columns, then the label),
+    which takes 0.1 s, where importing ``sklearn.datasets`` takes 1.2 s of every command's start on the 2-core
+    machine. Falls back to ``load_digits`` if the file is not where scikit-learn keeps it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as handle:
+                table = np.loadtxt(handle, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    raw = sklearn_digits()
+    return raw.data, raw.target.astype(np.int64)

@@ -70,6 +70,25 @@ def test_digits_documented_split():
     assert ds.std == pytest.approx((pixels.std(),), rel=1e-12)
 
 
+def test_digits_read_without_importing_sklearn_equals_its_loader(monkeypatch):
+    """The bundled CSV read directly equals ``sklearn.datasets.load_digits``; so does the fallback through it."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from sharpscope.data import digits
+
+    raw = load_digits()
+    data, target = digits._read_sklearn_digits()
+    np.testing.assert_array_equal(data, raw.data)
+    np.testing.assert_array_equal(target, raw.target)
+    assert target.dtype == np.int64
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # scikit-learn's files not found
+    data, target = digits._read_sklearn_digits()
+    np.testing.assert_array_equal(data, raw.data)
+    np.testing.assert_array_equal(target, raw.target)
+
+
 def test_channel_stats_exact():
     images = torch.randint(0, 256, (37, 3, 5, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = channel_stats(images, chunk=8)  # several chunks, the last one partial

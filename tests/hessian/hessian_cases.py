@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass(frozen=True)
 class Case:
     name: str  # readable test id
@@ -97,3 +96,17 @@ def allclose_report(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float
     lines.append(f"  worst [{worst}] abs err {error.flatten()[worst]:.3g}, "
                  f"ratio {actual.flatten()[worst] / expected.flatten()[worst]:.6g}")
     return "\n".join(lines)
+
+
+def native_hvp(model, loss_fn, batches, v):
+    """``H v`` by double backward with the native kernels, written out (no operator code involved): the model as it
+    is (put it in eval mode first for eval-mode BatchNorm), batches weighted by their sample counts."""
+    params = list(model.parameters())
+    total = sum(len(y) for _, y in batches)
+    out = torch.zeros_like(v)
+    for x, y in batches:
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        chunks = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
+        hv = torch.autograd.grad(grads, params, chunks)
+        out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / total)  # the operator's summation order
+    return out

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hessian_cases import CASES, allclose_report, build
+from hessian_cases import CASES, allclose_report, build, native_hvp
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
@@ -371,19 +371,6 @@ def test_clear_cache_frees_and_rebuilds():
     assert torch.equal(H @ V, first) and H.cached_batches == 2
 
 
-def _native_hvp(model, loss_fn, batches, v):
-    """Double backward with the native batch-norm kernels, written out (no operator code involved)."""
-    params = list(model.parameters())
-    total = sum(len(y) for _, y in batches)
-    out = torch.zeros_like(v)
-    for x, y in batches:
-        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
-        chunks = [c.view_as(p) for c, p in zip(v.split([p.numel() for p in params]), params)]
-        hv = torch.autograd.grad(grads, params, chunks)
-        out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / total)  # the operator's summation order
-    return out
-
-
 def _node_names(roots):
     names, stack, seen = set(), [r.grad_fn for r in roots], set()
     while stack:
@@ -400,7 +387,7 @@ def test_eval_batchnorm_affine_form_matches_native_double_backward():
     problem = build(CASES[2])
     H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
     v = _probe_block(H.num_params, "cpu", k=1)[:, 0]
-    expected = _native_hvp(problem.model, problem.loss_fn, problem.batches, v)
+    expected = native_hvp(problem.model, problem.loss_fn, problem.batches, v)
     actual = H @ v
     # the same function, different rounding in the batch-norm terms: float64 agreement to ~1e3 eps
     atol = 1e-13 * expected.abs().max().item()
@@ -412,6 +399,6 @@ def test_eval_batchnorm_affine_form_matches_native_double_backward():
     H_train = HessianOperator(problem.model, problem.loss_fn, problem.batches, eval_mode=False,
                               check_deterministic=False)
     reference = copy.deepcopy(problem.model)
-    assert torch.equal(H_train @ v, _native_hvp(reference, problem.loss_fn, problem.batches, v))
+    assert torch.equal(H_train @ v, native_hvp(reference, problem.loss_fn, problem.batches, v))
     assert "NativeBatchNormBackward0" in _node_names(H_train._graphs[0])
     assert all(m.training for m in problem.model.modules())
