@@ -23,7 +23,8 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
   medians of 15 rounds (5 with ``--quick``) in which every path runs once, interleaved so the load of other jobs on
   a shared machine hits all paths alike. Paths: "before" (recomputed per product, native batch-norm kernels: the
   operator before the graph cache), ``cache_graph=False`` (recomputed, affine eval-mode BatchNorm), the cached graph
-  (the default; also its first product, which builds the graphs), per vector of a 5-column ``H @ V``,
+  (the default; also its first product, which builds the graphs; and with eval-mode BatchNorm as ``x * scale +
+  shift`` instead of folded into the convolution before it, as before the fold), per vector of a 5-column ``H @ V``,
   ``torch.func`` forward-over-reverse (``jvp(grad)`` per product, and ``linearize``, traced once per batch, with
   its build time), PyHessian's multi-batch HVP, and curvlinops' ``H @ v`` and ``H @ V`` (5 columns, per vector).
   The maximal relative difference of each path's product to the old one is printed (float32 rounding). Then the
@@ -265,13 +266,15 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
     legacy = legacy_operator(model, loss_fn, batches)
     recomputed = HessianOperator(model, loss_fn, batches, cache_graph=False)
     cached = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    unfolded = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    unfolded._fold_batchnorm = False  # eval-mode BatchNorm as x * scale + shift, not folded into its convolution
     first = HessianOperator(model, loss_fn, batches, cache_graph=True)
     jvp_hvp, make_linearized = functorch_products(model, loss_fn, batches, H)
     with eval_mode(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")  # fx const-folding noise
         linearized, build_seconds = timed(make_linearized)
     reference = legacy @ v
-    products = {"recomputed": recomputed @ v, "cached": cached @ v,
+    products = {"recomputed": recomputed @ v, "cached": cached @ v, "cached, BN not folded": unfolded @ v,
                 "cached again": cached @ v, "jvp(grad)": jvp_hvp(v), "linearize": linearized(v)}
     if curvlinops is not None:
         C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
@@ -294,6 +297,7 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         "before: recomputed, native BN": lambda: legacy @ v,
         "recomputed (cache_graph=False)": lambda: recomputed @ v,
         "cached graph (default)": lambda: cached @ v,
+        "cached graph, BN affine but not folded into its conv": lambda: unfolded @ v,
         "cached: first product (builds the graphs)": build_and_multiply,
         "before: H @ V (5), per vector": lambda: legacy @ V,
         "cached: H @ V (5), per vector": lambda: cached @ V,

@@ -14,10 +14,13 @@ per vector gives ``H_b v``. Two things make repeated products cheap (``benchmark
   later product is only the second backward. The cache is checked against a snapshot of the model's parameters,
   buffers and module modes before each product and rebuilt when anything changed. It holds the activations of every
   cached batch; ``cache_graph`` / ``max_cache_bytes`` bound it (see :class:`HessianOperator`).
-* **Eval-mode BatchNorm as an affine map.** In eval mode BatchNorm is ``x * scale + shift`` per channel; while the
-  graphs are built, ``F.batch_norm`` calls with running statistics are computed in that form (the same function,
-  the formula ATen's CPU kernel uses), whose double backward is a few multiplications instead of the generic
-  batch-norm double backward. Values agree with the native layer to rounding.
+* **Eval-mode BatchNorm as an affine map, folded into its convolution.** In eval mode BatchNorm is
+  ``x * scale + shift`` per channel; while the graphs are built, ``F.batch_norm`` calls with running statistics are
+  computed in that form (the same function, the formula ATen's CPU kernel uses), whose double backward is a few
+  multiplications instead of the generic batch-norm double backward. When ``x`` comes straight from a
+  convolution, the map goes into that convolution's weight and bias instead (``conv(x, W scale, b scale + shift)``),
+  so no per-channel multiplication touches an activation in the forward, backward or double backward. Values agree
+  with the native layers to rounding.
 * **Batched products.** ``H @ V`` with ``V`` of shape ``(n, k)`` runs the second backward once per block of columns
   instead of once per column: ``torch.func.vmap`` over ``autograd.grad(g_b, params, v)`` on the same (cached)
   graph. torch.func's second derivatives under ``vmap`` are known to be wrong for some models on torch 2.13, so the
@@ -190,8 +193,9 @@ class _EvalBatchNormAsAffine(TorchFunctionMode):
     Train-mode calls (batch statistics) and mixed dtypes go to the native function unchanged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fold: bool = True) -> None:
         super().__init__()
+        self.fold = fold  # False: the affine form only (benchmarks/bench_hessian.py times both)
         self._last_convolution: tuple[Any, Any, dict[str, Any]] | None = None
 
     def __exit__(self, *exc: object) -> Any:
@@ -200,7 +204,7 @@ class _EvalBatchNormAsAffine(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONVOLUTIONS:
+        if func in _CONVOLUTIONS and self.fold:
             output = func(*args, **kwargs)
             self._last_convolution = (output, func, {**dict(zip(_CONVOLUTION_ARGUMENTS, args)), **kwargs})
             return output
@@ -426,6 +430,7 @@ class HessianOperator:
         self.cache_graph = cache_graph
         self.max_cache_bytes = max_cache_bytes
         self._affine_batchnorm = _has_batchnorm(model)
+        self._fold_batchnorm = True  # into the convolution before it (a private switch for the benchmark)
         self._graphs: list[tuple[Tensor, ...]] = []  # cached g_b of the first len(_graphs) batches
         self._graph_bytes = 0  # their estimated memory
         self._cache_closed = False  # True once a batch did not fit: later batches are recomputed per product
@@ -656,7 +661,7 @@ class HessianOperator:
         """``g_b = grad L_b`` with its graph (``create_graph=True``), eval-mode BatchNorm in affine form, attention
         unfused (:class:`sharpscope.batches.unfused_attention`: torch's fused attention kernels have no double
         backward)."""
-        mode = _EvalBatchNormAsAffine() if self._affine_batchnorm else contextlib.nullcontext()
+        mode = _EvalBatchNormAsAffine(self._fold_batchnorm) if self._affine_batchnorm else contextlib.nullcontext()
         with mode, unfused_attention():
             loss = self._batch_loss(batch)
             return torch.autograd.grad(loss, self.params, create_graph=True)
