@@ -102,6 +102,21 @@ def test_model_options():
     assert wide.fc.in_features == 128
 
 
+@pytest.mark.parametrize("size", [8, 12, 28, 32])
+def test_convnet_skips_a_pool_to_the_size_it_has(size):
+    """The adaptive pool returns maps that already have its output size as they are: outputs equal those of
+    ``nn.AdaptiveAvgPool2d`` exactly (an average over one element), and the state dict is unchanged."""
+    torch.manual_seed(0)
+    net = create_model("convnet", in_channels=1, num_classes=10, image_size=size).eval()
+    pool = net.features[-1]
+    plain = nn.Sequential(*list(net.features)[:-1], nn.AdaptiveAvgPool2d(pool.output_size))
+    x = torch.randn(3, 1, size, size)
+    maps = plain[:-1](x)
+    assert (tuple(maps.shape[-2:]) == (pool.output_size,) * 2) == (size < 20)  # 8, 12: skipped; 28, 32: pooled
+    assert torch.equal(net(x), net.classifier(plain(x)))
+    assert all("features.8" not in key for key in net.state_dict())
+
+
 def test_create_model_errors():
     shape = dict(in_channels=3, num_classes=10, image_size=32)
     with pytest.raises(SharpscopeError, match=r"unknown model 'resnet21'; did you mean .*'resnet20'"):
