@@ -24,7 +24,8 @@ Tasks and metrics (one "HVP" is one product of the Hessian over all 1000 samples
   a shared machine hits all paths alike. Paths: "before" (recomputed per product, native batch-norm kernels: the
   operator before the graph cache), ``cache_graph=False`` (recomputed, affine eval-mode BatchNorm), the cached graph
   (the default; also its first product, which builds the graphs; and with eval-mode BatchNorm as ``x * scale +
-  shift`` instead of folded into the convolution before it, as before the fold), per vector of a 5-column ``H @ V``,
+  shift`` instead of folded into the convolution before it, and with torch's own ReLU backward instead of the
+  constant-mask one: each form of ``_GraphForms`` against the last), per vector of a 5-column ``H @ V``,
   ``torch.func`` forward-over-reverse (``jvp(grad)`` per product, and ``linearize``, traced once per batch, with
   its build time), PyHessian's multi-batch HVP, and curvlinops' ``H @ v`` and ``H @ V`` (5 columns, per vector).
   The maximal relative difference of each path's product to the old one is printed (float32 rounding). Then the
@@ -212,10 +213,11 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> tupl
 
 
 def legacy_operator(model, loss_fn, batches) -> HessianOperator:
-    """The product as it was before the graph cache and the affine eval-mode BatchNorm: one forward and
-    ``grad(create_graph=True)`` per batch and product, native batch-norm kernels (a private switch, benchmark only)."""
+    """The product as it was before the graph cache and the graph forms: one forward and ``grad(create_graph=True)``
+    per batch and product, native batch-norm and ReLU kernels (private switches, benchmark only)."""
     H = HessianOperator(model, loss_fn, batches, cache_graph=False)
     H._affine_batchnorm = False
+    H._masked_relu = False
     return H
 
 
@@ -268,6 +270,8 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
     cached = HessianOperator(model, loss_fn, batches, cache_graph=True)
     unfolded = HessianOperator(model, loss_fn, batches, cache_graph=True)
     unfolded._fold_batchnorm = False  # eval-mode BatchNorm as x * scale + shift, not folded into its convolution
+    native_relu = HessianOperator(model, loss_fn, batches, cache_graph=True)
+    native_relu._masked_relu = False  # torch's ReLU backward (threshold_backward) in the gradient graph
     first = HessianOperator(model, loss_fn, batches, cache_graph=True)
     jvp_hvp, make_linearized = functorch_products(model, loss_fn, batches, H)
     with eval_mode(model), warnings.catch_warnings():
@@ -275,6 +279,7 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         linearized, build_seconds = timed(make_linearized)
     reference = legacy @ v
     products = {"recomputed": recomputed @ v, "cached": cached @ v, "cached, BN not folded": unfolded @ v,
+                "cached, native ReLU": native_relu @ v,
                 "cached again": cached @ v, "jvp(grad)": jvp_hvp(v), "linearize": linearized(v)}
     if curvlinops is not None:
         C = counted_curvlinops(curvlinops, model, loss_fn, H.params, batches)
@@ -298,6 +303,7 @@ def bench_cost(name: str, model, loss_fn, batches, H: HessianOperator, *, repeat
         "recomputed (cache_graph=False)": lambda: recomputed @ v,
         "cached graph (default)": lambda: cached @ v,
         "cached graph, BN affine but not folded into its conv": lambda: unfolded @ v,
+        "cached graph, torch's ReLU backward": lambda: native_relu @ v,
         "cached: first product (builds the graphs)": build_and_multiply,
         "before: H @ V (5), per vector": lambda: legacy @ V,
         "cached: H @ V (5), per vector": lambda: cached @ V,

@@ -19,8 +19,10 @@ per vector gives ``H_b v``. Two things make repeated products cheap (``benchmark
   computed in that form (the same function, the formula ATen's CPU kernel uses), whose double backward is a few
   multiplications instead of the generic batch-norm double backward. When ``x`` comes straight from a
   convolution, the map goes into that convolution's weight and bias instead (``conv(x, W scale, b scale + shift)``),
-  so no per-channel multiplication touches an activation in the forward, backward or double backward. Values agree
-  with the native layers to rounding.
+  so no per-channel multiplication touches an activation in the forward, backward or double backward. ReLU's
+  backward becomes ``grad * mask`` with a constant mask (torch's own formula differentiates with respect to the
+  saved output too and materialises zeros for it). Values agree with the native layers to rounding
+  (:class:`_GraphForms`).
 * **Batched products.** ``H @ V`` with ``V`` of shape ``(n, k)`` runs the second backward once per block of columns
   instead of once per column: ``torch.func.vmap`` over ``autograd.grad(g_b, params, v)`` on the same (cached)
   graph. torch.func's second derivatives under ``vmap`` are known to be wrong for some models on torch 2.13, so the
@@ -173,42 +175,77 @@ _CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 _CONVOLUTION_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")  # no Python signature
 
 
-class _EvalBatchNormAsAffine(TorchFunctionMode):
-    """Compute eval-mode ``F.batch_norm`` as ``x * scale + shift`` (per channel) while the mode is active, folded
-    into the convolution that produced ``x`` when there is one.
+class _MaskedReLU(torch.autograd.Function):
+    """``relu(x)`` whose backward is ``grad * 1[x > 0]`` with the mask a constant of the graph.
 
-    With running statistics and ``training=False`` batch norm is the affine map
-    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale`` (the terms ATen's CPU
-    kernel forms, ``batch_norm_cpu_collect_linear_and_constant_terms``). The function is the same, so products
-    agree with the native layer to rounding; the gain is the double backward: two multiplications and a sum
-    instead of the generic batch-norm double backward (measured in ``benchmarks/bench_hessian.py``).
-
-    When ``x`` is the output of the last ``F.conv1d/2d/3d`` call seen by the mode (the tensor itself, as in
-    ``bn(conv(x))``), the result is computed as that convolution with weight ``W * scale`` (per output channel)
-    and bias ``b * scale + shift``: the same function of the same parameters, so its derivatives of every order
-    are exact, but the per-channel affine map acts on the small weight instead of the activation in the forward,
-    the backward and the double backward (a Hessian-vector product of the digits ConvNet: 16 % less time on 2
-    threads, 25 % on 1; ``benchmarks/bench_hessian.py``). The convolution's own output stays as computed, so any
-    other use of it (a residual branch) is untouched; its forward is the only work repeated, once per graph.
-    Train-mode calls (batch statistics) and mixed dtypes go to the native function unchanged.
+    The values are ``torch.relu``'s (in place too, for ``inplace=True``). The difference is in the double backward:
+    torch's ``threshold_backward`` formula also differentiates with respect to the saved output and materialises
+    an activation-sized zero tensor for it, which the second backward then carries and adds through the graph; a
+    product with a constant mask has nothing to differentiate but ``grad``.
     """
 
-    def __init__(self, fold: bool = True) -> None:
-        super().__init__()
-        self.fold = fold  # False: the affine form only (benchmarks/bench_hessian.py times both)
-        self._last_convolution: tuple[Any, Any, dict[str, Any]] | None = None
+    @staticmethod
+    def forward(ctx, x, inplace):
+        mask = (x > 0).to(x.dtype)
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.relu_()
+        return torch.relu(x)
 
-    def __exit__(self, *exc: object) -> Any:
-        self._last_convolution = None
-        return super().__exit__(*exc)
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+_RELUS = {F.relu: None, torch.relu: False, torch.relu_: True, Tensor.relu: False, Tensor.relu_: True}
+
+
+class _GraphForms(TorchFunctionMode):
+    """While the operator builds a gradient graph: the same functions, in forms with a cheaper double backward.
+
+    * **ReLU** (``F.relu``, ``torch.relu(_)``, ``Tensor.relu(_)``) as :class:`_MaskedReLU`: the same values, a
+      backward ``grad * mask``; on the digits ConvNet about 10% of a Hessian-vector product.
+    * **Eval-mode BatchNorm** (``batchnorm``): ``F.batch_norm`` with running statistics and ``training=False`` as
+      the affine map ``x * scale + shift``, ``scale = weight / sqrt(running_var + eps)``,
+      ``shift = bias - running_mean * scale`` (the terms ATen's CPU kernel forms,
+      ``batch_norm_cpu_collect_linear_and_constant_terms``): two multiplications and a sum in the double backward
+      instead of the generic batch-norm double backward. Train-mode calls (batch statistics) and mixed dtypes go
+      to the native function unchanged.
+    * **BatchNorm folded into its convolution** (``fold``): when ``x`` is the output of the last
+      ``F.conv1d/2d/3d`` call seen by the mode (the tensor itself, as in ``bn(conv(x))``), the result is that
+      convolution with weight ``W * scale`` (per output channel) and bias ``b * scale + shift``: the same function
+      of the same parameters, so its derivatives of every order are exact, but the per-channel map acts on the
+      small weight instead of the activation in the forward, the backward and the double backward (a product of
+      the digits ConvNet: 16 % less time on 2 threads, 25 % on 1). The convolution's own output stays as
+      computed, so any other use of it (a residual branch) is untouched; its forward is the only work repeated,
+      once per graph.
+
+    Products agree with the native layers to rounding (``benchmarks/bench_hessian.py`` times each form against
+    the last; ``tests/hessian/test_hessian_graph_forms.py`` checks them against the native double backward).
+    """
+
+    def __init__(self, *, batchnorm: bool = True, fold: bool = True, relu: bool = True) -> None:
+        super().__init__()
+        self.batchnorm, self.fold, self.relu = batchnorm, fold and batchnorm, relu
+        self._last_convolution: tuple[Any, Any, dict[str, Any]] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.relu and func in _RELUS:
+            inplace = _RELUS[func]
+            if inplace is None:  # F.relu(input, inplace=False)
+                inplace = bool(args[1] if len(args) > 1 else kwargs.get("inplace", False))
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, Tensor) and x.is_floating_point() and not kwargs.keys() - {"input", "inplace"}:
+                return _MaskedReLU.apply(x, inplace)
+            return func(*args, **kwargs)
         if func in _CONVOLUTIONS and self.fold:
             output = func(*args, **kwargs)
             self._last_convolution = (output, func, {**dict(zip(_CONVOLUTION_ARGUMENTS, args)), **kwargs})
             return output
-        if func is F.batch_norm:
+        if func is F.batch_norm and self.batchnorm:
             bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
@@ -429,8 +466,10 @@ class HessianOperator:
         self.num_samples = sum(sizes)
         self.cache_graph = cache_graph
         self.max_cache_bytes = max_cache_bytes
+        # the forms of _GraphForms (private switches: benchmarks/bench_hessian.py times each against the last)
         self._affine_batchnorm = _has_batchnorm(model)
-        self._fold_batchnorm = True  # into the convolution before it (a private switch for the benchmark)
+        self._fold_batchnorm = True
+        self._masked_relu = True
         self._graphs: list[tuple[Tensor, ...]] = []  # cached g_b of the first len(_graphs) batches
         self._graph_bytes = 0  # their estimated memory
         self._cache_closed = False  # True once a batch did not fit: later batches are recomputed per product
@@ -661,7 +700,7 @@ class HessianOperator:
         """``g_b = grad L_b`` with its graph (``create_graph=True``), eval-mode BatchNorm in affine form, attention
         unfused (:class:`sharpscope.batches.unfused_attention`: torch's fused attention kernels have no double
         backward)."""
-        mode = _EvalBatchNormAsAffine(self._fold_batchnorm) if self._affine_batchnorm else contextlib.nullcontext()
+        mode = _GraphForms(batchnorm=self._affine_batchnorm, fold=self._fold_batchnorm, relu=self._masked_relu)
         with mode, unfused_attention():
             loss = self._batch_loss(batch)
             return torch.autograd.grad(loss, self.params, create_graph=True)

@@ -1,9 +1,10 @@
-"""Eval-mode BatchNorm folded into the convolution before it, while the operator builds its gradient graphs.
+"""The forms the operator builds its gradient graphs in (``_GraphForms``): ReLU with a constant-mask backward,
+eval-mode BatchNorm folded into the convolution before it.
 
 The truth is the plain double backward through the native layers (``native_hvp``: no operator code). Both sides
 are float64 and the same function of the same parameters computed in a different order (``conv(x, W s) + t``
 against ``conv(x, W) s + t``), so they agree to ~1e3 eps relative to the largest entry: 1e-12. Every case also
-checks whether the fold happened, so a model that silently stopped folding (or folded where it must not) fails.
+checks whether the form was used, so a model that silently stopped folding (or folded where it must not) fails.
 """
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sharpscope.hessian import HessianOperator
-from sharpscope.hessian.operator import _EvalBatchNormAsAffine
+from sharpscope.hessian.operator import _GraphForms
 
 
 class Residual(nn.Module):
@@ -91,14 +92,14 @@ def test_folded_products_equal_native_double_backward(name, factory, shape, fold
     loss_fn = nn.CrossEntropyLoss()
 
     folded = []
-    original = _EvalBatchNormAsAffine._folded_convolution
+    original = _GraphForms._folded_convolution
 
     def counting(self, x, scale, shift):
         result = original(self, x, scale, shift)
         folded.append(result is not None)
         return result
 
-    monkeypatch.setattr(_EvalBatchNormAsAffine, "_folded_convolution", counting)
+    monkeypatch.setattr(_GraphForms, "_folded_convolution", counting)
     H = HessianOperator(model, loss_fn, batches)
     V = torch.randn(H.num_params, 3, dtype=torch.float64, generator=generator)
     actual = H @ V
@@ -118,3 +119,75 @@ def test_train_mode_batchnorm_after_a_convolution_is_not_folded():
     H = HessianOperator(model, nn.CrossEntropyLoss(), [(x, y)], eval_mode=False, check_deterministic=False)
     v = torch.randn(H.num_params, dtype=torch.float64)
     assert torch.equal(H @ v, native_hvp(model, nn.CrossEntropyLoss(), [(x, y)], v))
+
+
+class FunctionalReLUs(nn.Module):
+    """Every way of calling ReLU the forms catch: the module (in place and not), ``F.relu``, ``torch.relu``,
+    ``torch.relu_`` on a fresh tensor, ``Tensor.relu`` and ``Tensor.relu_``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.act, self.act_inplace = nn.ReLU(), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.a(x)) + self.act_inplace(self.a(x) * 0.5)
+        h = F.relu(self.b(h)) + torch.relu(self.b(h) - 0.1) + self.b(h).relu()
+        h = torch.relu_(self.b(h) * 0.7) + self.b(h).relu_()
+        return self.c(h)
+
+
+def _node_names(roots):
+    names, stack, seen = set(), [r.grad_fn for r in roots], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("model_name", ["functional-relus", "conv-bn-relu-pool"])
+def test_masked_relu_products_equal_native_double_backward(model_name):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(2)
+    if model_name == "functional-relus":
+        model, shape = FunctionalReLUs().double(), (4,)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True),
+                              nn.MaxPool2d(2), *_head(3, 2)[1:]).double()
+        shape = (2, 6, 6)
+        _trained_statistics(model, shape, generator)
+    model.eval()
+    batches = [(torch.randn(7, *shape, dtype=torch.float64, generator=generator),
+                torch.randint(0, 3, (7,), generator=generator)) for _ in range(2)]
+    loss_fn = nn.CrossEntropyLoss()
+    H = HessianOperator(model, loss_fn, batches)
+    V = torch.randn(H.num_params, 3, dtype=torch.float64, generator=generator)
+    actual = H @ V
+    expected = torch.stack([native_hvp(model, loss_fn, batches, V[:, j]) for j in range(3)], dim=1)
+    atol = 1e-12 * expected.abs().max().item()
+    assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
+                                                                                     atol=atol)
+    names = _node_names(H._graphs[0])
+    # the native ReLU's gradient graph holds its threshold_backward; the masked form a product with a constant
+    assert "ThresholdBackwardBackward0" not in names and "MulBackward0" in names, sorted(names)
+    plain = HessianOperator(model, loss_fn, batches)
+    plain._masked_relu = False
+    plain @ V[:, 0]
+    assert "ThresholdBackwardBackward0" in _node_names(plain._graphs[0])
+
+
+def test_masked_relu_keeps_relu_values_at_the_edges():
+    """-inf, -0.0, 0, NaN and +inf give exactly ``torch.relu``'s values (``x * mask`` would turn -inf into NaN);
+    the in-place form changes its input as ``relu_`` does."""
+    x = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 2.0, float("inf"), float("nan")], dtype=torch.float64)
+    with _GraphForms():
+        out = F.relu(x.clone())
+        fresh = x.clone()
+        same = torch.relu_(fresh)
+    expected = torch.relu(x)
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+    assert same is fresh and torch.equal(fresh.nan_to_num(7.0), expected.nan_to_num(7.0))
