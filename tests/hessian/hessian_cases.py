@@ -110,3 +110,16 @@ def native_hvp(model, loss_fn, batches, v):
         hv = torch.autograd.grad(grads, params, chunks)
         out.add_(torch.cat([h.reshape(-1) for h in hv]), alpha=len(y) / total)  # the operator's summation order
     return out
+
+
+def graph_node_names(roots):
+    """The class names of every autograd node reachable from ``roots`` (e.g. a gradient graph's tensors)."""
+    names, stack, seen = set(), [r.grad_fn for r in roots], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names

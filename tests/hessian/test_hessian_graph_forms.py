@@ -9,7 +9,7 @@ checks whether the form was used, so a model that silently stopped folding (or f
 
 import pytest
 import torch
-from hessian_cases import allclose_report, native_hvp
+from hessian_cases import allclose_report, graph_node_names, native_hvp
 from torch import nn
 from torch.nn import functional as F
 
@@ -81,6 +81,18 @@ def _trained_statistics(model: nn.Module, shape, generator) -> None:
     model.eval()
 
 
+def _assert_products_are_native(H, model, loss_fn, batches, generator):
+    """``H @ V`` for a random 3-column ``V`` equals the native double backward (1e-12, see the module docstring);
+    returns ``V``."""
+    V = torch.randn(H.num_params, 3, dtype=torch.float64, generator=generator)
+    actual = H @ V
+    expected = torch.stack([native_hvp(model, loss_fn, batches, V[:, j]) for j in range(3)], dim=1)
+    atol = 1e-12 * expected.abs().max().item()
+    assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
+                                                                                     atol=atol)
+    return V
+
+
 @pytest.mark.parametrize("name, factory, shape, folds", CASES, ids=[c[0] for c in CASES])
 def test_folded_products_equal_native_double_backward(name, factory, shape, folds, monkeypatch):
     torch.manual_seed(0)
@@ -101,12 +113,7 @@ def test_folded_products_equal_native_double_backward(name, factory, shape, fold
 
     monkeypatch.setattr(_GraphForms, "_folded_convolution", counting)
     H = HessianOperator(model, loss_fn, batches)
-    V = torch.randn(H.num_params, 3, dtype=torch.float64, generator=generator)
-    actual = H @ V
-    expected = torch.stack([native_hvp(model, loss_fn, batches, V[:, j]) for j in range(3)], dim=1)
-    atol = 1e-12 * expected.abs().max().item()
-    assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
-                                                                                     atol=atol)
+    _assert_products_are_native(H, model, loss_fn, batches, generator)
     assert folded and all(f == folds for f in folded), f"{name}: folds {folded}, expected all {folds}"
     assert H.batched_disabled is None
 
@@ -137,18 +144,6 @@ class FunctionalReLUs(nn.Module):
         return self.c(h)
 
 
-def _node_names(roots):
-    names, stack, seen = set(), [r.grad_fn for r in roots], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("model_name", ["functional-relus", "conv-bn-relu-pool"])
 def test_masked_relu_products_equal_native_double_backward(model_name):
     torch.manual_seed(0)
@@ -165,19 +160,14 @@ def test_masked_relu_products_equal_native_double_backward(model_name):
                 torch.randint(0, 3, (7,), generator=generator)) for _ in range(2)]
     loss_fn = nn.CrossEntropyLoss()
     H = HessianOperator(model, loss_fn, batches)
-    V = torch.randn(H.num_params, 3, dtype=torch.float64, generator=generator)
-    actual = H @ V
-    expected = torch.stack([native_hvp(model, loss_fn, batches, V[:, j]) for j in range(3)], dim=1)
-    atol = 1e-12 * expected.abs().max().item()
-    assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
-                                                                                     atol=atol)
-    names = _node_names(H._graphs[0])
+    V = _assert_products_are_native(H, model, loss_fn, batches, generator)
+    names = graph_node_names(H._graphs[0])
     # the native ReLU's gradient graph holds its threshold_backward; the masked form a product with a constant
     assert "ThresholdBackwardBackward0" not in names and "MulBackward0" in names, sorted(names)
     plain = HessianOperator(model, loss_fn, batches)
     plain._masked_relu = False
     plain @ V[:, 0]
-    assert "ThresholdBackwardBackward0" in _node_names(plain._graphs[0])
+    assert "ThresholdBackwardBackward0" in graph_node_names(plain._graphs[0])
 
 
 def test_masked_relu_keeps_relu_values_at_the_edges():

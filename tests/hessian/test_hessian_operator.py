@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hessian_cases import CASES, allclose_report, build, native_hvp
+from hessian_cases import CASES, allclose_report, build, graph_node_names, native_hvp
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
@@ -371,18 +371,6 @@ def test_clear_cache_frees_and_rebuilds():
     assert torch.equal(H @ V, first) and H.cached_batches == 2
 
 
-def _node_names(roots):
-    names, stack, seen = set(), [r.grad_fn for r in roots], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return names
-
-
 def test_eval_batchnorm_affine_form_matches_native_double_backward():
     problem = build(CASES[2])
     H = HessianOperator(problem.model, problem.loss_fn, problem.batches)
@@ -393,12 +381,12 @@ def test_eval_batchnorm_affine_form_matches_native_double_backward():
     atol = 1e-13 * expected.abs().max().item()
     assert torch.allclose(actual, expected, rtol=1e-12, atol=atol), allclose_report(actual, expected, rtol=1e-12,
                                                                                      atol=atol)
-    assert "NativeBatchNormBackward0" not in _node_names(H._graphs[0]), "the affine form was not used"
+    assert "NativeBatchNormBackward0" not in graph_node_names(H._graphs[0]), "the affine form was not used"
     # train-mode BatchNorm (eval_mode=False) keeps the native kernels: bit-identical
     problem.model.train()
     H_train = HessianOperator(problem.model, problem.loss_fn, problem.batches, eval_mode=False,
                               check_deterministic=False)
     reference = copy.deepcopy(problem.model)
     assert torch.equal(H_train @ v, native_hvp(reference, problem.loss_fn, problem.batches, v))
-    assert "NativeBatchNormBackward0" in _node_names(H_train._graphs[0])
+    assert "NativeBatchNormBackward0" in graph_node_names(H_train._graphs[0])
     assert all(m.training for m in problem.model.modules())
