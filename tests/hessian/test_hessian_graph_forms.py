@@ -13,7 +13,7 @@ from hessian_cases import allclose_report, graph_node_names, native_hvp
 from torch import nn
 from torch.nn import functional as F
 
-from sharpscope.hessian import HessianOperator
+from sharpscope.hessian import HessianOperator, operator
 from sharpscope.hessian.operator import _GraphForms
 
 
@@ -145,7 +145,8 @@ class FunctionalReLUs(nn.Module):
 
 
 @pytest.mark.parametrize("model_name", ["functional-relus", "conv-bn-relu-pool"])
-def test_masked_relu_products_equal_native_double_backward(model_name):
+def test_masked_relu_products_equal_native_double_backward(model_name, monkeypatch):
+    monkeypatch.setattr(operator, "_MASKED_RELU_MIN_ELEMENTS", 0)  # these activations are small
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(2)
     if model_name == "functional-relus":
@@ -170,9 +171,19 @@ def test_masked_relu_products_equal_native_double_backward(model_name):
     assert "ThresholdBackwardBackward0" in graph_node_names(plain._graphs[0])
 
 
-def test_masked_relu_keeps_relu_values_at_the_edges():
+def test_masked_relu_only_from_the_size_where_it_pays():
+    """Below ``_MASKED_RELU_MIN_ELEMENTS`` the native ReLU stays (its backward is cheaper there)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    H = HessianOperator(model, nn.CrossEntropyLoss(), [(x, y)])
+    H @ torch.randn(H.num_params, dtype=torch.float64)
+    assert "ThresholdBackwardBackward0" in graph_node_names(H._graphs[0])
+
+
+def test_masked_relu_keeps_relu_values_at_the_edges(monkeypatch):
     """-inf, -0.0, 0, NaN and +inf give exactly ``torch.relu``'s values (``x * mask`` would turn -inf into NaN);
     the in-place form changes its input as ``relu_`` does."""
+    monkeypatch.setattr(operator, "_MASKED_RELU_MIN_ELEMENTS", 0)
     x = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 2.0, float("inf"), float("nan")], dtype=torch.float64)
     with _GraphForms():
         out = F.relu(x.clone())
