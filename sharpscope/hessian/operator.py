@@ -280,9 +280,9 @@ class _GraphForms(TorchFunctionMode):
         if (not isinstance(weight, Tensor) or weight.dtype != x.dtype or weight.shape[0] != x.shape[1]
                 or (bias is not None and (not isinstance(bias, Tensor) or bias.dtype != x.dtype))):
             return None
-        conv["weight"] = weight * scale.view((-1,) + (1,) * (weight.dim() - 1))
-        conv["bias"] = shift if bias is None else bias * scale + shift
-        return func(**conv)
+        # a new argument dict: a second BatchNorm of the same output must fold into the original weights
+        return func(**{**conv, "weight": weight * scale.view((-1,) + (1,) * (weight.dim() - 1)),
+                       "bias": shift if bias is None else bias * scale + shift})
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -707,7 +707,7 @@ class HessianOperator:
             )
 
     def _gradient_graph(self, batch: Any) -> tuple[Tensor, ...]:
-        """``g_b = grad L_b`` with its graph (``create_graph=True``), eval-mode BatchNorm in affine form, attention
+        """``g_b = grad L_b`` with its graph (``create_graph=True``), built in the :class:`_GraphForms`, attention
         unfused (:class:`sharpscope.batches.unfused_attention`: torch's fused attention kernels have no double
         backward)."""
         mode = _GraphForms(batchnorm=self._affine_batchnorm, fold=self._fold_batchnorm, relu=self._masked_relu)

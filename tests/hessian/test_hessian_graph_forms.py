@@ -29,6 +29,18 @@ class Residual(nn.Module):
         return self.bn(y) + y
 
 
+class TwoNorms(nn.Module):
+    """Two BatchNorm layers of one convolution's output: each folds into the original weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn1(y) * self.bn2(y)
+
+
 class Functional(nn.Module):
     """``F.conv2d`` called with keyword arguments, then a BatchNorm layer."""
 
@@ -59,6 +71,7 @@ CASES = [
                                                   *_head(3, 2)), (2, 6, 6), True),
     ("conv3d", lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), *_head(2, 3)), (1, 4, 4, 4), True),
     ("residual", lambda: nn.Sequential(Residual(), *_head(2, 2)), (2, 5, 5), True),
+    ("two-norms-of-one-conv", lambda: nn.Sequential(TwoNorms(), *_head(3, 2)), (2, 5, 5), True),
     ("functional-kwargs", lambda: nn.Sequential(Functional(), *_head(4, 2)), (2, 6, 6), True),
     # BatchNorm after something else than a convolution: the affine form, no fold
     ("relu-between", lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3), *_head(3, 2)),
