@@ -580,7 +580,7 @@ class HessianOperator:
             return out[:, 0] if vector else out
         # each column contiguous: a strided column, split into parameter-shaped views, reaches the double backward's
         # convolutions as strided weights and made every product of a block ~1.4x slower than a single one
-        columns = V.t().contiguous() if k > 1 else V[:, 0]
+        columns = V.t().contiguous()
         with eval_mode(self.model, self.eval_mode), torch.enable_grad():
             if self._graphs and not self._snapshot_matches():
                 self.clear_cache()  # the weights (or buffers, modes, inputs) changed: the graphs are stale
@@ -605,8 +605,7 @@ class HessianOperator:
                     if start == k:
                         self._verified_batches.add(index)
                 for j in range(start, k):
-                    column = columns[j] if k > 1 else columns
-                    out[:, j].add_(self._plain_product(grads, column, retain=keep or j < k - 1), alpha=weight)
+                    out[:, j].add_(self._plain_product(grads, columns[j], retain=keep or j < k - 1), alpha=weight)
                 del grads
         self.num_matvecs += k
         return out[:, 0] if vector else out
