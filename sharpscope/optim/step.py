@@ -53,6 +53,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from sharpscope.errors import SharpscopeError
+from sharpscope.max_pool import fast_max_pools
 from sharpscope.optim import micro_batches
 from sharpscope.optim.bn import frozen_bn_stats
 from sharpscope.optim.perturbation import stacked_joint_perturbation
@@ -149,70 +150,73 @@ def training_step(
     )
     scale = scaler.scale if scaler is not None else _identity
 
-    optimizer.zero_grad(set_to_none=True)
-    if not (is_sam and optimizer.sam_step_due):
-        with autocast():
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        scale(loss).backward()
-        _finish_step(optimizer, scaler, max_grad_norm)
-        return StepResult(loss=loss.detach(), correct=_correct(logits, labels))
+    # max pools on the CPU run sharpscope.max_pool's kernel: torch's values and gradients, a fraction of its time
+    pools = fast_max_pools(model) if images.device.type == "cpu" else contextlib.nullcontext()
+    with pools:
+        optimizer.zero_grad(set_to_none=True)
+        if not (is_sam and optimizer.sam_step_due):
+            with autocast():
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            scale(loss).backward()
+            _finish_step(optimizer, scaler, max_grad_norm)
+            return StepResult(loss=loss.detach(), correct=_correct(logits, labels))
 
-    params = [w for group in optimizer.param_groups for w in group["params"]]
-    trainable = [i for i, w in enumerate(params) if w.requires_grad]
-    m = n if micro_batch_size is None else min(micro_batch_size, n)
-    chunks = list(zip(images.split(m), labels.split(m)))
-    loop = partial(_loop_passes, model, optimizer, loss_fn, params=params, trainable=trainable, n=n,
-                   autocast=autocast, scale=scale, scaler=scaler, sync_perturbation=sync_perturbation)
-    full = n // m if len(chunks) > 1 else 0  # micro-batches of exactly m samples
-    refusal = None
-    if vectorize is not False and full >= 2:
-        refusal = batched_refusal(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
-                                  device_type=images.device.type)
-        if refusal is not None and vectorize:
-            raise SharpscopeError(
-                f"vectorize=True, but the micro-batches cannot run as one batched pass: {refusal}; "
-                "use vectorize=None (batched where possible) or vectorize=False (one micro-batch at a time)"
-            )
-    totals: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
-    batched_error: BaseException | None = None
-    if vectorize is not False and full >= 2 and refusal is None:
+        params = [w for group in optimizer.param_groups for w in group["params"]]
+        trainable = [i for i, w in enumerate(params) if w.requires_grad]
+        m = n if micro_batch_size is None else min(micro_batch_size, n)
+        chunks = list(zip(images.split(m), labels.split(m)))
+        loop = partial(_loop_passes, model, optimizer, loss_fn, params=params, trainable=trainable, n=n,
+                       autocast=autocast, scale=scale, scaler=scaler, sync_perturbation=sync_perturbation)
+        full = n // m if len(chunks) > 1 else 0  # micro-batches of exactly m samples
+        refusal = None
+        if vectorize is not False and full >= 2:
+            refusal = batched_refusal(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
+                                      device_type=images.device.type)
+            if refusal is not None and vectorize:
+                raise SharpscopeError(
+                    f"vectorize=True, but the micro-batches cannot run as one batched pass: {refusal}; "
+                    "use vectorize=None (batched where possible) or vectorize=False (one micro-batch at a time)"
+                )
+        totals: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
+        batched_error: BaseException | None = None
+        if vectorize is not False and full >= 2 and refusal is None:
+            try:
+                totals = _batched_passes(model, optimizer, loss_fn, images[: full * m], labels[: full * m], m=m, n=n,
+                                         autocast=autocast, scaler=scaler, structured=autocast_dtype is None)
+            except (RuntimeError, NotImplementedError) as exc:
+                if vectorize:
+                    raise
+                # e.g. an operation vmap cannot batch: nothing was committed (BatchNorm statistics are written last,
+                # the weights were never moved); drop any partial gradient and run the loop instead
+                optimizer.zero_grad(set_to_none=True)
+                batched_error = exc
+            else:
+                chunks = chunks[full:]  # the smaller last micro-batch, if any, goes through the loop
         try:
-            totals = _batched_passes(model, optimizer, loss_fn, images[: full * m], labels[: full * m], m=m, n=n,
-                                     autocast=autocast, scaler=scaler, structured=autocast_dtype is None)
-        except (RuntimeError, NotImplementedError) as exc:
-            if vectorize:
-                raise
-            # e.g. an operation vmap cannot batch: nothing was committed (BatchNorm statistics are written last,
-            # the weights were never moved); drop any partial gradient and run the loop instead
-            optimizer.zero_grad(set_to_none=True)
-            batched_error = exc
-        else:
-            chunks = chunks[full:]  # the smaller last micro-batch, if any, goes through the loop
-    try:
-        if chunks:
-            totals = loop(chunks, totals=totals, single=len(chunks) == 1 and totals[0] is None)
-        else:
-            _arm_sam_step(optimizer, params, trainable)
-        total_loss, total_correct, found_inf = totals
-        if found_inf is not None:
-            _poison_grads(params, found_inf)
-        _finish_step(optimizer, scaler, max_grad_norm)
-    except BaseException:
-        optimizer.restore()  # never leave the model at w + eps (e.g. after an out-of-memory error)
-        raise
-    if batched_error is not None:
-        # the loop ran this model fine, so the batched pass is what failed: remember it and say so once
-        reason = f"torch.func.vmap cannot batch its forward ({str(batched_error).splitlines()[0][:200]})"
-        _VMAP_REFUSED[model] = reason
-        warnings.warn(
-            f"m-SAM: {reason}; running the micro-batches one after the other (slower). "
-            "Pass vectorize=False to training_step to silence this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    assert total_loss is not None and total_correct is not None
-    return StepResult(loss=total_loss, correct=total_correct)
+            if chunks:
+                totals = loop(chunks, totals=totals, single=len(chunks) == 1 and totals[0] is None)
+            else:
+                _arm_sam_step(optimizer, params, trainable)
+            total_loss, total_correct, found_inf = totals
+            if found_inf is not None:
+                _poison_grads(params, found_inf)
+            _finish_step(optimizer, scaler, max_grad_norm)
+        except BaseException:
+            optimizer.restore()  # never leave the model at w + eps (e.g. after an out-of-memory error)
+            raise
+        if batched_error is not None:
+            # the loop ran this model fine, so the batched pass is what failed: remember it and say so once
+            reason = f"torch.func.vmap cannot batch its forward ({str(batched_error).splitlines()[0][:200]})"
+            _VMAP_REFUSED[model] = reason
+            warnings.warn(
+                f"m-SAM: {reason}; running the micro-batches one after the other (slower). "
+                "Pass vectorize=False to training_step to silence this.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        assert total_loss is not None and total_correct is not None
+        return StepResult(loss=total_loss, correct=total_correct)
 
 
 def _loop_passes(

@@ -46,6 +46,7 @@ from sharpscope.batches import (
 )
 from sharpscope.errors import SharpscopeError
 from sharpscope.hessian.operator import select_parameters
+from sharpscope.max_pool import fast_max_pools
 
 __all__ = [
     "ChunkedObjective", "stack_data", "make_chunks", "chunk_group_size", "seeded_draws", "mean_and_stderr",
@@ -484,8 +485,9 @@ class ChunkedObjective:
         return self._run(delta, x, y, shared=shared, grad=True)
 
     def _run(self, delta: Sequence[Tensor], x: Any, y: Any, *, shared: bool, grad: bool):
-        # fused attention kernels have no vmap rule (they would run per sample): every path runs them unfused
-        with unfused_attention():
+        # fused attention kernels have no vmap rule (they would run per sample): every path runs them unfused;
+        # max pools outside vmap run sharpscope.max_pool's kernel (the same numbers, a fraction of torch's CPU time)
+        with unfused_attention(), fast_max_pools(self.model):
             if self.vectorize is not False and self.vectorize != "vmap" and not shared:
                 out = self._try_structured(delta, x, y, grad=grad)
                 if out is not None:
