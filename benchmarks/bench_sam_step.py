@@ -14,18 +14,21 @@ the network's own layers, :mod:`sharpscope.optim.micro_batches`), "m-sam vmap" t
 run (``torch.func.vmap`` over the micro-batches; forced here), "m-sam loop" is ``vectorize=False`` (one micro-batch
 after the other, the reference); the last column of those rows is the cost relative to the loop.
 
-Measured 2026-12-06 (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine), step
-time x SGD:
+Measured 2026-12-06 night (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine), step
+time x SGD; SGD 2.11 and 6.35 ms:
 
     config (digits ConvNet)   SAM    m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.19   3.33             4.73         5.62         2.06
-    batch 128, m = 8          2.03   2.55             4.70         6.09         2.00
+    batch 16, m = 4           2.12   3.23             4.38         5.99         1.95
+    batch 128, m = 8          2.02   3.26             5.38         8.98         2.25
 
-The goals (2.5x and 2.3x) are not met. What the m-SAM step spends beyond SAM's two passes (profiled at batch 128):
-each pass costs 1.4-1.5x a plain forward/backward (per-micro-batch weight gradients from a grouped
-``convolution_backward``, grouped convolutions with the weights ``W + eps_j``, BatchNorm statistics per
-micro-batch; the side-by-side layout these need is ~2 ms of copies per step), ``eps_j`` for every micro-batch
-~0.7 ms, and the running-statistics commit, the refusal checks and the bookkeeping ~2-3 ms.
+The goals (2.5x and 2.3x) are not met. Every column but pytorch-optimizer's pools with
+:mod:`sharpscope.max_pool` (``training_step`` swaps it in on the CPU); that took ~1 ms off the SGD step at batch 128,
+so the same m-SAM step (20.7 ms, 21.7-22.4 ms before) reads 3.26x where it read 2.55x in the afternoon. What the m-SAM
+step spends beyond SAM's two passes (profiled at batch 128): each pass costs 1.4-1.5x a plain forward/backward
+(per-micro-batch weight gradients from a grouped ``convolution_backward``, grouped convolutions with the weights
+``W + eps_j``, BatchNorm statistics per micro-batch; the side-by-side layout these need is ~1 ms of copies per
+step), ``eps_j`` for every micro-batch ~0.9 ms, and the running-statistics commit, the refusal checks and the
+bookkeeping ~0.5 ms.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.

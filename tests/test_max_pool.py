@@ -176,3 +176,55 @@ def test_training_steps_are_bit_identical_to_torchs_pooling(name, micro_batch_si
         _assert_same(a, b, n)
     for (n, a), b in zip(model.named_buffers(), reference.buffers()):
         _assert_same(a, b, n)
+
+
+class _TorchPools:
+    """Pin a model's max pools to torch's own function (an instance forward, which fast_max_pools leaves alone)."""
+
+    def __init__(self, model):
+        self.pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+
+    def __enter__(self):
+        for module in self.pools:
+            module.forward = lambda t, module=module: F.max_pool2d(t, module.kernel_size, module.stride)
+
+    def __exit__(self, *exc):
+        for module in self.pools:
+            del module.forward
+
+
+def _digits_convnet_and_data(n=96):
+    torch.manual_seed(0)
+    model = create_model("convnet", in_channels=1, num_classes=10, image_size=8).eval()
+    g = torch.Generator().manual_seed(3)
+    return model, torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_loss_surface_points_equal_torchs_pooling():
+    from sharpscope.landscape import evaluate
+
+    model, x, y = _digits_convnet_and_data()
+    batches = [(x[:64], y[:64]), (x[64:], y[64:])]
+    fast = evaluate(model, nn.CrossEntropyLoss(), batches)
+    with _TorchPools(model):
+        reference = evaluate(model, nn.CrossEntropyLoss(), batches)
+    assert fast == reference
+
+
+@pytest.mark.parametrize("vectorize", ["structured", False])
+def test_sharpness_chunks_equal_torchs_pooling(vectorize):
+    """Per-chunk values and gradients of the structured path and of the loop, against the same with torch's pools."""
+    from sharpscope.sharpness._objective import ChunkedObjective
+
+    model, x, y = _digits_convnet_and_data(n=32)
+    objective = ChunkedObjective(model, nn.CrossEntropyLoss(), vectorize=vectorize)
+    groups, m = 4, 8
+    g = torch.Generator().manual_seed(4)
+    delta = [1e-2 * torch.randn(groups, *p.shape, generator=g) for p in objective.params]
+    xs, ys = x.reshape(groups, m, 1, 8, 8), y.reshape(groups, m)
+    values, grads = objective.value_and_grad(delta, xs, ys)
+    with _TorchPools(model):
+        ref_values, ref_grads = objective.value_and_grad(delta, xs, ys)
+    _assert_same(values, ref_values, "values")
+    for name, a, b in zip(objective.names, grads, ref_grads):
+        _assert_same(a, b, name)

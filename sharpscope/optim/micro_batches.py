@@ -26,9 +26,10 @@ micro-batches run one at a time (values and gradients to ``sqrt(eps)``): a layer
 used outside its layer or an input not batched on dim 0 make the check fail, and the step uses the ``vmap`` path.
 Only first derivatives are taken, by the library's own kernels, so torch 2.13's ``vmap`` bug does not apply.
 
-Measured (``benchmarks/bench_sam_step.py``, CPU, one thread, idle, registry ConvNet on 8x8 digits), step time
-x SGD: batch 16 with m = 4, 3.33 (``vmap`` of ``functional_call``, the previous path: 4.73; the loop 5.62); batch 128
-with m = 8, 2.55 (4.70; 6.09). Plain SAM: 2.19 and 2.03.
+Measured (``benchmarks/bench_sam_step.py``, CPU, one thread, idle, registry ConvNet on 8x8 digits, 2026-12-06
+night, max pools by :mod:`sharpscope.max_pool` in every column), step time x SGD: batch 16 with m = 4, 3.23
+(``vmap`` of ``functional_call``, the previous path: 4.38; the loop 5.99); batch 128 with m = 8, 3.26 (5.38; 8.98).
+Plain SAM: 2.12 and 2.02.
 """
 
 from __future__ import annotations
