@@ -72,13 +72,13 @@ def test_a_no_grad_forward_computes_values_only():
 
 
 @pytest.mark.parametrize("case, arguments", [
-    ("padding", dict(kernel_size=2, stride=2, padding=1)),
-    ("dilation", dict(kernel_size=2, stride=2, dilation=2)),
-    ("overlapping windows", dict(kernel_size=3, stride=2)),
-    ("a rectangular window", dict(kernel_size=(2, 3), stride=(2, 3))),
-    ("indices returned", dict(kernel_size=2, stride=2, return_indices=True)),
-    ("ceil_mode with a partial window", dict(kernel_size=2, stride=2, ceil_mode=True)),
-    ("a 1x1 window", dict(kernel_size=1)),
+    ("padding", {"kernel_size": 2, "stride": 2, "padding": 1}),
+    ("dilation", {"kernel_size": 2, "stride": 2, "dilation": 2}),
+    ("overlapping windows", {"kernel_size": 3, "stride": 2}),
+    ("a rectangular window", {"kernel_size": (2, 3), "stride": (2, 3)}),
+    ("indices returned", {"kernel_size": 2, "stride": 2, "return_indices": True}),
+    ("ceil_mode with a partial window", {"kernel_size": 2, "stride": 2, "ceil_mode": True}),
+    ("a 1x1 window", {"kernel_size": 1}),
 ])
 def test_window_declines_what_it_does_not_compute(case, arguments):
     x = torch.randn(2, 3, 7, 7)
@@ -154,7 +154,7 @@ def test_training_steps_are_bit_identical_to_torchs_pooling(name, micro_batch_si
     torch.manual_seed(0)
     model = create_model("convnet", in_channels=1, num_classes=10, image_size=8).train()
     reference = copy.deepcopy(model)
-    hp = dict(lr=0.05, momentum=0.9, weight_decay=5e-4, rho=0.05)
+    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}
     opt = create_optimizer(model.parameters(), name=name, base="sgd", **hp)
     ref_opt = create_optimizer(reference.parameters(), name=name, base="sgd", **hp)
     loss_fn = nn.CrossEntropyLoss()
