@@ -2,21 +2,24 @@
 
 This torch build's CPU ``max_pool2d`` on contiguous (NCHW) tensors is an order of magnitude slower than the work
 needs (1 thread, this machine's CPU): 1.45 ms for a 128 x 32 x 8 x 8 batch, 16 ms for 128 x 32 x 28 x 28, where
-the same pooling of a channels-last tensor takes 0.1 and 1.6 ms. On the digits ConvNet the two pools were a quarter
-of a training step. For the common non-overlapping window (``kernel_size == stride``, no padding or dilation)
-:func:`max_pool2d` computes the same function as ``k * k`` strided views and ``torch.maximum`` (0.18 and 2.2 ms):
+the same pooling of a channels-last tensor takes 0.1 and 1.6 ms. On the digits ConvNet at batch 128 the two pools
+were about a quarter of an SGD step. For the common non-overlapping window (``kernel_size == stride``, no padding or
+dilation) :func:`max_pool2d` computes the same function as ``k * k`` strided views and ``torch.maximum`` (0.18 and
+2.2 ms):
 
 * **values**: ``torch.maximum`` of the views, so the same maxima, NaN included (both propagate it);
-* **gradient**: torch's own ``max_pool2d_with_indices_backward`` with the indices torch would have chosen (the
-  first maximum in the window's row-major order; with a NaN in the window, torch's own indices), so the gradient
-  is torch's, bit for bit, and so is every higher derivative (the double backward is torch's formula of that op).
-  The indices are computed only when a backward runs (a forward under ``no_grad`` costs the maxima alone).
+* **gradient**: torch's own ``max_pool2d_with_indices_backward`` with the indices of torch's channels-last kernel,
+  which picks what its contiguous kernel picks (the first maximum in the window's row-major order, the last NaN;
+  tested), so the gradient is torch's, bit for bit, and so is every higher derivative (the double backward is
+  torch's formula of that op). The indices are computed only when a backward runs (a forward under ``no_grad``
+  costs the maxima alone).
 
 :func:`fast_max_pools` swaps this in for the ``nn.MaxPool2d`` layers of a model while a block runs (training steps,
-loss-surface evaluations); any call it does not cover (a GPU tensor, channels-last, overlapping windows, padding,
+loss-surface points, sharpness chunks); any call it does not cover (a GPU tensor, channels-last, overlapping windows, padding,
 ``return_indices``, a ``torch.func`` transform, ``torch.compile`` tracing) goes to torch's own function.
-``tests/test_max_pool.py`` compares values, gradients and double backward with torch's, ties and NaN included;
-``benchmarks/bench_train_throughput.py`` measures the steps.
+``tests/test_max_pool.py`` compares values, gradients and double backward with torch's, ties and NaN included, and
+the training steps, loss-surface points and sharpness chunks with the same computations on torch's pooling; the
+README's Speed section gives the measurements.
 """
 
 from __future__ import annotations
