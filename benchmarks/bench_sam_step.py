@@ -15,20 +15,20 @@ run (``torch.func.vmap`` over the micro-batches; forced here), "m-sam loop" is `
 after the other, the reference); the last column of those rows is the cost relative to the loop.
 
 Measured 2026-12-06 night (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine), step
-time x SGD; SGD 2.11 and 6.35 ms:
+time x SGD; SGD 2.36 and 7.33 ms:
 
     config (digits ConvNet)   SAM    m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.12   3.23             4.38         5.99         1.95
-    batch 128, m = 8          2.02   3.26             5.38         8.98         2.25
+    batch 16, m = 4           2.10   3.22             4.34         5.67         1.95
+    batch 128, m = 8          2.03   3.03             4.72         8.69         2.22
 
 The goals (2.5x and 2.3x) are not met. Every column but pytorch-optimizer's pools with
-:mod:`sharpscope.max_pool` (``training_step`` swaps it in on the CPU); that took ~1 ms off the SGD step at batch 128,
-so the same m-SAM step (20.7 ms, 21.7-22.4 ms before) reads 3.26x where it read 2.55x in the afternoon. What the m-SAM
-step spends beyond SAM's two passes (profiled at batch 128): each pass costs 1.4-1.5x a plain forward/backward
-(per-micro-batch weight gradients from a grouped ``convolution_backward``, grouped convolutions with the weights
-``W + eps_j``, BatchNorm statistics per micro-batch; the side-by-side layout these need is ~1 ms of copies per
-step), ``eps_j`` for every micro-batch ~0.9 ms, and the running-statistics commit, the refusal checks and the
-bookkeeping ~0.5 ms.
+:mod:`sharpscope.max_pool` where it pays (``training_step`` swaps it in on the CPU; at batch 128 here); that took
+~1 ms off the SGD step at batch 128, so an m-SAM step no slower than before (20.7-22.2 ms, 21.7-22.4 ms before)
+reads 3.0-3.3x where it read 2.55x in the afternoon. What the m-SAM step spends beyond SAM's two passes (profiled at
+batch 128): each pass costs 1.4-1.5x a plain forward/backward (per-micro-batch weight gradients from a grouped
+``convolution_backward``, grouped convolutions with the weights ``W + eps_j``, BatchNorm statistics per
+micro-batch; the side-by-side layout these need is ~1 ms of copies per step), ``eps_j`` for every micro-batch
+~0.9 ms, and the running-statistics commit, the refusal checks and the bookkeeping ~0.5 ms.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.

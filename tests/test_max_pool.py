@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharpscope.max_pool import fast_max_pools, max_pool2d, window
+from sharpscope import max_pool
+from sharpscope.max_pool import fast_max_pools, max_pool2d, pays, window
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, training_step
 
@@ -103,12 +104,27 @@ def test_window_declines_inputs_it_does_not_cover(case, x):
     assert window(x, 2, 2) is None, case
 
 
+@pytest.fixture
+def always_ours(monkeypatch):
+    """Use max_pool2d at every size, so the small test models exercise it with a backward too."""
+    monkeypatch.setattr(max_pool, "BACKWARD_MIN_ELEMENTS_PER_THREAD", 0)
+
+
+def test_pays_for_a_forward_alone_always_and_with_a_backward_from_a_size_per_thread():
+    small = torch.randn(2, 3, 8, 8)
+    large = torch.randn(max_pool.BACKWARD_MIN_ELEMENTS_PER_THREAD * torch.get_num_threads())
+    assert pays(small) and pays(small.requires_grad_()) is False
+    assert pays(large.requires_grad_())
+    with torch.no_grad():
+        assert pays(small)
+
+
 def _pooling_net():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
                          nn.ReLU(), nn.MaxPool2d(3, stride=1), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
 
 
-def test_fast_max_pools_swaps_only_non_overlapping_pools_and_restores_them():
+def test_fast_max_pools_swaps_only_non_overlapping_pools_and_restores_them(always_ours):
     torch.manual_seed(0)
     net = _pooling_net()
     x = torch.randn(5, 1, 8, 8)
@@ -131,7 +147,7 @@ def test_fast_max_pools_leaves_a_forward_replaced_on_the_instance_alone():
     assert net[2].forward is own
 
 
-def test_under_vmap_the_swapped_pool_falls_back_to_torch():
+def test_under_vmap_the_swapped_pool_falls_back_to_torch(always_ours):
     """torch.func transforms see torch's function (an autograd.Function without a vmap rule would fail)."""
     torch.manual_seed(0)
     net = _pooling_net()
@@ -149,7 +165,7 @@ def test_under_vmap_the_swapped_pool_falls_back_to_torch():
 
 
 @pytest.mark.parametrize("name, micro_batch_size", [("sgd", None), ("sam", None), ("sam", 4)])
-def test_training_steps_are_bit_identical_to_torchs_pooling(name, micro_batch_size):
+def test_training_steps_are_bit_identical_to_torchs_pooling(name, micro_batch_size, always_ours):
     """training_step pools with max_pool2d on the CPU; the same steps with torch's pooling give the same weights."""
     torch.manual_seed(0)
     model = create_model("convnet", in_channels=1, num_classes=10, image_size=8).train()
@@ -212,7 +228,7 @@ def test_loss_surface_points_equal_torchs_pooling():
 
 
 @pytest.mark.parametrize("vectorize", ["structured", False])
-def test_sharpness_chunks_equal_torchs_pooling(vectorize):
+def test_sharpness_chunks_equal_torchs_pooling(vectorize, always_ours):
     """Per-chunk values and gradients of the structured path and of the loop, against the same with torch's pools."""
     from sharpscope.sharpness._objective import ChunkedObjective
 

@@ -27,9 +27,9 @@ used outside its layer or an input not batched on dim 0 make the check fail, and
 Only first derivatives are taken, by the library's own kernels, so torch 2.13's ``vmap`` bug does not apply.
 
 Measured (``benchmarks/bench_sam_step.py``, CPU, one thread, idle, registry ConvNet on 8x8 digits, 2026-12-06
-night, max pools by :mod:`sharpscope.max_pool` in every column), step time x SGD: batch 16 with m = 4, 3.23
-(``vmap`` of ``functional_call``, the previous path: 4.38; the loop 5.99); batch 128 with m = 8, 3.26 (5.38; 8.98).
-Plain SAM: 2.12 and 2.02.
+night, max pools by :mod:`sharpscope.max_pool` where it pays), step time x SGD: batch 16 with m = 4, 3.22 (``vmap``
+of ``functional_call``, the previous path: 4.34; the loop 5.67); batch 128 with m = 8, 3.03 (4.72; 8.69). Plain
+SAM: 2.10 and 2.03.
 """
 
 from __future__ import annotations
