@@ -114,6 +114,10 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto = bf16 autocast on CUDA, fp32 on CPU; fp16 = float16 autocast with a GradScaler "
                    "(dynamic loss scaling, one update per step).")
+@click.option("--channels-last/--no-channels-last", "channels_last", default=None,
+              help="Store conv activations and kernels channels-last [default: on for conv nets on CUDA only]. On "
+                   "the CPU it trains the ConvNet 23-30% faster (README, Speed), with other rounding than the "
+                   "default layout: runs are bit-identical to runs with the same setting.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Folder with the dataset files.")
 @click.option("--download", is_flag=True, help="Fetch cifar10/cifar100/svhn/mnist/fashion-mnist if missing.")
@@ -126,8 +130,8 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
 @click.pass_context
 def command(ctx, dataset, model, loss, optimizer, base_optimizer, lr, momentum, weight_decay, rho, p, eta, rho_schedule, m,
             sam_every, sync_perturbation, epochs, batch_size, train_samples, warmup_epochs, label_smoothing,
-            no_augment, max_grad_norm, seed, save_every, resume_every, precision, compile_, data_dir, download,
-            threads, device, out, overwrite):
+            no_augment, max_grad_norm, seed, save_every, resume_every, precision, channels_last, compile_, data_dir,
+            download, threads, device, out, overwrite):
     """Train with SGD, SAM or ASAM and write checkpoints along the trajectory.
 
     \b
@@ -201,7 +205,7 @@ def command(ctx, dataset, model, loss, optimizer, base_optimizer, lr, momentum, 
         rho_schedule=rho_schedule, m=m, sam_every=sam_every, sync_perturbation=sync_perturbation, epochs=epochs,
         batch_size=batch_size, train_samples=train_samples, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, loss=loss, augment=not no_augment, max_grad_norm=max_grad_norm, seed=seed,
-        save_every=save_every, precision=precision, compile=compile_, data_dir=data_dir,
+        save_every=save_every, precision=precision, channels_last=channels_last, compile=compile_, data_dir=data_dir,
     )
     if download and not is_factory_spec(dataset):
         load_dataset(dataset, data_dir=data_dir, download=True)

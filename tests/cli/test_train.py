@@ -138,6 +138,27 @@ def test_threads_sets_and_records_the_thread_count(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_channels_last_is_an_option_recorded_and_runs_on_the_cpu(tmp_path):
+    """``--channels-last`` reaches the config (the default stays None: CUDA conv nets only), trains the ConvNet on
+    the CPU with channels-last kernels, and the same command twice gives the same weights."""
+    args = ["train", "--dataset", "digits", "--model", "convnet", "--epochs", "1", "--train-samples", "256",
+            "--optimizer", "sam", "--m", "16"]
+    finals = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = invoke("-q", *args, "--channels-last", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "config.json").read_text())["channels_last"] is True
+        finals.append(torch.load(out / "final.pt", weights_only=True)["model_state"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    default = tmp_path / "default"
+    assert invoke("-q", *args, "--out", str(default)).exit_code == 0
+    assert json.loads((default / "config.json").read_text())["channels_last"] is None
+    kernel = "features.4.weight"  # the second convolution's (64, 32, 3, 3) kernel: the checkpoint keeps its strides
+    assert finals[0][kernel].is_contiguous(memory_format=torch.channels_last)
+    assert torch.load(default / "final.pt", weights_only=True)["model_state"][kernel].is_contiguous()
+
+
 # ------------------------------------------------------------------------------------------------ your own code
 FACTORIES = "tests_factory_module"
 
