@@ -25,6 +25,7 @@ README's Speed section gives the measurements.
 from __future__ import annotations
 
 import contextlib
+import types
 import weakref
 from collections.abc import Iterator
 
@@ -131,14 +132,14 @@ def pays(x: Tensor) -> bool:
     return x.numel() >= BACKWARD_MIN_ELEMENTS_PER_THREAD * torch.get_num_threads()
 
 
-def _pool_forward(module: nn.MaxPool2d):
-    def forward(x: Tensor) -> Tensor:
-        k = window(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
-                   module.return_indices)
-        if k is None or not pays(x):
-            return nn.MaxPool2d.forward(module, x)
-        return _StridedMaxPool2d.apply(x, k)
-    return forward
+def _pool_forward(module: nn.MaxPool2d, x: Tensor) -> Tensor:
+    """``nn.MaxPool2d.forward`` with :func:`max_pool2d` where it applies and pays (bound to the layer while swapped:
+    a bound method, so a copy of the model made meanwhile calls its own layer, as ``copy.deepcopy`` rebinds it)."""
+    k = window(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
+               module.return_indices)
+    if k is None or not pays(x):
+        return nn.MaxPool2d.forward(module, x)
+    return _StridedMaxPool2d.apply(x, k)
 
 
 #: Per model, its plain ``nn.MaxPool2d`` layers (found once; a model holds few and rarely gains new ones).
@@ -165,7 +166,7 @@ def fast_max_pools(model: nn.Module) -> Iterator[None]:
     try:
         for module in pools:
             if "forward" not in vars(module):
-                module.forward = _pool_forward(module)
+                module.forward = types.MethodType(_pool_forward, module)
                 swapped.append(module)
         yield
     finally:

@@ -138,6 +138,16 @@ def test_fast_max_pools_swaps_only_non_overlapping_pools_and_restores_them(alway
     assert "forward" not in vars(net[2])
 
 
+def test_a_copy_made_inside_the_block_pools_with_its_own_layer(always_ours):
+    net = _pooling_net()
+    x = torch.randn(2, 1, 8, 8)
+    with fast_max_pools(net):
+        twin = copy.deepcopy(net)
+    assert twin[2].forward.__self__ is twin[2]  # rebound to the copy, not the original's layer
+    twin[2].kernel_size = twin[2].stride = 4  # the copy's own settings are the ones used
+    _assert_same(twin[2](x), F.max_pool2d(x, 4), "the copy's pool")
+
+
 def test_fast_max_pools_leaves_a_forward_replaced_on_the_instance_alone():
     net = _pooling_net()
     own = nn.Identity().forward
