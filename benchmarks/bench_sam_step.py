@@ -132,6 +132,45 @@ def bench_model(name: str, *, steps: int, rounds: int, device: torch.device) -> 
     return [(k, statistics.median(times[k]) if k in times else columns[k]) for k in columns]
 
 
+def step_exactness(name: str, *, steps: int = 3) -> dict[str, tuple[float, float]]:
+    """m-SAM through the layers and through ``vmap`` against the loop: ``steps`` steps from the same weights on the
+    same batches, float32; per path (max |w - w_loop|, max |w_loop - w_start|) over the floating-point parameters and
+    buffers (BatchNorm's running statistics included; its step counters must agree exactly)."""
+    model_name, kwargs, batch_size, m = CONFIGS[name]
+    torch.manual_seed(0)
+    model = create_model(model_name, **kwargs).train()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(batch_size, kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"],
+                            generator=g), torch.randint(0, kwargs["num_classes"], (batch_size,), generator=g))
+               for _ in range(steps)]
+    finals = {}
+    for path in ("layers", "vmap", "loop"):
+        net = copy.deepcopy(model)
+        if path == "vmap":
+            micro_batches.refuse(net, "the benchmark's vmap column")
+        opt = create_optimizer(net.parameters(), name="sam", base="sgd", **HP)
+        for x, y in batches:
+            training_step(net, opt, nn.CrossEntropyLoss(), x, y, micro_batch_size=m, vectorize=path != "loop")
+        finals[path] = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    start = {k: t.detach() for k, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+    if any(not torch.equal(finals[path][k], finals["loop"][k]) for path in ("layers", "vmap")
+           for k in finals["loop"] if k not in start):  # integer buffers (num_batches_tracked) must agree exactly
+        raise SystemExit(f"{name}: an integer buffer differs from the loop's")
+
+    def max_diff(a: dict, b: dict) -> float:
+        return max(float((a[k].detach().double() - b[k].detach().double()).abs().max()) for k in start)
+    moved = max_diff(finals["loop"], start)
+    return {path: (max_diff(finals[path], finals["loop"]), moved) for path in ("layers", "vmap")}
+
+
+def print_exactness(names: list[str]) -> None:
+    print("\nexactness (float32, 3 m-SAM steps from the same weights): max |w - w_loop| over parameters and running "
+          "statistics")
+    for name in names:
+        for path, (diff, moved) in step_exactness(name).items():
+            print(f"  {name:<12} {path:<7} {diff:.3g}  (the loop moved the weights by up to {moved:.3g})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per column and model (default 12)")
@@ -157,6 +196,7 @@ def main() -> None:
             else:
                 vs_loop = f"{value / loop:>9.2f}" if key.startswith("m-sam") else ""
                 print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}{vs_loop}")
+    print_exactness(args.models.split(","))
 
 
 if __name__ == "__main__":

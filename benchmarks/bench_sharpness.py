@@ -8,6 +8,9 @@ Then exactness: the max abs difference of the per-chunk values against the seria
 ConvNet (the float64 exactness checks on BatchNorm/LayerNorm/GroupNorm/attention models are the test suite's).
 ``--checkpoint`` measures a trained model instead (e.g. ``runs/sgd/final.pt`` of ``sharpscope train``: the
 README's sharpness tour), on the first ``--samples`` training samples of its dataset, as the CLI does.
+Then m-sharpness in training (``--sam-step``, on by default): the m-SAM step costs of ``bench_sam_step.py`` (against
+SGD and against the loop over micro-batches) and the exactness of its batched paths against that loop, so one run
+prints every number issue 15 asks for.
 
     python benchmarks/bench_sharpness.py                      # m = 1, 8, 32, 128, 1024; a few minutes
     python benchmarks/bench_sharpness.py --m 1,1024 --rounds 3 --paths structured,vmap
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--checkpoint", default=None,
                         help="a sharpscope checkpoint to measure instead of the randomly initialised ConvNet")
+    parser.add_argument("--sam-step", default="digits-b16,digits-b128",
+                        help="then time m-SAM training steps of these bench_sam_step.py configs against SGD and the "
+                             "loop, with their exactness against the loop ('' to skip)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +135,31 @@ def main() -> None:
                 a, b = values[(m, path)], values[(m, "loop")]
                 n = min(len(a), len(b))
                 print(f"  m={m:<5} {path:<11} {float((a[:n] - b[:n]).abs().max()):.3g}  (values ~{float(b.abs().mean()):.3g})")
+    if args.sam_step:
+        sam_step_costs(args.sam_step.split(","))
+
+
+def sam_step_costs(configs: list[str]) -> None:
+    """m-SAM in training: benchmarks/bench_sam_step.py's rows for ``configs`` (1 thread) and its exactness check."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_sam_step", Path(__file__).with_name("bench_sam_step.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds): ms, x SGD, x loop")
+        for name in configs:
+            m = bench.CONFIGS[name][3]
+            rows = dict(bench.bench_model(name, steps=24, rounds=8, device=torch.device("cpu")))
+            sgd, loop = rows["sgd"], rows[f"m-sam m={m} loop"]
+            for key in ("sgd", "sam", f"m-sam m={m}", f"m-sam m={m} vmap", f"m-sam m={m} loop"):
+                print(f"  {name:<12} {key:<18}{rows[key] * 1e3:>9.2f}{rows[key] / sgd:>7.2f}{rows[key] / loop:>7.2f}")
+        bench.print_exactness(configs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
