@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharpscope.max_pool import fast_max_pools, max_pool2d, pays
+from sharpscope.max_pool import fast_max_pools, max_pool2d, pays, torch_max_pools
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, training_step
 
@@ -82,21 +82,6 @@ def bench_kernel(repeats: int) -> None:
         print(f"  {label:<20}{row[0]:>11.3f}{row[1]:>10.3f}{row[2]:>15.3f}{row[3]:>14.3f}{used:>6}")
 
 
-class _TorchPools:
-    """The model's max pools pinned to torch's function (an instance forward: fast_max_pools leaves it alone)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-
-    def __enter__(self) -> None:
-        for module in self.pools:
-            module.forward = lambda t, module=module: F.max_pool2d(t, module.kernel_size, module.stride)
-
-    def __exit__(self, *exc: object) -> None:
-        for module in self.pools:
-            del module.forward
-
-
 def use_columns(image: int, batch: int) -> dict[str, tuple[Callable, Callable]]:
     """(torch's pooling, ours) callables for an eval forward and SGD / SAM steps of the ConvNet on ``image`` pixels."""
     torch.manual_seed(0)
@@ -105,7 +90,7 @@ def use_columns(image: int, batch: int) -> dict[str, tuple[Callable, Callable]]:
     evaluated = copy.deepcopy(model).eval()
 
     def forward(pin: bool) -> None:
-        with torch.no_grad(), (_TorchPools(evaluated) if pin else fast_max_pools(evaluated)):
+        with torch.no_grad(), (torch_max_pools(evaluated) if pin else fast_max_pools(evaluated)):
             evaluated(x)
 
     def step_fn(name: str, pin: bool) -> Callable[[], None]:
@@ -113,7 +98,7 @@ def use_columns(image: int, batch: int) -> dict[str, tuple[Callable, Callable]]:
         opt = create_optimizer(net.parameters(), name=name, base="sgd", **HP)
 
         def step() -> None:
-            with _TorchPools(net) if pin else contextlib.nullcontext():  # training_step swaps ours in itself
+            with torch_max_pools(net) if pin else contextlib.nullcontext():  # training_step swaps ours in itself
                 training_step(net, opt, nn.CrossEntropyLoss(), x, y)
         return step
 

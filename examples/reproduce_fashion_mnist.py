@@ -112,11 +112,11 @@ def tabulate(folders: dict[str, list[Path]], results: Path, epochs: int, seeds: 
         for folder in folders[name]:
             metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
             final = str(folder / "final.pt")
+            measured = spectrum[str(Path(final).resolve())]
             table[name].append({
                 "run": str(folder), "test_acc": metrics[-1]["test_acc"], "train_acc": metrics[-1]["train_acc"],
                 "seconds": sum(m["seconds"] for m in metrics),
-                "lambda_max": spectrum[str(Path(final).resolve())]["top_eigenvalues"][0],
-                "trace": spectrum[str(Path(final).resolve())]["trace"]["value"],
+                "lambda_max": measured["top_eigenvalues"][0], "trace": measured["trace"]["value"],
                 **{f"sharpness_m{m}": sharp[(final, m)] for m in SHARPNESS_M}})
     m_small, m_large = SHARPNESS_M
     rows = [f"| optimizer | test accuracy % | train accuracy % (running, last epoch) | λ_max | trace | "

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKWARD_MIN_ELEMENTS_PER_THREAD", "fast_max_pools", "max_pool2d", "pays", "window"]
+__all__ = ["BACKWARD_MIN_ELEMENTS_PER_THREAD", "fast_max_pools", "max_pool2d", "pays", "torch_max_pools",
+           "window"]
 
 
 def window(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -133,8 +134,7 @@ def pays(x: Tensor) -> bool:
 
 
 def _pool_forward(module: nn.MaxPool2d, x: Tensor) -> Tensor:
-    """``nn.MaxPool2d.forward`` with :func:`max_pool2d` where it applies and pays (bound to the layer while swapped:
-    a bound method, so a copy of the model made meanwhile calls its own layer, as ``copy.deepcopy`` rebinds it)."""
+    """``nn.MaxPool2d.forward`` with :func:`max_pool2d` where it applies and pays (bound to the layer while swapped)."""
     k = window(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode,
                module.return_indices)
     if k is None or not pays(x):
@@ -162,14 +162,27 @@ def fast_max_pools(model: nn.Module) -> Iterator[None]:
             module for module in model.modules()
             if type(module) is nn.MaxPool2d and module.stride in (module.kernel_size, None)]
         _POOLS[model] = pools
+    with _bound_forwards(pools, _pool_forward):
+        yield
+
+
+def torch_max_pools(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """The reference: while the block runs, ``model``'s ``nn.MaxPool2d`` layers run torch's own pooling even inside
+    the library's loops (:func:`fast_max_pools` leaves a layer with its own forward alone). For A/B comparisons."""
+    return _bound_forwards([m for m in model.modules() if isinstance(m, nn.MaxPool2d)], nn.MaxPool2d.forward)
+
+
+@contextlib.contextmanager
+def _bound_forwards(modules: list[nn.Module], function) -> Iterator[None]:
+    """``function`` bound to each module as its instance ``forward`` (a bound method: ``copy.deepcopy`` rebinds it
+    to the copy), except where the instance already has one; removed on exit."""
     swapped = []
     try:
-        for module in pools:
+        for module in modules:
             if "forward" not in vars(module):
-                module.forward = types.MethodType(_pool_forward, module)
+                module.forward = types.MethodType(function, module)
                 swapped.append(module)
         yield
     finally:
         for module in swapped:
             del module.forward
-

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpscope import max_pool
-from sharpscope.max_pool import fast_max_pools, max_pool2d, pays, window
+from sharpscope.max_pool import (
+    fast_max_pools,
+    max_pool2d,
+    pays,
+    torch_max_pools,
+    window,
+)
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, training_step
 
@@ -148,6 +154,13 @@ def test_a_copy_made_inside_the_block_pools_with_its_own_layer(always_ours):
     _assert_same(twin[2](x), F.max_pool2d(x, 4), "the copy's pool")
 
 
+def test_torch_max_pools_pins_every_pool_to_torch_and_restores_them(always_ours):
+    net = _pooling_net()
+    with torch_max_pools(net), fast_max_pools(net):
+        assert all(m.forward.__func__ is nn.MaxPool2d.forward for m in net.modules() if isinstance(m, nn.MaxPool2d))
+    assert all("forward" not in vars(module) for module in net.modules())
+
+
 def test_fast_max_pools_leaves_a_forward_replaced_on_the_instance_alone():
     net = _pooling_net()
     own = nn.Identity().forward
@@ -188,35 +201,12 @@ def test_training_steps_are_bit_identical_to_torchs_pooling(name, micro_batch_si
     for _ in range(3):
         x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
         training_step(model, opt, loss_fn, x, y, micro_batch_size=micro_batch_size)
-        # the reference: the same step with the pools' forward pinned to torch's own (an instance forward is left
-        # alone by fast_max_pools)
-        pools = [m for m in reference.modules() if isinstance(m, nn.MaxPool2d)]
-        for module in pools:
-            module.forward = lambda t, module=module: F.max_pool2d(t, module.kernel_size, module.stride)
-        try:
+        with torch_max_pools(reference):  # the reference: the same step on torch's pooling
             training_step(reference, ref_opt, loss_fn, x, y, micro_batch_size=micro_batch_size)
-        finally:
-            for module in pools:
-                del module.forward
     for (n, a), b in zip(model.named_parameters(), reference.parameters()):
         _assert_same(a, b, n)
     for (n, a), b in zip(model.named_buffers(), reference.buffers()):
         _assert_same(a, b, n)
-
-
-class _TorchPools:
-    """Pin a model's max pools to torch's own function (an instance forward, which fast_max_pools leaves alone)."""
-
-    def __init__(self, model):
-        self.pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-
-    def __enter__(self):
-        for module in self.pools:
-            module.forward = lambda t, module=module: F.max_pool2d(t, module.kernel_size, module.stride)
-
-    def __exit__(self, *exc):
-        for module in self.pools:
-            del module.forward
 
 
 def _digits_convnet_and_data(n=96):
@@ -232,7 +222,7 @@ def test_loss_surface_points_equal_torchs_pooling():
     model, x, y = _digits_convnet_and_data()
     batches = [(x[:64], y[:64]), (x[64:], y[64:])]
     fast = evaluate(model, nn.CrossEntropyLoss(), batches)
-    with _TorchPools(model):
+    with torch_max_pools(model):
         reference = evaluate(model, nn.CrossEntropyLoss(), batches)
     assert fast == reference
 
@@ -249,7 +239,7 @@ def test_sharpness_chunks_equal_torchs_pooling(vectorize, always_ours):
     delta = [1e-2 * torch.randn(groups, *p.shape, generator=g) for p in objective.params]
     xs, ys = x.reshape(groups, m, 1, 8, 8), y.reshape(groups, m)
     values, grads = objective.value_and_grad(delta, xs, ys)
-    with _TorchPools(model):
+    with torch_max_pools(model):
         ref_values, ref_grads = objective.value_and_grad(delta, xs, ys)
     _assert_same(values, ref_values, "values")
     for name, a, b in zip(objective.names, grads, ref_grads):
