@@ -66,6 +66,19 @@ def conv_bn_frozen():
     return model
 
 
+def conv_bn_eval():
+    """A trainable first convolution (row form) followed by a BatchNorm in eval mode (running statistics)."""
+    model = conv_bn()
+    model[1].eval()
+    return model
+
+
+def conv_strided_no_affine():
+    """A strided, dilated, padded first convolution with a bias, then BatchNorm without affine weights."""
+    return nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), nn.BatchNorm2d(4, affine=False),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+
+
 def layer_norm():
     return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3))
 
@@ -103,6 +116,8 @@ MODELS = {  # name: (factory, input shape of one sample)
     "mlp-batchnorm-cumulative": (lambda: mlp_bn(momentum=None), (5,)),
     "convnet-batchnorm": (conv_bn, (2, 6, 6)),
     "convnet-eval-bn-frozen-conv": (conv_bn_frozen, (2, 6, 6)),
+    "convnet-eval-bn": (conv_bn_eval, (2, 6, 6)),
+    "conv-strided-dilated-no-affine": (conv_strided_no_affine, (2, 6, 6)),
     "layernorm": (layer_norm, (5,)),
     "groupnorm": (group_norm, (2, 6, 6)),
     "attention": (Attention, (4, 6)),
@@ -163,10 +178,10 @@ def path_taken(model):
     return None if plan is None else "vmap"
 
 
-@pytest.mark.parametrize("path", ["structured", "vmap"])
+@pytest.mark.parametrize("path", ["structured", "structured-grouped", "vmap"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("m", [4, 6], ids=["m4", "m6-remainder"])
-def test_batched_equals_loop_on_every_model(model_name, m, path):
+def test_batched_equals_loop_on_every_model(model_name, m, path, monkeypatch):
     # 16 / 4: equal micro-batches; 14 / 4, 16 / 6, 14 / 6: a smaller last micro-batch (through the loop)
     model, data = make(model_name)
     ref = copy.deepcopy(model)
@@ -174,9 +189,15 @@ def test_batched_equals_loop_on_every_model(model_name, m, path):
     assert batched_refusal(model, opt) is None
     if path == "vmap":
         micro_batches.refuse(model, "forced by the test")
+    if path == "structured-grouped":  # the row forms "fail" their check: the grouped / side-by-side forms run
+        def refuse_rows(*args, **kwargs):
+            raise micro_batches.Unsupported("forced by the test")
+        monkeypatch.setattr(micro_batches.StructuredPasses, "_check_in_float64", refuse_rows)
     assert_steps_match(model, opt, ref, ref_opt, data, m=m)
     # attention (nn.MultiheadAttention holds its own projection weights) is not a structured layer: vmap runs it
-    assert path_taken(model) == ("vmap" if model_name == "attention" else path)
+    assert path_taken(model) == ("vmap" if model_name == "attention" else path.split("-")[0])
+    if path_taken(model) == "structured":
+        assert micro_batches._PLANS[model].rows == (path == "structured")
     # the micro-batches matter (not plain SAM in disguise): one perturbation for the batch gives other weights
     plain = copy.deepcopy(ref)
     training_step(plain, build_sam(plain, SAM_SETTINGS["sgd-momentum"]), CE, *data[0])
@@ -444,3 +465,67 @@ def test_cross_entropy_per_micro_batch_matches_the_loss_of_each():
         yy = y.clamp(min=0) if isinstance(loss, nn.MultiMarginLoss) else y
         expected = torch.stack([loss(logits[3 * j: 3 * j + 3], yy[3 * j: 3 * j + 3]) for j in range(4)])
         torch.testing.assert_close(per, expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("conv", "shape"), [
+    (nn.Conv1d(3, 4, 3, padding=1), (5, 3, 7)),
+    (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (5, 3, 7, 6)),
+    (nn.Conv2d(1, 4, (2, 3), stride=(1, 2)), (5, 1, 6, 7)),
+    (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
+], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d"])
+def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
+    conv = conv.to(DT)
+    x = torch.randn(shape, dtype=DT)
+    layer = micro_batches._Layer(conv, type(conv), {}, padding=micro_batches._conv_padding(conv))
+    expected = conv(x)
+    windows = micro_batches._windows(x, conv.kernel_size, conv.stride, layer.padding, conv.dilation,
+                                     expected.shape[2:])
+    rows = windows @ conv.weight.movedim(1, -1).reshape(conv.out_channels, -1).T + conv.bias
+    out = rows.reshape(x.shape[0], *expected.shape[2:], conv.out_channels).movedim(-1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+class ViewAfterConv(nn.Module):
+    """``.view`` on the first convolution's output: its row form's channels-last output cannot be viewed so, and
+    the check must fall back to the grouped forms (still the structured passes, still the loop's numbers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Linear(144, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x).view(x.shape[0], -1).view(x.shape[0], 4, 6, 6))
+        return self.head(torch.relu(h).view(x.shape[0], -1))
+
+
+def test_row_forms_run_where_they_apply_and_fall_back_to_the_grouped_forms():
+    model, data = make("convnet-batchnorm")
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+    assert path_taken(model) == "structured" and micro_batches._PLANS[model].rows
+
+    torch.manual_seed(0)
+    model = ViewAfterConv().to(DT)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+    assert path_taken(model) == "structured" and not micro_batches._PLANS[model].rows
+
+
+def test_row_forms_are_checked_on_a_float64_copy_of_a_float32_model(monkeypatch):
+    checked = []
+    original = micro_batches.StructuredPasses._check
+
+    def recording(self, weights, *args, **kwargs):
+        checked.append((self.rows, weights[0].dtype))
+        return original(self, weights, *args, **kwargs)
+
+    monkeypatch.setattr(micro_batches.StructuredPasses, "_check", recording)
+    model, data = make("convnet-batchnorm")
+    model = model.float()
+    opt = build_sam(model, SAM_SETTINGS["sgd-momentum"])
+    x, y = data[0]
+    training_step(model, opt, CE, x.float(), y, micro_batch_size=4)
+    assert checked == [(True, torch.float64)]
+    assert micro_batches._PLANS[model].rows and all(p.dtype == torch.float32 for p in model.parameters())
