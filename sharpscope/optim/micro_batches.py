@@ -126,10 +126,14 @@ def _side_by_side(t: Tensor, groups: int) -> Tensor:
     return t.reshape(groups, m, *t.shape[1:]).transpose(0, 1).reshape(m, groups * t.shape[1], *t.shape[2:])
 
 
-def _stacked_back(t: Tensor, groups: int) -> Tensor:
-    """The inverse of :func:`_side_by_side`: ``(m, G C, *sp)`` -> ``(G m, C, *sp)``."""
+def _stacked_back(t: Tensor, groups: int, *, channels_last: bool = False) -> Tensor:
+    """The inverse of :func:`_side_by_side`: ``(m, G C, *sp)`` -> ``(G m, C, *sp)``, in channels-last memory if
+    asked (and ``sp`` is not empty): the layout the row-form BatchNorm reads in place."""
     m = t.shape[0]
     c = t.shape[1] // groups
+    if channels_last and t.dim() > 2:
+        last = t.reshape(m, groups, c, *t.shape[2:]).movedim(2, -1).transpose(0, 1)  # (G, m, *sp, C)
+        return last.reshape(groups * m, *t.shape[2:], c).movedim(-1, 1)
     return t.reshape(m, groups, c, *t.shape[2:]).transpose(0, 1).reshape(groups * m, c, *t.shape[2:])
 
 
@@ -356,7 +360,7 @@ def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         b = (bias + b_off if b_off is not None else bias.expand(G, *bias.shape)).reshape(-1)
     out = conv(_side_by_side(x, G), w.reshape(-1, *w.shape[2:]), b, module.stride, layer.padding, module.dilation,
                module.groups * G)
-    return _stacked_back(out, G)
+    return _stacked_back(out, G, channels_last=call.rows)
 
 
 def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None,
