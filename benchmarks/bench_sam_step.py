@@ -47,6 +47,7 @@ from torch import nn
 
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, micro_batches, training_step
+from sharpscope.optim.step import LOOP_FROM_ELEMENTS
 
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}  # the anchor study's settings (sam.md s.9)
 CONFIGS = {
@@ -78,8 +79,8 @@ def make_steps(model: nn.Module, m: int) -> dict[str, Callable | str]:
 
     steps["sgd"] = ours("sgd")
     steps["sam"] = ours("sam")
-    steps[f"m-sam m={m}"] = ours("sam", micro_batch_size=m)
-    steps[f"m-sam m={m} vmap"] = ours("sam", micro_batch_size=m, force_vmap=True)
+    steps[f"m-sam m={m}"] = ours("sam", micro_batch_size=m, vectorize=True)  # through the layers, at any size
+    steps[f"m-sam m={m} vmap"] = ours("sam", micro_batch_size=m, force_vmap=True, vectorize=True)
     steps[f"m-sam m={m} loop"] = ours("sam", micro_batch_size=m, vectorize=False)
     steps["sam every 2"] = ours("sam", sam_every=2)
     try:
@@ -196,6 +197,10 @@ def main() -> None:
             else:
                 vs_loop = f"{value / loop:>9.2f}" if key.startswith("m-sam") else ""
                 print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}{vs_loop}")
+        elements = m * kwargs["in_channels"] * kwargs["image_size"] ** 2
+        default = "the loop" if device.type == "cpu" and elements > LOOP_FROM_ELEMENTS else "the layers"
+        print(f"  training_step's default here: {default} ({elements:,} input elements per micro-batch; the CPU "
+              f"takes the loop above {LOOP_FROM_ELEMENTS:,})")
     print_exactness(args.models.split(","))
 
 

@@ -26,8 +26,9 @@ BatchNorm, LayerNorm or GroupNorm layers, checked once against the micro-batches
 for any other model, ``torch.func.vmap`` of ``grad`` of ``functional_call`` for the clean gradients and stacked
 weights ``w + eps_j`` for the perturbed pass (:func:`_batched_passes`). A smaller last micro-batch goes through the
 loop. All agree up to rounding (tests/optim/test_sam_batched_micro_batches.py, float64, 1e-10). DDP, torch.compile,
-hooks, active dropout and CPU half-precision autocast with normalization layers take the loop. Measured cost:
-``benchmarks/bench_sam_step.py`` (its docstring has the table).
+hooks, active dropout and CPU half-precision autocast with normalization layers take the loop, and so, by default
+on the CPU, do micro-batches of more than :data:`LOOP_FROM_ELEMENTS` input elements, where the loop is the faster
+(:func:`loop_is_faster`). Measured cost: ``benchmarks/bench_sam_step.py`` (its docstring has the table).
 
 Mixed precision: ``autocast_dtype`` (bf16 needs no scaler); with a ``torch.amp.GradScaler`` (fp16) the clean
 gradients are unscaled before ``eps`` is computed (``eps`` uses the true gradient), a non-finite clean gradient
@@ -59,9 +60,17 @@ from sharpscope.optim.bn import frozen_bn_stats
 from sharpscope.optim.perturbation import stacked_joint_perturbation
 from sharpscope.optim.sam import SAM
 
-__all__ = ["StepResult", "training_step", "batched_refusal"]
+__all__ = ["StepResult", "batched_refusal", "loop_is_faster", "training_step"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: On the CPU, micro-batches holding more input elements than this (``m x`` one sample's) run as the loop by
+#: default. Measured (whole m-SAM steps, batched / loop, interleaved, 1 thread, 2026-12-06): 0.35-0.68 at up to
+#: 6,272 elements (digits ConvNet m = 4, 8; Fashion-MNIST ConvNet m = 4, 8; ResNet-20 on 32x32, m = 2), 0.89-1.26 at
+#: 12k (ResNet-20 m = 4, Fashion-MNIST m = 16), 0.95-1.25 from 24k (m = 8 ... 64): past a few thousand elements a
+#: micro-batch's own passes use the CPU well, and the batched passes' grouped kernels and copies cost more than the
+#: loop's Python. Other devices take the batched passes whatever the size (one kernel per layer instead of G).
+LOOP_FROM_ELEMENTS = 8192
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,10 @@ def training_step(
             (m = world size x per-rank batch, or x ``micro_batch_size``); one extra all-reduce per step. Default:
             each rank perturbs with its own gradient (m = per-rank batch, Foret et al. 2021 section 4.1).
         vectorize: how two or more micro-batches run. ``None`` (default): as one batched pass where
-            :func:`batched_refusal` allows it (``torch.func.vmap``; the same numbers as the loop up to rounding,
-            at about the cost of plain SAM), falling back to the loop, with a warning, if vmap fails at run time;
-            ``False``: the loop, one micro-batch after the other (the reference); ``True``: batched or a
-            SharpscopeError saying why not.
+            :func:`batched_refusal` allows it and the micro-batches are small enough for it to be the faster
+            (:func:`loop_is_faster`; the same numbers as the loop up to rounding), falling back to the loop, with a
+            warning, if the batched pass fails at run time; ``False``: the loop, one micro-batch after the other
+            (the reference); ``True``: batched or a SharpscopeError saying why not.
 
     Returns:
         :class:`StepResult` with the clean loss and correct count (tensors; no ``.item()`` inside).
@@ -169,6 +178,8 @@ def training_step(
         loop = partial(_loop_passes, model, optimizer, loss_fn, params=params, trainable=trainable, n=n,
                        autocast=autocast, scale=scale, scaler=scaler, sync_perturbation=sync_perturbation)
         full = n // m if len(chunks) > 1 else 0  # micro-batches of exactly m samples
+        if vectorize is None and full >= 2 and loop_is_faster(images, m):
+            full = 0
         refusal = None
         if vectorize is not False and full >= 2:
             refusal = batched_refusal(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
@@ -217,6 +228,14 @@ def training_step(
             )
         assert total_loss is not None and total_correct is not None
         return StepResult(loss=total_loss, correct=total_correct)
+
+
+def loop_is_faster(images: Tensor, micro_batch_size: int) -> bool:
+    """Whether ``training_step(vectorize=None)`` runs micro-batches of ``micro_batch_size`` samples of ``images``
+    as the loop because it is the faster there: on the CPU, above :data:`LOOP_FROM_ELEMENTS` input elements per
+    micro-batch."""
+    per_sample = images[0].numel() if images.dim() > 0 and images.shape[0] else 0
+    return images.device.type == "cpu" and micro_batch_size * per_sample > LOOP_FROM_ELEMENTS
 
 
 def _loop_passes(

@@ -21,9 +21,8 @@ from optim_cases import DT
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.optim import SAM, training_step
-from sharpscope.optim import micro_batches
-from sharpscope.optim.step import batched_refusal
+from sharpscope.optim import SAM, micro_batches, training_step
+from sharpscope.optim.step import batched_refusal, loop_is_faster
 
 CE = nn.CrossEntropyLoss()
 RTOL, ATOL = 1e-10, 1e-12
@@ -529,3 +528,19 @@ def test_row_forms_are_checked_on_a_float64_copy_of_a_float32_model(monkeypatch)
     training_step(model, opt, CE, x.float(), y, micro_batch_size=4)
     assert checked == [(True, torch.float64)]
     assert micro_batches._PLANS[model].rows and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_large_micro_batches_take_the_loop_by_default_on_the_cpu():
+    # 3 x 48 x 48 inputs, m = 4: 27,648 input elements per micro-batch, past LOOP_FROM_ELEMENTS (8,192)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, stride=4), nn.Flatten(), nn.Linear(2 * 12 * 12, 3)).to(DT)
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(16, 3, 48, 48, dtype=DT), torch.randint(0, 3, (16,))
+    assert loop_is_faster(x, 4) and not loop_is_faster(x[:, :, :16, :16], 4)
+    training_step(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), CE, x, y, micro_batch_size=4)
+    training_step(ref, SAM(ref.parameters(), torch.optim.SGD, lr=0.1), CE, x, y, micro_batch_size=4, vectorize=False)
+    assert path_taken(model) is None  # no batched pass was planned
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))  # the loop, bit for bit
+    training_step(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), CE, x, y, micro_batch_size=4,
+                  vectorize=True)
+    assert path_taken(model) == "structured"  # asked for: batched whatever the size
