@@ -9,26 +9,33 @@ median over rounds of the mean step time in a block, and its ratio to our SGD st
     python benchmarks/bench_sam_step.py --steps 30 --device cuda --models resnet20
     python benchmarks/bench_sam_step.py --models digits-b16,digits-b128    # the m-SAM targets only
 
-m-SAM runs with each config's ``m``: "m-sam" is ``training_step``'s default (the micro-batches as one pass through
-the network's own layers, :mod:`sharpscope.optim.micro_batches`), "m-sam vmap" the batched path of models it cannot
-run (``torch.func.vmap`` over the micro-batches; forced here), "m-sam loop" is ``vectorize=False`` (one micro-batch
-after the other, the reference); the last column of those rows is the cost relative to the loop.
+m-SAM runs with each config's ``m``: "m-sam" is the micro-batches as one pass through the network's own layers
+(:mod:`sharpscope.optim.micro_batches`, ``vectorize=True``), "m-sam vmap" the batched path of models it cannot run
+(``torch.func.vmap`` over the micro-batches; forced here), "m-sam loop" is ``vectorize=False`` (one micro-batch after
+the other, the reference); the last column of those rows is the cost relative to the loop. A line under each table
+says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
+``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-06 night (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine), step
-time x SGD; SGD 2.36 and 7.33 ms:
+Measured 2026-12-06, late night (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine,
+three runs: the range), step time x SGD (SGD 2.4-3.0 and 7.5-8.1 ms; the machine ran ~30% slower than in the
+evening):
 
-    config (digits ConvNet)   SAM    m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.10   3.22             4.34         5.67         1.95
-    batch 128, m = 8          2.03   3.03             4.72         8.69         2.22
+    config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
+    batch 16, m = 4           2.17-2.26   3.36-3.61        4.28-5.11    4.50-5.73    1.56-2.04
+    batch 128, m = 8          1.95-2.06   2.53-2.64        4.30-4.74    6.86-7.33    2.22-2.33
 
-The goals (2.5x and 2.3x) are not met. Every column but pytorch-optimizer's pools with
-:mod:`sharpscope.max_pool` where it pays (``training_step`` swaps it in on the CPU; at batch 128 here); that took
-~1 ms off the SGD step at batch 128, so an m-SAM step no slower than before (20.7-22.2 ms, 21.7-22.4 ms before)
-reads 3.0-3.3x where it read 2.55x in the afternoon. What the m-SAM step spends beyond SAM's two passes (profiled at
-batch 128): each pass costs 1.4-1.5x a plain forward/backward (per-micro-batch weight gradients from a grouped
-``convolution_backward``, grouped convolutions with the weights ``W + eps_j``, BatchNorm statistics per
-micro-batch; the side-by-side layout these need is ~1 ms of copies per step), ``eps_j`` for every micro-batch
-~0.9 ms, and the running-statistics commit, the refusal checks and the bookkeeping ~0.5 ms.
+(the evening, before the row forms: 3.22 and 3.03; ``--models convnet,resnet20 --steps 6 --rounds 3``: the Fashion-MNIST
+ConvNet, batch 128, m = 32, layers 1.97, loop 2.05, SAM 1.95; ResNet-20, batch 64, m = 16, layers 2.56, loop 2.13, SAM
+2.01, hence the loop by default there.)
+
+The goals (2.5x and 2.3x) are not met; batch 128 came from 3.0 to 2.5-2.6 with the row forms of
+:mod:`sharpscope.optim.micro_batches` (the first convolution as a matmul on its windows, the BatchNorm after it on
+channels-last rows in place, Linear's perturbed pass as one batched matmul). What the m-SAM step spends beyond
+SAM's two passes (profiled at batch 128): each pass costs 1.2-1.3x a plain forward/backward, mostly the second
+convolution's grouped kernels (per-micro-batch weight gradients in the clean pass, the weights ``W + eps_j`` in the
+perturbed one; as a matmul on its windows it was slower still, 2.2x on ResNet-20); ``eps_j`` for every micro-batch
+~1 ms; the running-statistics commit, the refusal checks and the bookkeeping ~0.5 ms. At batch 16 each pass is
+~0.7 ms over a plain one, the Python of the per-layer forms.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
