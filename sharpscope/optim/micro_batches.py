@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import weakref
@@ -138,6 +139,17 @@ def _stacked_back(t: Tensor, groups: int, *, channels_last: bool = False) -> Ten
 
 
 # --------------------------------------------------------------------------------- clean-pass kernels
+def _weight_gradient(x: Tensor, go: Tensor) -> Tensor:
+    """``go_j^T x_j`` per micro-batch: ``x (G, R, in)``, ``go (G, R, out)`` -> contiguous ``(G, out, in)``.
+
+    The matmul runs in the orientation with the longer output rows: for few inputs (a convolution's windows of one
+    channel: 9 columns) ``(x^T go)^T`` is ~4x faster, for more inputs than outputs ``go^T x`` is ~10x faster than
+    that (one thread; the Linear 256 -> 128 of the digits ConvNet, 16 micro-batches of 8)."""
+    if x.shape[-1] < go.shape[-1]:
+        return torch.bmm(x.transpose(1, 2), go).transpose(1, 2).contiguous()
+    return torch.bmm(go.transpose(1, 2), x)
+
+
 class _SharedLinear(torch.autograd.Function):
     """``F.linear(x, W, b)`` whose backward gives the per-micro-batch weight gradients to ``offset_w``/``offset_b``.
 
@@ -162,7 +174,7 @@ class _SharedLinear(torch.autograd.Function):
         grad_w = grad_b = None
         if ctx.needs_input_grad[3]:
             xv = x.reshape(groups, -1, x.shape[-1])
-            grad_w = torch.bmm(xv.transpose(1, 2), gov).transpose(1, 2)  # x^T go: up to 5x faster for few inputs
+            grad_w = _weight_gradient(xv, gov)
         if ctx.needs_input_grad[4]:
             grad_b = gov.sum(dim=1)
         return grad_x, None, None, grad_w, grad_b, None
@@ -194,7 +206,7 @@ class _SharedConv(torch.autograd.Function):
                 go, x, weight, None, stride, padding, dilation, False, [0] * dims, conv_groups,
                 [True, False, False])[0]
         if ctx.needs_input_grad[3]:
-            shape_only = weight.expand(groups, *weight.shape).reshape(groups * weight.shape[0], *weight.shape[1:])
+            shape_only = weight.new_empty(groups * weight.shape[0], *weight.shape[1:])  # read for its shape only
             grad_w = torch.ops.aten.convolution_backward(
                 _side_by_side(go, groups), _side_by_side(x, groups), shape_only, None, stride, padding, dilation,
                 False, [0] * dims, conv_groups * groups, [False, True, False])[1]
@@ -224,6 +236,11 @@ def _windows(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: S
         padded[(slice(None), *[slice(p, p + s) for s, p in zip(sp, padding)])].copy_(x.movedim(1, -1))
     else:
         padded = x.movedim(1, -1).contiguous()
+    if c == 1:  # the K shifted views stacked: 2-4x faster than the strided copy's one-element runs (3.6x at 28x28)
+        taps = [padded[(slice(None), *[slice(o * d, o * d + st * (s - 1) + 1, st)
+                                       for o, d, st, s in zip(offset, dilation, stride, out_sp)])]
+                for offset in itertools.product(*[range(k) for k in kernel])]
+        return torch.stack(taps, dim=-2).reshape(n * math.prod(out_sp), math.prod(kernel))
     st = padded.stride()
     dims = len(sp)
     windows = padded.as_strided(
@@ -257,7 +274,7 @@ class _PerturbedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(go.reshape(ctx.groups, -1, go.shape[-1]), weights).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = x.reshape(-1, x.shape[-1]).t().mm(rows).t()  # x^T go: up to 5x faster for few inputs
+            grad_w = _weight_gradient(x.reshape(1, -1, x.shape[-1]), rows[None])[0]
         if ctx.needs_input_grad[2]:
             grad_b = rows.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None, None
