@@ -28,7 +28,9 @@ evening):
 ConvNet, batch 128, m = 32, layers 1.97, loop 2.05, SAM 1.95; ResNet-20, batch 64, m = 16, layers 2.56, loop 2.13, SAM
 2.01, hence the loop by default there.)
 
-The goals (2.5x and 2.3x) are not met; batch 128 came from 3.0 to 2.5-2.6 with the row forms of
+Over eight runs of the last two commits the batch-128 m-SAM ratio read 2.46-2.85 (batch 16: 3.30-3.69): this step
+is the one most sensitive to the machine's state. The goals (2.5x and 2.3x) are not met; batch 128 came from 3.0 to
+2.5-2.85 with the row forms of
 :mod:`sharpscope.optim.micro_batches` (the first convolution as a matmul on its windows, the BatchNorm after it on
 channels-last rows in place, Linear's perturbed pass as one batched matmul). What the m-SAM step spends beyond
 SAM's two passes (profiled at batch 128): each pass costs 1.2-1.3x a plain forward/backward, mostly the second
