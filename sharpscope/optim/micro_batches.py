@@ -645,7 +645,8 @@ class StructuredPasses:
         plan.rows = True
         params = dict(twin.named_parameters())
         as64 = lambda t: t.double() if t.is_floating_point() else t
-        plan._check([params[name] for name in self.names], loss_fn, as64(x), as64(y), m, make_eps)
+        loss64 = copy.deepcopy(loss_fn).double() if isinstance(loss_fn, nn.Module) else loss_fn  # e.g. class weights
+        plan._check([params[name] for name in self.names], loss64, as64(x), as64(y), m, make_eps)
 
     def _check(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, m: int,
                make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:

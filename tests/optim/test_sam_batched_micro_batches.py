@@ -528,7 +528,8 @@ def test_row_forms_are_checked_on_a_float64_copy_of_a_float32_model(monkeypatch)
     model = model.float()
     opt = build_sam(model, SAM_SETTINGS["sgd-momentum"])
     x, y = data[0]
-    training_step(model, opt, CE, x.float(), y, micro_batch_size=4)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5]))  # a float32 buffer in the loss: copied too
+    training_step(model, opt, weighted, x.float(), y, micro_batch_size=4)
     assert checked == [(True, torch.float64)]
     assert micro_batches._PLANS[model].rows and all(p.dtype == torch.float32 for p in model.parameters())
 
