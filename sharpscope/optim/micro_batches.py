@@ -8,7 +8,7 @@ just those layers (and BatchNorm, whose batch statistics are per micro-batch):
 
 * **clean pass** (``w`` shared): Linear and convolutions run their ordinary kernel; their backward returns the
   input gradient as usual and, instead of the summed weight gradient, each micro-batch's weight gradient
-  (``x_j^T go_j`` as one batched matmul for Linear; one grouped ``convolution_backward`` over the micro-batches
+  (``go_j^T x_j`` as one batched matmul for Linear; one grouped ``convolution_backward`` over the micro-batches
   laid side by side as channel groups, ``(m, G C, ...)``, for convolutions). BatchNorm in training mode
   normalises each micro-batch with its own statistics and returns them for the running buffers; LayerNorm and
   GroupNorm are per sample already. The affine weights of the normalisations get per-micro-batch gradients
@@ -356,8 +356,10 @@ def _perturbed_rows(x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tenso
 
 def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     """Convolution: the row form (:func:`_conv_rows`) where it applies, else the grouped form. Grouped form, clean:
-    the layer's kernel, per-micro-batch weight gradients (:class:`_SharedConv`); perturbed: one grouped convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` side by side
-    (built from the live ``W``: autograd sums the micro-batches' weight gradients into it)."""
+    the layer's kernel, per-micro-batch weight gradients (:class:`_SharedConv`); perturbed: one grouped
+    convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` side by side (built from the live
+    ``W``: autograd sums the micro-batches' weight gradients into it), stacked back channels-last under the row
+    forms (the BatchNorm after it then reads it in place)."""
     module = layer.module
     weight, w_off = _tensors(layer, call, "weight")
     bias, b_off = _tensors(layer, call, "bias")
