@@ -56,7 +56,7 @@ from torch import nn
 
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, micro_batches, training_step
-from sharpscope.optim.step import LOOP_FROM_ELEMENTS
+from sharpscope.optim.step import LOOP_FROM_ELEMENTS, loop_is_faster
 
 HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "rho": 0.05}  # the anchor study's settings (sam.md s.9)
 CONFIGS = {
@@ -181,6 +181,25 @@ def print_exactness(names: list[str]) -> None:
             print(f"  {name:<12} {path:<7} {diff:.3g}  (the loop moved the weights by up to {moved:.3g})")
 
 
+def print_table(name: str, rows: list[tuple[str, float | str]], device: torch.device) -> None:
+    """``rows`` of :func:`bench_model` for config ``name``: ms, x SGD, x the loop; then which path the default takes."""
+    model_name, kwargs, batch_size, m = CONFIGS[name]
+    shape = (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"])
+    print(f"\n{name}: {model_name} ({'x'.join(map(str, shape))}, batch {batch_size}, m {m})")
+    print(f"  {'step':<24}{'median ms':>12}{'x sgd':>9}{'x loop':>9}")
+    sgd, loop = dict(rows)["sgd"], dict(rows)[f"m-sam m={m} loop"]
+    for key, value in rows:
+        if isinstance(value, str):
+            print(f"  {key:<24}{'-':>12}{'-':>9}   {value}")
+        else:
+            vs_loop = f"{value / loop:>9.2f}" if key.startswith("m-sam") else ""
+            print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}{vs_loop}")
+    micro_batch = torch.empty(m, *shape, device=device)
+    default = "the loop" if loop_is_faster(micro_batch, m) else "the layers"
+    print(f"  training_step's default here: {default} ({micro_batch.numel():,} input elements per micro-batch; the "
+          f"CPU takes the loop above {LOOP_FROM_ELEMENTS:,})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per column and model (default 12)")
@@ -194,22 +213,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.steps} timed steps per "
           f"column; hp {HP}")
     for name in args.models.split(","):
-        model_name, kwargs, batch_size, m = CONFIGS[name]
-        shape = f"{kwargs['in_channels']}x{kwargs['image_size']}x{kwargs['image_size']}"
-        print(f"\n{name}: {model_name} ({shape}, batch {batch_size}, m {m})")
-        print(f"  {'step':<24}{'median ms':>12}{'x sgd':>9}{'x loop':>9}")
-        rows = bench_model(name, steps=args.steps, rounds=args.rounds, device=device)
-        sgd, loop = dict(rows)["sgd"], dict(rows)[f"m-sam m={m} loop"]
-        for key, value in rows:
-            if isinstance(value, str):
-                print(f"  {key:<24}{'-':>12}{'-':>9}   {value}")
-            else:
-                vs_loop = f"{value / loop:>9.2f}" if key.startswith("m-sam") else ""
-                print(f"  {key:<24}{value * 1e3:>12.2f}{value / sgd:>9.2f}{vs_loop}")
-        elements = m * kwargs["in_channels"] * kwargs["image_size"] ** 2
-        default = "the loop" if device.type == "cpu" and elements > LOOP_FROM_ELEMENTS else "the layers"
-        print(f"  training_step's default here: {default} ({elements:,} input elements per micro-batch; the CPU "
-              f"takes the loop above {LOOP_FROM_ELEMENTS:,})")
+        print_table(name, bench_model(name, steps=args.steps, rounds=args.rounds, device=device), device)
     print_exactness(args.models.split(","))
 
 

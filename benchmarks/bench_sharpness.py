@@ -150,13 +150,10 @@ def sam_step_costs(configs: list[str]) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds): ms, x SGD, x loop")
+        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds)")
+        cpu = torch.device("cpu")
         for name in configs:
-            m = bench.CONFIGS[name][3]
-            rows = dict(bench.bench_model(name, steps=24, rounds=8, device=torch.device("cpu")))
-            sgd, loop = rows["sgd"], rows[f"m-sam m={m} loop"]
-            for key in ("sgd", "sam", f"m-sam m={m}", f"m-sam m={m} vmap", f"m-sam m={m} loop"):
-                print(f"  {name:<12} {key:<18}{rows[key] * 1e3:>9.2f}{rows[key] / sgd:>7.2f}{rows[key] / loop:>7.2f}")
+            bench.print_table(name, bench.bench_model(name, steps=24, rounds=8, device=cpu), cpu)
         bench.print_exactness(configs)
     finally:
         torch.set_num_threads(threads)

@@ -26,24 +26,16 @@ def device(request) -> str:
     return request.param
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def sharpscope_process():
     """``run(args, cwd, ranks=None)``: ``python -m sharpscope -q ARGS`` in a real process, or under a ``ranks``-rank
-    ``torchrun`` (gloo, a free port; ``--`` keeps torchrun from reading ``--m`` as its own option); asserts exit 0."""
+    ``torchrun`` (gloo, ``--standalone``: torchrun picks a free port itself; ``--`` keeps torchrun from reading ``--m`` as its own option); asserts exit 0."""
     import subprocess
     import sys
 
     def run(args: list[str], cwd, ranks: int | None = None) -> None:
-        launcher = [] if ranks is None else ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                                             f"--master_port={_free_port()}"]
+        launcher = [] if ranks is None else ["-m", "torch.distributed.run", "--standalone",
+                                             f"--nproc_per_node={ranks}"]
         command = [sys.executable, *launcher, "-m", "sharpscope", *([] if ranks is None else ["--"]), "-q",
                    *map(str, args)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -334,21 +334,18 @@ class _Evaluator:
         # torch.compile'd: the compiled graph runs; else max pools run sharpscope.max_pool's kernel (same values)
         pools = contextlib.nullcontext() if self.forward is not self.model else fast_max_pools(self.model)
         with pools:
-            return self._point(losses, predictions)
-
-    def _point(self, losses: list[Tensor], predictions: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        for batch in self.batches:
-            if self.autocast_dtype is None:
-                out, loss = batch_loss(self.forward, self.loss_fn, batch)
-            else:
-                with torch.autocast(self.weights.device.type, dtype=self.autocast_dtype):
+            for batch in self.batches:
+                if self.autocast_dtype is None:
                     out, loss = batch_loss(self.forward, self.loss_fn, batch)
-                    loss = loss.float() if isinstance(loss, Tensor) else loss
-            if self.calls == 1:
-                self._first(out, loss, None if isinstance(self.loss_fn, BatchLoss) else batch[1])
-            losses.append(loss.reshape(()))
-            if self.classification:
-                predictions.append(out.argmax(dim=1))
+                else:
+                    with torch.autocast(self.weights.device.type, dtype=self.autocast_dtype):
+                        out, loss = batch_loss(self.forward, self.loss_fn, batch)
+                        loss = loss.float() if isinstance(loss, Tensor) else loss
+                if self.calls == 1:
+                    self._first(out, loss, None if isinstance(self.loss_fn, BatchLoss) else batch[1])
+                losses.append(loss.reshape(()))
+                if self.classification:
+                    predictions.append(out.argmax(dim=1))
         return losses, predictions
 
     def reduce(self, points: list[tuple[list[Tensor], list[Tensor]]]) -> tuple[np.ndarray, np.ndarray]:

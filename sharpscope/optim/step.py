@@ -178,8 +178,8 @@ def training_step(
         loop = partial(_loop_passes, model, optimizer, loss_fn, params=params, trainable=trainable, n=n,
                        autocast=autocast, scale=scale, scaler=scaler, sync_perturbation=sync_perturbation)
         full = n // m if len(chunks) > 1 else 0  # micro-batches of exactly m samples
-        if vectorize is None and full >= 2 and loop_is_faster(images, m):
-            full = 0
+        if vectorize is None and loop_is_faster(images, m):
+            full = 0  # the loop is the faster at this size
         refusal = None
         if vectorize is not False and full >= 2:
             refusal = batched_refusal(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
@@ -234,8 +234,7 @@ def loop_is_faster(images: Tensor, micro_batch_size: int) -> bool:
     """Whether ``training_step(vectorize=None)`` runs micro-batches of ``micro_batch_size`` samples of ``images``
     as the loop because it is the faster there: on the CPU, above :data:`LOOP_FROM_ELEMENTS` input elements per
     micro-batch."""
-    per_sample = images[0].numel() if images.dim() > 0 and images.shape[0] else 0
-    return images.device.type == "cpu" and micro_batch_size * per_sample > LOOP_FROM_ELEMENTS
+    return images.device.type == "cpu" and micro_batch_size * images[:1].numel() > LOOP_FROM_ELEMENTS
 
 
 def _loop_passes(

@@ -10,7 +10,6 @@ order (atol 1e-6). A run interrupted under torchrun resumes to the same weights,
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,17 +26,12 @@ from sharpscope.train.trainer import cosine_with_warmup
 PER_RANK_BATCH = 32
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], *, ranks: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node=RANKS ARGS`` (no ``--`` before the script's options, as a
     user types it); asserts exit 0 and returns the finished process (stdout and stderr as text)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--nnodes=1",
-           f"--master_port={free_port()}", *map(str, args)]
+    # --standalone: torchrun picks a free port itself (a port found free here could be taken before it binds)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           *map(str, args)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
