@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from sharpscope.optim.bn import frozen_bn_stats
+from sharpscope.optim.low_rank import LowRank, PerturbedLinear, weight_gradient, worth_it
 
 __all__ = ["StructuredPasses", "structured_plan"]
 
@@ -116,6 +117,8 @@ class _Call:
     weights: list[Tensor]  # the shared w (clean: detached; perturbed: the live parameters)
     offsets: list[Tensor]  # (G, *w.shape): clean, zeros whose gradients are the per-micro-batch ones; perturbed, eps_j
     rows: bool = True  # convolutions and BatchNorm in their row forms where they apply (else the grouped forms)
+    low_rank: frozenset[int] = frozenset()  # clean: Linear weight slots whose gradients may stay factored
+    factors: dict[int, LowRank] = field(default_factory=dict)  # clean: the factored gradients, by slot
     stats: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
     fired: list[int] = field(default_factory=list)
 
@@ -139,29 +142,21 @@ def _stacked_back(t: Tensor, groups: int, *, channels_last: bool = False) -> Ten
 
 
 # --------------------------------------------------------------------------------- clean-pass kernels
-def _weight_gradient(x: Tensor, go: Tensor) -> Tensor:
-    """``go_j^T x_j`` per micro-batch: ``x (G, R, in)``, ``go (G, R, out)`` -> contiguous ``(G, out, in)``.
-
-    The matmul runs in the orientation with the longer output rows: for few inputs (a convolution's windows of one
-    channel: 9 columns) ``(x^T go)^T`` is ~4x faster, for more inputs than outputs ``go^T x`` is ~10x faster than
-    that (one thread; the Linear 256 -> 128 of the digits ConvNet, 16 micro-batches of 8)."""
-    if x.shape[-1] < go.shape[-1]:
-        return torch.bmm(x.transpose(1, 2), go).transpose(1, 2).contiguous()
-    return torch.bmm(go.transpose(1, 2), x)
-
-
 class _SharedLinear(torch.autograd.Function):
     """``F.linear(x, W, b)`` whose backward gives the per-micro-batch weight gradients to ``offset_w``/``offset_b``.
 
     Forward: the layer's own kernel with the shared ``W`` (the offsets are zeros and not read). Backward:
     ``dL/dx = go W``; ``dL/dD_j = go_j^T x_j`` for micro-batch ``j``'s rows (all rows of a sequence input too), one
     ``torch.bmm``; ``dL/dd_j = sum of go_j``. No gradient for ``W``/``b`` (the clean pass wants the rows only).
+    With a ``sink``, the weight gradients are handed to it as their factors instead
+    (:class:`~sharpscope.optim.low_rank.LowRank` of the input and output-gradient rows) and ``offset_w`` gets none.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, offset_w, offset_b, groups):
+    def forward(ctx, x, weight, bias, offset_w, offset_b, groups, sink=None):
         # the (ctx, ...) form: no per-call argument binding (setup_context's costs ~0.2 ms, measured)
         ctx.groups = groups
+        ctx.sink = sink
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -172,12 +167,13 @@ class _SharedLinear(torch.autograd.Function):
         grad_x = go.matmul(weight) if ctx.needs_input_grad[0] else None
         gov = go.reshape(groups, -1, go.shape[-1])
         grad_w = grad_b = None
-        if ctx.needs_input_grad[3]:
-            xv = x.reshape(groups, -1, x.shape[-1])
-            grad_w = _weight_gradient(xv, gov)
+        if ctx.sink is not None:
+            ctx.sink(LowRank(x.reshape(groups, -1, x.shape[-1]), gov))
+        elif ctx.needs_input_grad[3]:
+            grad_w = weight_gradient(x.reshape(groups, -1, x.shape[-1]), gov)
         if ctx.needs_input_grad[4]:
             grad_b = gov.sum(dim=1)
-        return grad_x, None, None, grad_w, grad_b, None
+        return grad_x, None, None, grad_w, grad_b, None, None
 
 
 class _SharedConv(torch.autograd.Function):
@@ -214,6 +210,49 @@ class _SharedConv(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = go.reshape(groups, go.shape[0] // groups, go.shape[1], -1).sum(dim=(1, 3))
         return grad_x, None, None, grad_w, grad_b, None
+
+
+class _PerturbedConv(torch.autograd.Function):
+    """``G`` equal micro-batches through their own convolution weights ``W + E_j`` (constants ``(G, *W.shape)``).
+
+    Forward: one grouped convolution of the ``(m, G C, ...)`` layout (the micro-batches side by side), stacked back
+    to ``(G m, C_out, ...)``, in channels-last memory if ``meta`` asks (the row-form BatchNorm after it reads that
+    in place). Backward: ``dL/dx`` from the grouped ``convolution_backward``; the live ``weight`` and ``bias``
+    receive ``sum_j`` of the micro-batches' gradients, which is the ordinary weight gradient of the whole batch:
+    one plain ``convolution_backward`` of ``x`` and ``go``. (Autograd through the grouped convolution would take
+    the grouped kernel's per-micro-batch weight gradients and sum them: 2.3-2.5 against 1.3 ms for input and weight
+    gradients of the digits ConvNet's second convolution at batch 128, 16 micro-batches, one thread.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weights, biases, meta):
+        stride, padding, dilation, conv_groups, groups, channels_last = meta
+        ctx.meta = meta
+        side = _side_by_side(x, groups)
+        flat = weights.reshape(-1, *weights.shape[2:])
+        out = _CONV_FN[weight.dim() - 2](side, flat, None if biases is None else biases.reshape(-1), stride, padding,
+                                         dilation, conv_groups * groups)
+        ctx.save_for_backward(x, side, weight, flat)
+        return _stacked_back(out, groups, channels_last=channels_last)
+
+    @staticmethod
+    def backward(ctx, go):
+        x, side, weight, flat = ctx.saved_tensors
+        stride, padding, dilation, conv_groups, groups, _ = ctx.meta
+        dims = weight.dim() - 2
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_side = torch.ops.aten.convolution_backward(
+                _side_by_side(go, groups), side, flat, None, stride, padding, dilation, False, [0] * dims,
+                conv_groups * groups, [True, False, False])[0]
+            grad_x = _stacked_back(grad_side, groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                go, x, weight, None, stride, padding, dilation, False, [0] * dims, conv_groups,
+                [False, True, False])[1]
+        if ctx.needs_input_grad[2]:
+            grad_b = go.sum(dim=[0, *range(2, go.dim())])
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 # ------------------------------------------------------------------------------------------ the row forms
@@ -274,7 +313,7 @@ class _PerturbedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(go.reshape(ctx.groups, -1, go.shape[-1]), weights).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_gradient(x.reshape(1, -1, x.shape[-1]), rows[None])[0]
+            grad_w = weight_gradient(x.reshape(1, -1, x.shape[-1]), rows[None])[0]
         if ctx.needs_input_grad[2]:
             grad_b = rows.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None, None
@@ -332,16 +371,25 @@ def _tensors(layer: _Layer, call: _Call, local: str) -> tuple[Tensor | None, Ten
 
 
 def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
-    """Linear. Clean: the layer's kernel, per-micro-batch weight gradients (:class:`_SharedLinear`). Perturbed:
-    ``x_j (W + E_j)^T + b + e_j`` as one batched matmul (:class:`_PerturbedLinear`); ``W`` gets the summed
-    gradient of all rows."""
+    """Linear. Clean: the layer's kernel, per-micro-batch weight gradients (:class:`_SharedLinear`), kept as their
+    factors where the step allows it and few rows make them small (:mod:`sharpscope.optim.low_rank`). Perturbed:
+    ``x_j (W + E_j)^T + b + e_j`` as one batched matmul (:class:`_PerturbedLinear`), or with factored ``E_j``
+    :class:`~sharpscope.optim.low_rank.PerturbedLinear`; ``W`` gets the summed gradient of all rows."""
     weight, w_off = _tensors(layer, call, "weight")
     bias, b_off = _tensors(layer, call, "bias")
     G = call.groups
     if w_off is None and b_off is None:
         return F.linear(x, weight, bias)
     if call.mode == "clean":
+        slot = layer.slots.get("weight")
+        if slot in call.low_rank and worth_it(x.numel() // (x.shape[-1] * G), x.shape[-1], weight.shape[0]):
+            sink = lambda factors: call.factors.__setitem__(slot, factors)
+            return _SharedLinear.apply(x, weight, bias, w_off, b_off, G, sink)  # w_off: keeps the node in the graph
         return _SharedLinear.apply(x, weight, bias, w_off, b_off, G)
+    if isinstance(w_off, LowRank):
+        with torch.no_grad():
+            biases = None if b_off is None else bias + b_off
+        return PerturbedLinear.apply(x, weight, bias, biases, w_off.inputs, w_off.grads)
     return _perturbed_rows(x, weight, bias, w_off, b_off, G)
 
 
@@ -357,9 +405,9 @@ def _perturbed_rows(x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tenso
 def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     """Convolution: the row form (:func:`_conv_rows`) where it applies, else the grouped form. Grouped form, clean:
     the layer's kernel, per-micro-batch weight gradients (:class:`_SharedConv`); perturbed: one grouped
-    convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` side by side (built from the live
-    ``W``: autograd sums the micro-batches' weight gradients into it), stacked back channels-last under the row
-    forms (the BatchNorm after it then reads it in place)."""
+    convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` side by side, stacked back
+    channels-last under the row forms (the BatchNorm after it then reads it in place), whose backward gives the live
+    ``W`` the ordinary weight gradient of the whole batch (:class:`_PerturbedConv`)."""
     module = layer.module
     weight, w_off = _tensors(layer, call, "weight")
     bias, b_off = _tensors(layer, call, "bias")
@@ -373,13 +421,11 @@ def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     if call.mode == "clean":
         meta = (module.stride, layer.padding, module.dilation, module.groups, G)
         return _SharedConv.apply(x, weight, bias, w_off, b_off, meta)
-    w = weight + w_off if w_off is not None else weight.expand(G, *weight.shape)
-    b = None
-    if bias is not None:
-        b = (bias + b_off if b_off is not None else bias.expand(G, *bias.shape)).reshape(-1)
-    out = conv(_side_by_side(x, G), w.reshape(-1, *w.shape[2:]), b, module.stride, layer.padding, module.dilation,
-               module.groups * G)
-    return _stacked_back(out, G, channels_last=call.rows)
+    with torch.no_grad():
+        weights = weight + w_off if w_off is not None else weight.expand(G, *weight.shape)
+        biases = None if bias is None else bias + b_off if b_off is not None else bias.expand(G, *bias.shape)
+    meta = (module.stride, layer.padding, module.dilation, module.groups, G, call.rows)
+    return _PerturbedConv.apply(x, weight, bias, weights, biases, meta)
 
 
 def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None,
@@ -537,6 +583,9 @@ class StructuredPasses:
         self.tracked = tracked
         self.checked = False
         self.rows = True  # the row forms of convolutions and BatchNorm; off if they fail the check (see check)
+        # the Linear weights, whose clean gradients may stay factored (sharpscope.optim.low_rank)
+        self.low_rank_slots = frozenset(layer.slots["weight"] for layer in layers
+                                        if layer.base in _LINEAR and "weight" in layer.slots)
 
     @contextlib.contextmanager
     def _swapped(self, call: _Call) -> Iterator[None]:
@@ -580,34 +629,40 @@ class StructuredPasses:
         return out
 
     def clean(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, groups: int, *,
-              scale: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+              scale: Tensor | None = None, low_rank: bool = False,
+              ) -> tuple[list[Tensor | LowRank], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
         """Per-micro-batch clean gradients at the shared ``weights``.
 
         ``x (G m, ...)``, ``y (G m, ...)``. Returns ``(grads, losses, logits, stats)``: ``grads[i]`` is
         ``(G, *weights[i].shape)`` (of ``scale * L_j`` when a loss scale is given), ``losses (G,)`` the unscaled
         ``L_j``, ``logits`` the outputs for all samples (detached), ``stats`` per tracked BatchNorm the micro-batch
-        means and unbiased variances ``(G, C)``.
+        means and unbiased variances ``(G, C)``. With ``low_rank`` (and no ``scale``), the gradients of Linear
+        weights come as their factors (:class:`~sharpscope.optim.low_rank.LowRank`) where few rows make them small.
         """
         shared = [w.detach() for w in weights]
-        offsets = [torch.zeros((), dtype=w.dtype, device=w.device).expand(groups, *w.shape).requires_grad_()
+        zero = torch.zeros((), dtype=shared[0].dtype, device=shared[0].device)
+        offsets = [zero.to(w.dtype).expand(groups, *w.shape).requires_grad_()
                    for w in shared]  # stride 0: nothing to fill
-        call = _Call("clean", groups, x.shape[0], shared, offsets, self.rows)
+        call = _Call("clean", groups, x.shape[0], shared, offsets, self.rows,
+                     low_rank=self.low_rank_slots if low_rank and scale is None else frozenset())
         with torch.enable_grad():
             logits = self._forward(call, x)
             losses = chunk_losses(loss_fn, logits, y, groups)
             total = losses.sum() if scale is None else losses.sum() * scale
             grads = torch.autograd.grad(total, offsets, allow_unused=True)
-        grads = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g
-                 for o, g in zip(offsets, grads)]
+        grads = [call.factors[i] if i in call.factors else torch.zeros(o.shape, dtype=o.dtype, device=o.device)
+                 if g is None else g for i, (o, g) in enumerate(zip(offsets, grads))]
         if any(s is None for s in call.stats):
             raise Unsupported("a BatchNorm that tracks running statistics did not run in the clean pass")
         return grads, losses.detach(), logits.detach(), call.stats  # type: ignore[return-value]
 
-    def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor,
-                  groups: int) -> Tensor:
-        """``(G,)`` losses ``L_j(w + eps_j)``, ``eps[i]`` ``(G, *w_i.shape)`` (constants), with a graph to the live
-        ``weights`` (the backward of ``sum_j c_j L_j`` adds ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``)."""
-        call = _Call("perturbed", groups, x.shape[0], list(weights), [e.detach() for e in eps], self.rows)
+    def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor | LowRank], loss_fn: Callable, x: Tensor,
+                  y: Tensor, groups: int) -> Tensor:
+        """``(G,)`` losses ``L_j(w + eps_j)``, ``eps[i]`` ``(G, *w_i.shape)`` (constants; a Linear weight's may be
+        factored), with a graph to the live ``weights`` (the backward of ``sum_j c_j L_j`` adds
+        ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``)."""
+        offsets = [e if isinstance(e, LowRank) else e.detach() for e in eps]
+        call = _Call("perturbed", groups, x.shape[0], list(weights), offsets, self.rows)  # type: ignore[arg-type]
         logits = self._forward(call, x)
         return chunk_losses(loss_fn, logits, y, groups)
 
@@ -654,9 +709,11 @@ class StructuredPasses:
                make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
         groups = min(2, x.shape[0] // m)
         x, y = x[: groups * m], y[: groups * m]
-        grads, losses, _, _ = self.clean(weights, loss_fn, x, y, groups)
+        grads, losses, _, _ = self.clean(weights, loss_fn, x, y, groups, low_rank=True)
         eps = make_eps(grads)
         perturbed_losses = self.perturbed(weights, eps, loss_fn, x, y, groups)
+        grads = [g.dense() if isinstance(g, LowRank) else g for g in grads]
+        eps = [e.dense() if isinstance(e, LowRank) else e for e in eps]
         sam_grads = torch.autograd.grad(perturbed_losses.sum(), list(weights), allow_unused=True)
         tol = math.sqrt(torch.finfo(weights[0].dtype).eps)
         names = self.names

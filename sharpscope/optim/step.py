@@ -55,8 +55,9 @@ from torch.optim import Optimizer
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.max_pool import fast_max_pools
-from sharpscope.optim import micro_batches
+from sharpscope.optim import low_rank, micro_batches
 from sharpscope.optim.bn import frozen_bn_stats
+from sharpscope.optim.low_rank import LowRank
 from sharpscope.optim.perturbation import stacked_joint_perturbation
 from sharpscope.optim.sam import SAM
 
@@ -574,7 +575,9 @@ def _run_batched(
     else:
         if passes.tracked != norms:
             raise micro_batches.Unsupported("the BatchNorm layers changed since the plan was made")
-        clean = partial(passes.clean, loss_fn=loss_fn, scale=scale_value)
+        # factored Linear gradients (sharpscope.optim.low_rank) where eps_j is rho g_j / ||g_j||: p = 2, no ASAM
+        factored = all(group["p"] == 2.0 and not group["adaptive"] for _, _, _, group in entries)
+        clean = partial(passes.clean, loss_fn=loss_fn, scale=scale_value, low_rank=factored)
         perturbed = partial(passes.perturbed, loss_fn=loss_fn)
         context = contextlib.nullcontext()
     live = [w for _, w, _, _ in entries]
@@ -606,8 +609,18 @@ def _run_batched(
     return total_loss, total_correct, found_inf
 
 
-def _stacked_eps(entries: list, grads: list[Tensor]) -> list[Tensor]:
-    """``eps_j`` for every row of the stacked clean gradients, one joint ball per ``p`` (as :meth:`SAM.perturb`)."""
+def _stacked_eps(entries: list, grads: list[Tensor | LowRank]) -> list[Tensor | LowRank]:
+    """``eps_j`` for every row of the stacked clean gradients, one joint ball per ``p`` (as :meth:`SAM.perturb`).
+
+    Factored gradients (:class:`~sharpscope.optim.low_rank.LowRank`) give factored ``eps_j`` for p = 2 without
+    ASAM where the plain norm is safe (:func:`sharpscope.optim.low_rank.joint_perturbation`); otherwise they are
+    expanded to their ``(G, out, in)`` stacks first."""
+    if any(isinstance(g, LowRank) for g in grads):
+        if all(group["p"] == 2.0 and not group["adaptive"] for _, _, _, group in entries):
+            eps = low_rank.joint_perturbation(grads, [rho for _, _, rho, _ in entries])
+            if eps is not None:
+                return eps
+        grads = [g.dense() if isinstance(g, LowRank) else g for g in grads]
     families: dict[float, list[int]] = {}
     for i, (_, _, _, group) in enumerate(entries):
         families.setdefault(group["p"], []).append(i)

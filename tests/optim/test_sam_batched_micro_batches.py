@@ -22,6 +22,7 @@ from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import SAM, micro_batches, training_step
+from sharpscope.optim.low_rank import LowRank
 from sharpscope.optim.step import batched_refusal, loop_is_faster
 
 CE = nn.CrossEntropyLoss()
@@ -109,6 +110,24 @@ class SequenceHead(nn.Module):
         return self.head(torch.tanh(self.norm(self.proj(x))).mean(1))
 
 
+def mlp_wide_bn():
+    """A Linear wide enough for its per-micro-batch gradients to stay factored at m = 4 and 6 (low_rank.worth_it);
+    no bias before BatchNorm (its gradient is 0 up to rounding, which Adam would amplify to a full step)."""
+    return nn.Sequential(nn.Linear(20, 32, bias=False), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
+
+
+class WideSequence(nn.Module):
+    """Tokens (n, 2, 24) -> Linear(24, 48) -> LayerNorm -> mean over tokens -> Linear: 2 m rows per micro-batch,
+    factored at m = 4 (8 rows), not at m = 6 (12 rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm, self.head = nn.Linear(24, 48), nn.LayerNorm(48), nn.Linear(48, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.proj(x))).mean(1))
+
+
 MODELS = {  # name: (factory, input shape of one sample)
     "mlp": (mlp, (5,)),
     "mlp-batchnorm": (mlp_bn, (5,)),
@@ -123,6 +142,8 @@ MODELS = {  # name: (factory, input shape of one sample)
     "conv1d-groups-batchnorm1d": (conv1d_bn, (2, 6)),
     "conv3d-batchnorm3d": (conv3d, (1, 3, 3, 3)),
     "sequence-layernorm": (SequenceHead, (4, 5)),
+    "mlp-wide-batchnorm-low-rank": (mlp_wide_bn, (20,)),
+    "sequence-wide-low-rank": (WideSequence, (2, 24)),
 }
 
 SAM_SETTINGS = {  # name: SAM keyword arguments
@@ -205,7 +226,7 @@ def test_batched_equals_loop_on_every_model(model_name, m, path, monkeypatch):
 
 
 @pytest.mark.parametrize("settings", list(SAM_SETTINGS))
-@pytest.mark.parametrize("model_name", ["convnet-batchnorm", "layernorm"])
+@pytest.mark.parametrize("model_name", ["convnet-batchnorm", "layernorm", "mlp-wide-batchnorm-low-rank"])
 def test_batched_equals_loop_for_every_sam_variant(settings, model_name):
     model, data = make(model_name, seed=3)
     ref = copy.deepcopy(model)
@@ -441,6 +462,23 @@ def test_structured_check_rejects_sample_mixing_and_outside_uses_then_vmap_match
     reason = micro_batches._PLANS[model]
     assert isinstance(reason, str) and "check against the micro-batches run alone failed" in reason, reason
     assert path_taken(model) == "vmap"
+
+
+@pytest.mark.parametrize(("model_name", "m", "factored"), [
+    ("mlp-wide-batchnorm-low-rank", 4, ["0.weight"]), ("mlp-wide-batchnorm-low-rank", 6, ["0.weight"]),
+    ("sequence-wide-low-rank", 4, ["proj.weight"]), ("sequence-wide-low-rank", 6, []), ("mlp", 4, [])])
+def test_linear_gradients_stay_factored_where_they_are_small(model_name, m, factored):
+    model, data = make(model_name)
+    names = [name for name, _ in model.named_parameters()]
+    plan = micro_batches.structured_plan(model, names)
+    x, y = data[0][0][: 2 * m], data[0][1][: 2 * m]
+    grads, *_ = plan.clean(list(model.parameters()), CE, x, y, 2, low_rank=True)
+    assert [n for n, g in zip(names, grads) if isinstance(g, LowRank)] == factored
+    dense, *_ = plan.clean(list(model.parameters()), CE, x, y, 2)
+    assert not any(isinstance(g, LowRank) for g in dense)
+    for name, a, b in zip(names, grads, dense):
+        torch.testing.assert_close(a.dense() if isinstance(a, LowRank) else a, b, rtol=1e-12, atol=1e-14,
+                                   msg=lambda s, name=name: f"{name}: {s}")
 
 
 def test_structured_plan_says_what_it_cannot_run():
