@@ -54,6 +54,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sharpscope.cpu_memory import retain_freed_memory
 from sharpscope.models import create_model
 from sharpscope.optim import create_optimizer, micro_batches, training_step
 from sharpscope.optim.step import LOOP_FROM_ELEMENTS, loop_is_faster
@@ -207,11 +208,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="retain: freed CPU memory stays in the process, as in sharpscope train "
+                             "(sharpscope.cpu_memory); default: glibc's own thresholds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    retained = args.malloc == "retain" and retain_freed_memory()
     print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.steps} timed steps per "
-          f"column; hp {HP}")
+          f"column; freed CPU memory {'retained' if retained else 'returned (glibc default)'}; hp {HP}")
     for name in args.models.split(","):
         print_table(name, bench_model(name, steps=args.steps, rounds=args.rounds, device=device), device)
     print_exactness(args.models.split(","))

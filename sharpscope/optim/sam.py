@@ -282,6 +282,24 @@ class SAM(Optimizer):
             self._backups.extend(backups)
 
     @torch.no_grad()
+    def hold(self, param: Tensor) -> None:
+        """Count the weights as perturbed without moving them, so that ``step()`` finishes a SAM step: it restores
+        (here: ``param`` from an exact copy, unchanged) and takes the base optimizer's step.
+
+        For callers that ran the perturbed passes on separate tensors ``w + eps_j`` and accumulated the SAM
+        gradient in ``p.grad`` (``training_step``'s batched m-SAM micro-batches), also through ``GradScaler.step``.
+
+        Raises:
+            SharpscopeError: if already perturbed.
+        """
+        if self._perturbed:
+            raise SharpscopeError("hold() called while perturbed; call second_step() (or restore()) first")
+        backup = self._backup_buffer(param)
+        backup.copy_(param)
+        self._perturbed.append(param)
+        self._backups.append(backup)
+
+    @torch.no_grad()
     def restore(self) -> None:
         """Copy the stored weights back (bit-exact ``w``); a no-op when not perturbed. No optimizer step."""
         if self._perturbed:

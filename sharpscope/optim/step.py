@@ -648,33 +648,40 @@ def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances
         tracked = module.num_batches_tracked
         if module.momentum is None:
             seen = int(tracked) if tracked is not None else 0  # a host sync, as in BatchNorm's own forward
-            factors = [1.0 / (seen + k + 1) for k in range(count)]
+            keep, coefs = _update_coefficients(tuple(1.0 / (seen + k + 1) for k in range(count)), mean)
         else:
-            factors = [float(module.momentum)] * count
-        keep = [1.0] * (count + 1)  # keep[k] = prod_{l >= k} (1 - a_l)
-        for k in range(count - 1, -1, -1):
-            keep[k] = keep[k + 1] * (1.0 - factors[k])
-        coefs = torch.tensor([factors[k] * keep[k + 1] for k in range(count)], dtype=torch.float64)
+            keep, coefs = _update_coefficients((float(module.momentum),) * count, mean)
         for running, stat in ((module.running_mean, mean), (module.running_var, var)):
             if running is not None:
-                c = coefs.to(device=stat.device, dtype=stat.dtype)[:, None]
-                running.mul_(keep[0]).add_((c * stat).sum(dim=0).to(running.dtype))
+                running.mul_(keep).add_((coefs @ stat).to(running.dtype))
         if tracked is not None:
             tracked.add_(count)
 
 
-def _arm_sam_step(optimizer: SAM, params: list[Tensor], trainable: list[int]) -> None:
-    """Let ``optimizer.step()`` (direct or via ``GradScaler.step``) take the base step after a batched pass.
+def _update_coefficients(factors: tuple[float, ...], like: Tensor) -> tuple[float, Tensor]:
+    """``(prod_k (1 - a_k), (a_k prod_{l > k} (1 - a_l))_k)`` for the update factors ``a_k``, the weights as a
+    ``(G,)`` tensor of ``like``'s dtype and device (computed in float64; cached, as the momentum is constant)."""
+    key = (factors, like.dtype, like.device)
+    cached = _UPDATE_COEFFICIENTS.get(key)
+    if cached is None:
+        keep = [1.0] * (len(factors) + 1)  # keep[k] = prod_{l >= k} (1 - a_l)
+        for k in range(len(factors) - 1, -1, -1):
+            keep[k] = keep[k + 1] * (1.0 - factors[k])
+        weights = torch.tensor([factors[k] * keep[k + 1] for k in range(len(factors))], dtype=torch.float64)
+        if len(_UPDATE_COEFFICIENTS) >= 64:  # momentum=None: other factors every step
+            _UPDATE_COEFFICIENTS.clear()
+        cached = _UPDATE_COEFFICIENTS[key] = (keep[0], weights.to(device=like.device, dtype=like.dtype))
+    return cached
 
-    SAM's step without a closure finishes a perturbed step; the batched pass never moves the weights, so this
-    perturbs one trainable tensor by exactly zero (restored bit-exactly by the step).
-    """
-    if not trainable:
-        return
-    i = min(trainable, key=lambda k: params[k].numel())
-    grads: list[Tensor | None] = [None] * len(params)
-    grads[i] = torch.zeros_like(params[i])
-    optimizer.perturb(grads)
+
+_UPDATE_COEFFICIENTS: dict[tuple, tuple[float, Tensor]] = {}
+
+
+def _arm_sam_step(optimizer: SAM, params: list[Tensor], trainable: list[int]) -> None:
+    """Let ``optimizer.step()`` (direct or via ``GradScaler.step``) take the base step after a batched pass, which
+    never moved the weights: :meth:`SAM.hold` on the smallest trainable tensor."""
+    if trainable:
+        optimizer.hold(params[min(trainable, key=lambda k: params[k].numel())])
 
 
 def _average_over_ranks(model: nn.Module, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -276,12 +276,16 @@ def _run(model: nn.Module, train_batches: Any, test_batches: Any, config: TrainC
 
     ``loss_fn=None`` is cross-entropy with ``config.label_smoothing`` over ``(images, labels)`` batches (test loss:
     plain cross-entropy); otherwise any loss of the batch contract, used for training and testing. ``to_device``:
-    move each batch to ``device`` (the user's batches; a DeviceLoader's already are).
+    move each batch to ``device`` (the user's batches; a DeviceLoader's already are). Freed CPU memory stays in the
+    process (:func:`sharpscope.cpu_memory.retain_freed_memory`): the steps reuse it instead of faulting in fresh pages.
     """
     from sharpscope.optim import create_optimizer
     from sharpscope.train.fit import StepRunner
 
     from sharpscope import distributed
+    from sharpscope.cpu_memory import retain_freed_memory
+
+    retain_freed_memory()
 
     is_main = dist_info.is_main
     log = (log or (lambda message: print(message, file=sys.stderr, flush=True))) if is_main else (lambda _: None)
