@@ -151,6 +151,28 @@ def test_restore_without_step_is_exact_and_idempotent():
         assert torch.equal(p, b)
 
 
+def test_hold_lets_step_take_the_base_step_from_unmoved_weights():
+    # the batched m-SAM pass accumulates the SAM gradient in p.grad without moving w, then holds and steps
+    model, ref = tiny_mlp(), tiny_mlp()
+    x, y = batch()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for net in (model, ref):
+            net.zero_grad()
+            ce(net(x), y).backward()
+        opt.hold(next(model.parameters()))
+        assert opt.is_perturbed
+        with pytest.raises(SharpscopeError, match=r"hold\(\) called while perturbed"):
+            opt.hold(next(model.parameters()))
+        opt.step()
+        ref_opt.step()
+        assert not opt.is_perturbed
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert opt.state_dict()["sam"] == {"steps": 2}  # counted as SAM steps (sam_every stays in step)
+
+
 @pytest.mark.parametrize("p", [2.0, math.inf, 1.0, 3.0], ids=lambda p: f"p={p}")
 def test_zero_gradient_leaves_weights_unchanged(p):
     model = tiny_mlp()
