@@ -16,28 +16,21 @@ the other, the reference); the last column of those rows is the cost relative to
 says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
 ``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-06, late night (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, idle machine,
-three runs: the range), step time x SGD (SGD 2.4-3.0 and 7.5-8.1 ms; the machine ran ~30% slower than in the
-evening):
+Measured 2026-12-07 after midnight (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three
+runs: the range), step time x SGD (SGD 2.0-2.2 and 7.0-7.5 ms), freed CPU memory retained as ``sharpscope train``
+does (``--malloc default``, glibc's own thresholds, in one run: m-SAM 3.21 and 2.28):
 
     config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.17-2.26   3.36-3.61        4.28-5.11    4.50-5.73    1.56-2.04
-    batch 128, m = 8          1.95-2.06   2.53-2.64        4.30-4.74    6.86-7.33    2.22-2.33
+    batch 16, m = 4           2.12-2.23   3.08-3.31        4.82-5.28    5.49-5.67    1.92-2.02
+    batch 128, m = 8          1.99-2.02   2.18-2.20        4.05-4.14    6.71-7.09    2.26-2.30
 
-(the evening, before the row forms: 3.22 and 3.03; ``--models convnet,resnet20 --steps 6 --rounds 3``: the Fashion-MNIST
-ConvNet, batch 128, m = 32, layers 1.97, loop 2.05, SAM 1.95; ResNet-20, batch 64, m = 16, layers 2.56, loop 2.13, SAM
-2.01, hence the loop by default there.)
-
-Over eight runs of the last two commits the batch-128 m-SAM ratio read 2.46-2.85 (batch 16: 3.30-3.69): this step
-is the one most sensitive to the machine's state. The goals (2.5x and 2.3x) are not met; batch 128 came from 3.0 to
-2.5-2.85 with the row forms of
-:mod:`sharpscope.optim.micro_batches` (the first convolution as a matmul on its windows, the BatchNorm after it on
-channels-last rows in place, Linear's perturbed pass as one batched matmul). What the m-SAM step spends beyond
-SAM's two passes (profiled at batch 128): each pass costs 1.2-1.3x a plain forward/backward, mostly the second
-convolution's grouped kernels (per-micro-batch weight gradients in the clean pass, the weights ``W + eps_j`` in the
-perturbed one; as a matmul on its windows it was slower still, 2.2x on ResNet-20); ``eps_j`` for every micro-batch
-~1 ms; the running-statistics commit, the refusal checks and the bookkeeping ~0.5 ms. At batch 16 each pass is
-~0.7 ms over a plain one, the Python of the per-layer forms.
+Before this (the previous session, eight runs): m-SAM 3.30-3.69 and 2.46-2.85. What took batch 128 under the 2.3x
+goal: a Linear layer's per-micro-batch gradients kept as their factors (:mod:`sharpscope.optim.low_rank`: no
+``(G, out, in)`` stacks of ``g_j``, ``eps_j`` and ``W + E_j`` for the 256 -> 128 layer, -0.3x), the perturbed
+convolution's weight gradient from one plain kernel instead of the grouped kernel's per-micro-batch ones, and the
+retained memory (:mod:`sharpscope.cpu_memory`; 2,300 page faults per m-SAM step before). What remains beyond SAM's
+two passes at batch 128: the second convolution's grouped kernels and its ``eps_j``. Batch 16 misses its 2.5x goal:
+its kernels are tiny and the step is Python and dispatch (656 aten calls against SAM's 203).
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.

@@ -144,13 +144,17 @@ def sam_step_costs(configs: list[str]) -> None:
     import importlib.util
     from pathlib import Path
 
+    from sharpscope.cpu_memory import retain_freed_memory
+
     spec = importlib.util.spec_from_file_location("bench_sam_step", Path(__file__).with_name("bench_sam_step.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    retained = retain_freed_memory()  # as sharpscope train does (sharpscope.cpu_memory)
     try:
-        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds)")
+        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds; freed CPU memory "
+              f"{'retained, as in sharpscope train' if retained else 'returned (glibc default)'})")
         cpu = torch.device("cpu")
         for name in configs:
             bench.print_table(name, bench.bench_model(name, steps=24, rounds=8, device=cpu), cpu)

@@ -14,9 +14,15 @@ just those layers (and BatchNorm, whose batch statistics are per micro-batch):
   GroupNorm are per sample already. The affine weights of the normalisations get per-micro-batch gradients
   through a zero ``(G, C)`` offset.
 * **perturbed pass** (``w + eps_j`` per micro-batch, from the live parameters, so the backward adds
-  ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``): Linear as one batched matmul with the constants ``W + E_j``
-  (its weight gradient is the ordinary one of all rows), convolutions as one grouped convolution of the
-  ``(m, G C, ...)`` layout with the weights ``W + E_j``, normalisations with per-micro-batch affine weights.
+  ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``): Linear as one batched matmul with the constants ``W + E_j``,
+  convolutions as one grouped convolution of the ``(m, G C, ...)`` layout with the weights ``W + E_j`` (the weight
+  gradient of either is the ordinary one of all rows, one plain kernel), normalisations with per-micro-batch affine
+  weights.
+
+**Factored Linear gradients.** Where a micro-batch has few rows, a Linear layer's clean gradients stay as their
+factors ``O_j^T X_j`` (the layer's output gradients and inputs), ``eps_j`` too for p = 2 without ASAM, and the
+perturbed layer runs as its own matmul plus ``(x_j X_j^T) O_j`` (:mod:`sharpscope.optim.low_rank`): the
+``(G, out, in)`` stacks are never formed.
 
 **Row forms.** A convolution whose input needs no gradient (the layers on the network's input) runs instead as a
 Linear layer on its windows (im2col), ``(N L, K C)`` rows, with the two Linear kernels above; its output is a
