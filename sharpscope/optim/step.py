@@ -575,9 +575,7 @@ def _run_batched(
     else:
         if passes.tracked != norms:
             raise micro_batches.Unsupported("the BatchNorm layers changed since the plan was made")
-        # factored Linear gradients (sharpscope.optim.low_rank) where eps_j is rho g_j / ||g_j||: p = 2, no ASAM
-        factored = all(group["p"] == 2.0 and not group["adaptive"] for _, _, _, group in entries)
-        clean = partial(passes.clean, loss_fn=loss_fn, scale=scale_value, low_rank=factored)
+        clean = partial(passes.clean, loss_fn=loss_fn, scale=scale_value, low_rank=_eps_is_scaled_gradient(entries))
         perturbed = partial(passes.perturbed, loss_fn=loss_fn)
         context = contextlib.nullcontext()
     live = [w for _, w, _, _ in entries]
@@ -616,7 +614,7 @@ def _stacked_eps(entries: list, grads: list[Tensor | LowRank]) -> list[Tensor | 
     ASAM where the plain norm is safe (:func:`sharpscope.optim.low_rank.joint_perturbation`); otherwise they are
     expanded to their ``(G, out, in)`` stacks first."""
     if any(isinstance(g, LowRank) for g in grads):
-        if all(group["p"] == 2.0 and not group["adaptive"] for _, _, _, group in entries):
+        if _eps_is_scaled_gradient(entries):
             eps = low_rank.joint_perturbation(grads, [rho for _, _, rho, _ in entries])
             if eps is not None:
                 return eps
@@ -633,6 +631,12 @@ def _stacked_eps(entries: list, grads: list[Tensor | LowRank]) -> list[Tensor | 
         for i, e in zip(idx, parts):
             eps[i] = e
     return eps
+
+
+def _eps_is_scaled_gradient(entries: list) -> bool:
+    """Whether every ``eps_j`` is ``rho g_j / ||g_j||_2`` (p = 2, no ASAM): then factored Linear gradients stay
+    factored through ``eps_j`` (:mod:`sharpscope.optim.low_rank`)."""
+    return all(group["p"] == 2.0 and not group["adaptive"] for _, _, _, group in entries)
 
 
 @torch.no_grad()
