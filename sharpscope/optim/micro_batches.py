@@ -401,11 +401,19 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
 
 def _perturbed_rows(x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None, b_off: Tensor | None,
                     groups: int) -> Tensor:
-    """:class:`_PerturbedLinear` with the constants ``W + E_j`` and ``b + e_j`` (a frozen tensor: ``W`` for all)."""
-    with torch.no_grad():
-        weights = weight + w_off if w_off is not None else weight.expand(groups, *weight.shape)
-        biases = None if bias is None else bias + b_off if b_off is not None else bias.expand(groups, *bias.shape)
+    """:class:`_PerturbedLinear` with the constants ``W + E_j`` and ``b + e_j``."""
+    weights, biases = _perturbed_constants(weight, bias, w_off, b_off, groups)
     return _PerturbedLinear.apply(x, weight, bias, weights, biases, groups)
+
+
+@torch.no_grad()
+def _perturbed_constants(weight: Tensor, bias: Tensor | None, w_off: Tensor | None, b_off: Tensor | None,
+                         groups: int) -> tuple[Tensor, Tensor | None]:
+    """The constants ``W + E_j`` ``(G, *W.shape)`` and ``b + e_j`` ``(G, out)`` of a perturbed layer (a frozen
+    tensor, without ``eps``: itself for every micro-batch, expanded)."""
+    weights = weight + w_off if w_off is not None else weight.expand(groups, *weight.shape)
+    biases = None if bias is None else bias + b_off if b_off is not None else bias.expand(groups, *bias.shape)
+    return weights, biases
 
 
 def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
@@ -427,9 +435,7 @@ def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     if call.mode == "clean":
         meta = (module.stride, layer.padding, module.dilation, module.groups, G)
         return _SharedConv.apply(x, weight, bias, w_off, b_off, meta)
-    with torch.no_grad():
-        weights = weight + w_off if w_off is not None else weight.expand(G, *weight.shape)
-        biases = None if bias is None else bias + b_off if b_off is not None else bias.expand(G, *bias.shape)
+    weights, biases = _perturbed_constants(weight, bias, w_off, b_off, G)
     meta = (module.stride, layer.padding, module.dilation, module.groups, G, call.rows)
     return _PerturbedConv.apply(x, weight, bias, weights, biases, meta)
 
@@ -656,8 +662,9 @@ class StructuredPasses:
             losses = chunk_losses(loss_fn, logits, y, groups)
             total = losses.sum() if scale is None else losses.sum() * scale
             grads = torch.autograd.grad(total, offsets, allow_unused=True)
-        grads = [call.factors[i] if i in call.factors else torch.zeros(o.shape, dtype=o.dtype, device=o.device)
-                 if g is None else g for i, (o, g) in enumerate(zip(offsets, grads))]
+        grads = [call.factors.get(i, g) for i, g in enumerate(grads)]  # a factored layer's offset got none
+        grads = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g
+                 for o, g in zip(offsets, grads)]
         if any(s is None for s in call.stats):
             raise Unsupported("a BatchNorm that tracks running statistics did not run in the clean pass")
         return grads, losses.detach(), logits.detach(), call.stats  # type: ignore[return-value]

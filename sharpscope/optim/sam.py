@@ -282,9 +282,9 @@ class SAM(Optimizer):
             self._backups.extend(backups)
 
     @torch.no_grad()
-    def hold(self, param: Tensor) -> None:
+    def hold(self) -> None:
         """Count the weights as perturbed without moving them, so that ``step()`` finishes a SAM step: it restores
-        (here: ``param`` from an exact copy, unchanged) and takes the base optimizer's step.
+        (here: the smallest parameter, from an exact copy, unchanged) and takes the base optimizer's step.
 
         For callers that ran the perturbed passes on separate tensors ``w + eps_j`` and accumulated the SAM
         gradient in ``p.grad`` (``training_step``'s batched m-SAM micro-batches), also through ``GradScaler.step``.
@@ -294,6 +294,7 @@ class SAM(Optimizer):
         """
         if self._perturbed:
             raise SharpscopeError("hold() called while perturbed; call second_step() (or restore()) first")
+        param = min((w for group in self.param_groups for w in group["params"]), key=lambda w: w.numel())
         backup = self._backup_buffer(param)
         backup.copy_(param)
         self._perturbed.append(param)

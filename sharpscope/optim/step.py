@@ -39,6 +39,7 @@ makes the whole step be skipped, the SAM gradient goes through ``scaler.unscale_
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -209,7 +210,7 @@ def training_step(
             if chunks:
                 totals = loop(chunks, totals=totals, single=len(chunks) == 1 and totals[0] is None)
             else:
-                _arm_sam_step(optimizer, params, trainable)
+                optimizer.hold()  # the batched pass never moved w: step() takes the base step
             total_loss, total_correct, found_inf = totals
             if found_inf is not None:
                 _poison_grads(params, found_inf)
@@ -652,9 +653,10 @@ def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances
         tracked = module.num_batches_tracked
         if module.momentum is None:
             seen = int(tracked) if tracked is not None else 0  # a host sync, as in BatchNorm's own forward
-            keep, coefs = _update_coefficients(tuple(1.0 / (seen + k + 1) for k in range(count)), mean)
+            keep, coefs = _update_coefficients(tuple(1.0 / (seen + k + 1) for k in range(count)), mean.dtype,
+                                               mean.device)
         else:
-            keep, coefs = _update_coefficients((float(module.momentum),) * count, mean)
+            keep, coefs = _update_coefficients((float(module.momentum),) * count, mean.dtype, mean.device)
         for running, stat in ((module.running_mean, mean), (module.running_var, var)):
             if running is not None:
                 running.mul_(keep).add_((coefs @ stat).to(running.dtype))
@@ -662,30 +664,15 @@ def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances
             tracked.add_(count)
 
 
-def _update_coefficients(factors: tuple[float, ...], like: Tensor) -> tuple[float, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _update_coefficients(factors: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[float, Tensor]:
     """``(prod_k (1 - a_k), (a_k prod_{l > k} (1 - a_l))_k)`` for the update factors ``a_k``, the weights as a
-    ``(G,)`` tensor of ``like``'s dtype and device (computed in float64; cached, as the momentum is constant)."""
-    key = (factors, like.dtype, like.device)
-    cached = _UPDATE_COEFFICIENTS.get(key)
-    if cached is None:
-        keep = [1.0] * (len(factors) + 1)  # keep[k] = prod_{l >= k} (1 - a_l)
-        for k in range(len(factors) - 1, -1, -1):
-            keep[k] = keep[k + 1] * (1.0 - factors[k])
-        weights = torch.tensor([factors[k] * keep[k + 1] for k in range(len(factors))], dtype=torch.float64)
-        if len(_UPDATE_COEFFICIENTS) >= 64:  # momentum=None: other factors every step
-            _UPDATE_COEFFICIENTS.clear()
-        cached = _UPDATE_COEFFICIENTS[key] = (keep[0], weights.to(device=like.device, dtype=like.dtype))
-    return cached
-
-
-_UPDATE_COEFFICIENTS: dict[tuple, tuple[float, Tensor]] = {}
-
-
-def _arm_sam_step(optimizer: SAM, params: list[Tensor], trainable: list[int]) -> None:
-    """Let ``optimizer.step()`` (direct or via ``GradScaler.step``) take the base step after a batched pass, which
-    never moved the weights: :meth:`SAM.hold` on the smallest trainable tensor."""
-    if trainable:
-        optimizer.hold(params[min(trainable, key=lambda k: params[k].numel())])
+    ``(G,)`` tensor (computed in float64; cached, as the momentum is constant: the tensor is never written)."""
+    keep = [1.0] * (len(factors) + 1)  # keep[k] = prod_{l >= k} (1 - a_l)
+    for k in range(len(factors) - 1, -1, -1):
+        keep[k] = keep[k + 1] * (1.0 - factors[k])
+    weights = torch.tensor([factors[k] * keep[k + 1] for k in range(len(factors))], dtype=torch.float64)
+    return keep[0], weights.to(device=device, dtype=dtype)
 
 
 def _average_over_ranks(model: nn.Module, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
