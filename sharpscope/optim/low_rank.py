@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sharpscope.optim.perturbation import row_norms
+
 __all__ = ["LowRank", "joint_perturbation", "worth_it"]
 
 
@@ -76,6 +78,7 @@ class LowRank:
         return LowRank(self.inputs, self.grads * coefs[:, None, None])
 
 
+@torch.no_grad()
 def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]) -> list[Tensor | LowRank] | None:
     """``eps_j = rho_i g_ij / ||g_j||_2`` (p = 2, no ASAM; one joint norm per micro-batch over all tensors) for
     stacked gradients ``(G, ...)``, factored ones staying factored; None where the plain norm is not safe.
@@ -88,7 +91,7 @@ def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
     if first.device.type != "cpu":
         return None
     squares = [g.squared_norms() if isinstance(g, LowRank)
-               else torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2.0, dim=1).square() for g in grads]
+               else row_norms(g).square() for g in grads]
     norm = torch.stack(squares).sum(dim=0).sqrt()
     finfo = torch.finfo(norm.dtype)
     if not bool((torch.isfinite(norm) & (norm > math.sqrt(finfo.tiny) / finfo.eps)).all()):

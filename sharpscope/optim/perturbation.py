@@ -211,9 +211,22 @@ def joint_perturbation(
 def _row_norm(tensors: list[Tensor], ord: float) -> Tensor:
     """Per-row ``||concat(t[g] for t in tensors)||_ord`` of stacked ``(G, ...)`` tensors: a ``(G,)`` tensor."""
     if ord == math.inf:  # abs().amax is several times faster than vector_norm(ord=inf) on CPU, and exact
-        return torch.stack([t.reshape(t.shape[0], -1).abs().amax(dim=1) for t in tensors]).amax(dim=0)
-    norms = torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), ord, dim=1) for t in tensors])
+        return torch.stack([t.abs() if t.dim() == 1 else t.abs().amax(dim=_row_dims(t)) for t in tensors]).amax(dim=0)
+    norms = torch.stack([row_norms(t, ord) for t in tensors])
     return torch.linalg.vector_norm(norms, ord, dim=0)
+
+
+def row_norms(t: Tensor, ord: float = 2.0) -> Tensor:
+    """``(G,)``: the ``ord``-norm of each row ``t[g]`` of a stacked ``(G, ...)`` tensor, reduced in its own memory
+    layout (a permuted stack, e.g. a convolution's gradients in its row form's layout, is not copied: 170 us for
+    the digits ConvNet's 4 x 64 x 32 x 3 x 3 on one thread)."""
+    if t.dim() == 1:
+        return t.abs()
+    return torch.linalg.vector_norm(t, ord, dim=_row_dims(t))
+
+
+def _row_dims(t: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, t.dim()))
 
 
 def _per_row(x: Tensor, like: Tensor) -> Tensor:

@@ -349,40 +349,45 @@ def batched_refusal(
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return f"the model is wrapped in {type(model).__name__}"
     from torch.nn.modules import module as module_mod
-    from torch.nn.utils import parametrize
 
     global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                     "_global_backward_pre_hooks")
     if any(getattr(module_mod, name, None) for name in global_hooks):
         return "global module hooks are registered"
     owned = {id(w) for w in model.parameters()}
-    for name, module in model.named_modules():
-        where = name or type(module).__name__
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or getattr(
-            module, "_backward_pre_hooks", None
-        ):
-            return f"module {where} has forward/backward hooks"
-        if parametrize.is_parametrized(module):
-            return f"module {where} is parametrized"
-        if module.training and (
-            (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
-            or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
-        ):
-            return f"module {where} applies dropout in training mode"
-        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
-            if not isinstance(module, _BATCH_NORMS) or isinstance(module, nn.SyncBatchNorm):
-                return f"module {where} ({type(module).__name__}) updates running statistics"
-            if is_lazy(module.running_mean):
-                return f"module {where} is an uninitialized lazy module"
-        if (isinstance(module, _NORMS) and device_type == "cpu"
-                and autocast_dtype in (torch.float16, torch.bfloat16)):
-            return f"module {where} ({type(module).__name__}) runs under CPU {autocast_dtype} autocast"
+    half_on_cpu = device_type == "cpu" and autocast_dtype in (torch.float16, torch.bfloat16)
+    for module in model.modules():  # every step: the names are looked up only for a refusal
+        reason = _module_refusal(module, half_on_cpu, autocast_dtype)
+        if reason is not None:
+            where = next(name for name, other in model.named_modules() if other is module) or type(module).__name__
+            return f"module {where} {reason}"
     opt_params = [w for group in optimizer.param_groups for w in group["params"]]
     if any(id(w) not in owned for w in opt_params):
         return "the optimizer holds parameters the model does not own"
     size = sum(w.numel() for w in opt_params if w.requires_grad)
     if min(micro_batches, 2) * size > MAX_STACKED_ELEMENTS:  # larger G run in groups of >= 2 micro-batches
         return f"2 copies of {size} weights exceed MAX_STACKED_ELEMENTS ({MAX_STACKED_ELEMENTS})"
+    return None
+
+
+def _module_refusal(module: nn.Module, half_on_cpu: bool, autocast_dtype: torch.dtype | None) -> str | None:
+    """Why this one module keeps the micro-batches from one batched pass (see :func:`batched_refusal`), or None."""
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return "has forward/backward hooks"
+    if isinstance(module._modules.get("parametrizations"), nn.ModuleDict):  # parametrize.is_parametrized
+        return "is parametrized"
+    if module.training and (
+        (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0)
+        or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+    ):
+        return "applies dropout in training mode"
+    if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+        if not isinstance(module, _BATCH_NORMS) or isinstance(module, nn.SyncBatchNorm):
+            return f"({type(module).__name__}) updates running statistics"
+        if is_lazy(module.running_mean):
+            return "is an uninitialized lazy module"
+    if half_on_cpu and isinstance(module, _NORMS):
+        return f"({type(module).__name__}) runs under CPU {autocast_dtype} autocast"
     return None
 
 

@@ -21,7 +21,7 @@ from optim_cases import DT
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.optim import SAM, micro_batches, training_step
+from sharpscope.optim import SAM, low_rank, micro_batches, training_step
 from sharpscope.optim.low_rank import LowRank
 from sharpscope.optim.step import batched_refusal, loop_is_faster
 
@@ -298,6 +298,12 @@ def with_hook():
     return model
 
 
+def parametrized():
+    model = mlp()
+    nn.utils.parametrizations.weight_norm(model[2])
+    return model
+
+
 def instance_norm():
     return nn.Sequential(nn.Conv2d(2, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
                          nn.LazyLinear(3))
@@ -309,8 +315,9 @@ def instance_norm():
      (with_hook, r"module 0 has forward/backward hooks"),
      (lambda: nn.DataParallel(mlp()), r"wrapped in DataParallel"),
      (lambda: nn.Sequential(nn.Linear(5, 3), nn.SyncBatchNorm(3)), r"module 1 \(SyncBatchNorm\) updates running"),
-     (instance_norm, r"module 1 \(InstanceNorm2d\) updates running statistics")],
-    ids=["dropout", "hook", "data-parallel", "sync-batchnorm", "instance-norm"],
+     (instance_norm, r"module 1 \(InstanceNorm2d\) updates running statistics"),
+     (parametrized, r"module 2 is parametrized")],
+    ids=["dropout", "hook", "data-parallel", "sync-batchnorm", "instance-norm", "parametrized"],
 )
 def test_models_the_batched_pass_cannot_run_are_refused(factory, reason):
     torch.manual_seed(0)
@@ -523,6 +530,45 @@ def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
     rows = windows @ conv.weight.movedim(1, -1).reshape(conv.out_channels, -1).T + conv.bias
     out = rows.reshape(x.shape[0], *expected.shape[2:], conv.out_channels).movedim(-1, 1)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("conv", "shape"), [
+    (nn.Conv1d(3, 4, 3, padding=1), (3, 3, 7)),
+    (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (2, 3, 7, 6)),
+    (nn.Conv2d(2, 4, (2, 3), stride=(1, 2)), (2, 2, 6, 7)),
+    (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
+    (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (2, 1, 9, 8)),
+], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d", "one-channel-strided-dilated"])
+def test_windows_gradient_is_the_convolutions_input_gradient(conv, shape):
+    """The row form of a convolution whose input needs a gradient: the windows' backward (col2im, one index_add_)
+    is the adjoint of the windows (gradcheck), and through the weight rows it gives the convolution's own dL/dx."""
+    conv = conv.to(DT)
+    x = torch.randn(shape, dtype=DT, requires_grad=True)
+    padding = micro_batches._conv_padding(conv)
+    out_sp = conv(x).shape[2:]
+    args = (conv.kernel_size, conv.stride, padding, conv.dilation, tuple(out_sp))
+    assert torch.autograd.gradcheck(lambda t: micro_batches._Windows.apply(t, *args), (x,))
+    go = torch.randn(conv(x).shape, dtype=DT)
+    (expected,) = torch.autograd.grad(conv(x), x, go)
+    rows = micro_batches._Windows.apply(x, *args) @ conv.weight.detach().movedim(1, -1).reshape(conv.out_channels, -1).T
+    (got,) = torch.autograd.grad(rows, x, go.movedim(1, -1).reshape(rows.shape))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_factored_gradients_and_eps_carry_no_graph():
+    """The factors of a Linear layer's clean gradients are constants: eps and the perturbed pass must not extend the
+    clean pass's graph (autograd would otherwise backpropagate into eps's own arithmetic)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).to(DT)
+    names = [name for name, _ in model.named_parameters()]
+    plan = micro_batches.structured_plan(model, names)
+    x, y = torch.randn(8, 20, dtype=DT), torch.randint(0, 3, (8,))
+    grads, *_ = plan.clean(list(model.parameters()), CE, x, y, 2, low_rank=True)
+    factored = [g for g in grads if isinstance(g, LowRank)]
+    assert len(factored) == 2  # the second one's inputs come from the first layer: they carry the clean graph
+    assert not any(g.inputs.requires_grad or g.grads.requires_grad for g in factored)
+    eps = low_rank.joint_perturbation(grads, [0.1] * len(grads))
+    assert not any(t.requires_grad for e in eps for t in ((e.inputs, e.grads) if isinstance(e, LowRank) else (e,)))
 
 
 class ViewAfterConv(nn.Module):
