@@ -270,7 +270,13 @@ class _PerturbedConv(torch.autograd.Function):
 #: The row form of a convolution holds its windows, ``(N L, K C)`` elements, for the backward; above this many
 #: (64 MB in float32) the layer takes the grouped form instead.
 ROWS_MAX_ELEMENTS = 1 << 24
-ROWS_WITH_INPUT_GRADIENT = True
+#: A convolution whose input needs a gradient takes the row form only up to this many window elements (``N L K C``):
+#: there the step is dispatch-bound and the row form's matmuls beat the grouped kernels; above it the windows'
+#: copies and their gradient's scatter (col2im) cost more than oneDNN's grouped convolutions save. Whole m-SAM
+#: steps, row form / grouped form, interleaved, one thread (digits ConvNet's second convolution: 4,608 elements per
+#: sample): 0.95 at batch 16 (m = 4), 0.97-0.99 at 32, 1.07 at 64, 1.14 at 128; Fashion-MNIST ConvNet at 128 1.25,
+#: ResNet-20 at 64 2.07.
+ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS = 1 << 17
 
 
 def _windows(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -490,27 +496,31 @@ def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
 def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None,
                b_off: Tensor | None) -> Tensor | None:
     """The convolution as a Linear layer on its input's windows (:func:`_windows`), or None where this form does not
-    apply: it runs where the input needs no gradient (the layers on the network's input), for convolutions without
-    groups whose windows fit in :data:`ROWS_MAX_ELEMENTS`.
+    apply: for convolutions without groups whose windows fit in :data:`ROWS_MAX_ELEMENTS` where the input needs no
+    gradient (the layers on the network's input), in :data:`ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS` where it does
+    (:class:`_Windows` then gives ``dL/dx`` from the windows' gradient).
 
     Clean: :class:`_SharedLinear` (the per-micro-batch weight gradients as one batched matmul of the windows and
     the output gradient); perturbed: :class:`_PerturbedLinear`. The output is ``(N, C_out, *sp)`` in channels-last
     memory (a view of the rows), so the BatchNorm after it reads it in place (:func:`_batch_norm_rows`), and
-    pooling and activations run torch's channels-last kernels.
+    pooling and activations run torch's channels-last kernels. The windows of an input that needs no gradient are
+    built once per step (the clean pass keeps them for the perturbed pass, :attr:`_Call.windows`).
 
-    Why only there (``benchmarks/bench_sam_step.py``, interleaved A/B of the whole m-SAM step, one thread): with the
+    Measured (``benchmarks/bench_sam_step.py``, interleaved A/B of the whole m-SAM step, one thread): with the
     first convolution in this form the step took 0.96x (digits ConvNet, batch 16), 0.90x (digits, 128), 0.78x
     (Fashion-MNIST ConvNet, 128, m = 32) and 0.97x (ResNet-20 on 32x32, 64, m = 16) of the grouped forms' time.
-    Every convolution in this form took 2.2x on ResNet-20: where the input needs a gradient, the windows' matmul
-    pays for the taps in the padding and a scatter of the windows' gradient, which oneDNN's kernels avoid.
+    Where the input needs a gradient the windows' matmul pays for the taps in the padding and a scatter of the
+    windows' gradient, which oneDNN's kernels avoid: only small layers gain (see
+    :data:`ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS`).
     """
     module = layer.module
-    if not call.rows or module.groups != 1 or (x.requires_grad and not ROWS_WITH_INPUT_GRADIENT):
+    if not call.rows or module.groups != 1:
         return None
     kernel = tuple(weight.shape[2:])
     out_sp = [(s + 2 * p - d * (k - 1) - 1) // st + 1
               for s, k, st, p, d in zip(x.shape[2:], kernel, module.stride, layer.padding, module.dilation)]
-    if x.shape[0] * math.prod(out_sp) * math.prod(kernel) * x.shape[1] > ROWS_MAX_ELEMENTS:
+    elements = x.shape[0] * math.prod(out_sp) * math.prod(kernel) * x.shape[1]
+    if elements > (ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS if x.requires_grad else ROWS_MAX_ELEMENTS):
         return None
     G, c_out = call.groups, weight.shape[0]
     if x.requires_grad:

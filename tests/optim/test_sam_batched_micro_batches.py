@@ -225,6 +225,24 @@ def test_batched_equals_loop_on_every_model(model_name, m, path, monkeypatch):
     assert any(not torch.allclose(a, b, rtol=0, atol=1e-9) for a, b in zip(plain.parameters(), ref.parameters()))
 
 
+@pytest.mark.parametrize("row_form", [True, False], ids=["rows", "grouped"])
+@pytest.mark.parametrize("model_name", ["convnet-batchnorm", "convnet-eval-bn-frozen-conv", "conv1d-groups-batchnorm1d"])
+def test_second_convolution_in_either_form_equals_the_loop(model_name, row_form, monkeypatch):
+    """A convolution whose input needs a gradient takes the row form only when small
+    (ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS); above it the grouped form runs beside row-form layers before it."""
+    if not row_form:
+        monkeypatch.setattr(micro_batches, "ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS", 0)
+    calls = []
+    apply = micro_batches._Windows.apply
+    monkeypatch.setattr(micro_batches._Windows, "apply", lambda *a: calls.append(1) or apply(*a))
+    model, data = make(model_name)
+    ref = copy.deepcopy(model)
+    opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
+    assert_steps_match(model, opt, ref, ref_opt, data, m=4)
+    assert path_taken(model) == "structured" and micro_batches._PLANS[model].rows
+    assert bool(calls) == row_form
+
+
 @pytest.mark.parametrize("settings", list(SAM_SETTINGS))
 @pytest.mark.parametrize("model_name", ["convnet-batchnorm", "layernorm", "mlp-wide-batchnorm-low-rank"])
 def test_batched_equals_loop_for_every_sam_variant(settings, model_name):
