@@ -90,17 +90,20 @@ def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
     first = grads[0].grads if isinstance(grads[0], LowRank) else grads[0]
     if first.device.type != "cpu":
         return None
-    squares = [g.squared_norms() if isinstance(g, LowRank)
-               else row_norms(g).square() for g in grads]
-    norm = torch.stack(squares).sum(dim=0).sqrt()
+    norms = [g.squared_norms().sqrt() if isinstance(g, LowRank) else row_norms(g) for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack(norms), 2.0, dim=0)
     finfo = torch.finfo(norm.dtype)
-    if not bool((torch.isfinite(norm) & (norm > math.sqrt(finfo.tiny) / finfo.eps)).all()):
+    smallest = math.sqrt(finfo.tiny) / finfo.eps
+    if not all(smallest < value < math.inf for value in norm.tolist()):  # NaN fails too
         return None
     inverse = 1.0 / norm
+    coefs: dict[float | Tensor, Tensor] = {}  # per radius (usually one for all tensors)
     eps: list[Tensor | LowRank] = []
     for g, rho in zip(grads, rhos):
-        coefs = inverse * rho
-        eps.append(g.scaled(coefs) if isinstance(g, LowRank) else g * coefs.reshape(-1, *([1] * (g.dim() - 1))))
+        c = coefs.get(rho)
+        if c is None:
+            c = coefs[rho] = inverse * rho
+        eps.append(g.scaled(c) if isinstance(g, LowRank) else g * c.reshape(-1, *([1] * (g.dim() - 1))))
     return eps
 
 

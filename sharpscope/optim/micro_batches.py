@@ -635,6 +635,7 @@ class StructuredPasses:
         self.checked = False
         self.rows = True  # the row forms of convolutions and BatchNorm; off if they fail the check (see check)
         self._windows: dict[nn.Module, tuple[Tensor, int, Tensor]] = {}  # the last clean pass's (_Call.windows)
+        self._offsets: dict[tuple, list[Tensor]] = {}  # see _zero_offsets
         # the Linear weights, whose clean gradients may stay factored (sharpscope.optim.low_rank)
         self.low_rank_slots = frozenset(layer.slots["weight"] for layer in layers
                                         if layer.base in _LINEAR and "weight" in layer.slots)
@@ -692,9 +693,7 @@ class StructuredPasses:
         weights come as their factors (:class:`~sharpscope.optim.low_rank.LowRank`) where few rows make them small.
         """
         shared = [w.detach() for w in weights]
-        zero = torch.zeros((), dtype=shared[0].dtype, device=shared[0].device)
-        offsets = [zero.to(w.dtype).expand(groups, *w.shape).requires_grad_()
-                   for w in shared]  # stride 0: nothing to fill
+        offsets = self._zero_offsets(shared, groups)
         call = _Call("clean", groups, x.shape[0], shared, offsets, self.rows,
                      low_rank=self.low_rank_slots if low_rank and scale is None else frozenset())
         with torch.enable_grad():
@@ -710,12 +709,24 @@ class StructuredPasses:
         self._windows = call.windows  # for the perturbed pass that follows
         return grads, losses.detach(), logits.detach(), call.stats  # type: ignore[return-value]
 
+    def _zero_offsets(self, shared: list[Tensor], groups: int) -> list[Tensor]:
+        """The clean pass's offsets: zeros ``(G, *w.shape)`` (stride 0: nothing to fill) whose gradients are the
+        per-micro-batch ones. Leaves that are never written (``autograd.grad`` does not accumulate into ``.grad``),
+        so they are kept for the next step of the same shapes."""
+        key = (groups, *[(w.shape, w.dtype, w.device) for w in shared])
+        offsets = self._offsets.get(key)
+        if offsets is None:
+            offsets = [torch.zeros((), dtype=w.dtype, device=w.device).expand(groups, *w.shape).requires_grad_()
+                       for w in shared]
+            self._offsets = {key: offsets}  # the last shapes only
+        return offsets
+
     def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor | LowRank], loss_fn: Callable, x: Tensor,
                   y: Tensor, groups: int) -> Tensor:
         """``(G,)`` losses ``L_j(w + eps_j)``, ``eps[i]`` ``(G, *w_i.shape)`` (constants; a Linear weight's may be
         factored), with a graph to the live ``weights`` (the backward of ``sum_j c_j L_j`` adds
         ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``)."""
-        offsets = [e if isinstance(e, LowRank) else e.detach() for e in eps]
+        offsets = [e.detach() if isinstance(e, Tensor) and e.requires_grad else e for e in eps]
         call = _Call("perturbed", groups, x.shape[0], list(weights), offsets, self.rows,  # type: ignore[arg-type]
                      windows=self._windows)
         self._windows = {}  # read once

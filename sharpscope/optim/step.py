@@ -176,10 +176,9 @@ def training_step(
         params = [w for group in optimizer.param_groups for w in group["params"]]
         trainable = [i for i, w in enumerate(params) if w.requires_grad]
         m = n if micro_batch_size is None else min(micro_batch_size, n)
-        chunks = list(zip(images.split(m), labels.split(m)))
         loop = partial(_loop_passes, model, optimizer, loss_fn, params=params, trainable=trainable, n=n,
                        autocast=autocast, scale=scale, scaler=scaler, sync_perturbation=sync_perturbation)
-        full = n // m if len(chunks) > 1 else 0  # micro-batches of exactly m samples
+        full = n // m if m < n else 0  # micro-batches of exactly m samples
         if vectorize is None and loop_is_faster(images, m):
             full = 0  # the loop is the faster at this size
         refusal = None
@@ -193,6 +192,7 @@ def training_step(
                 )
         totals: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
         batched_error: BaseException | None = None
+        looped = 0  # the loop runs the samples from here on
         if vectorize is not False and full >= 2 and refusal is None:
             try:
                 totals = _batched_passes(model, optimizer, loss_fn, images[: full * m], labels[: full * m], m=m, n=n,
@@ -205,7 +205,8 @@ def training_step(
                 optimizer.zero_grad(set_to_none=True)
                 batched_error = exc
             else:
-                chunks = chunks[full:]  # the smaller last micro-batch, if any, goes through the loop
+                looped = full * m  # the smaller last micro-batch, if any, goes through the loop
+        chunks = list(zip(images[looped:].split(m), labels[looped:].split(m))) if looped < n else []
         try:
             if chunks:
                 totals = loop(chunks, totals=totals, single=len(chunks) == 1 and totals[0] is None)
@@ -354,9 +355,10 @@ def batched_refusal(
                     "_global_backward_pre_hooks")
     if any(getattr(module_mod, name, None) for name in global_hooks):
         return "global module hooks are registered"
-    owned = {id(w) for w in model.parameters()}
+    owned: set[int] = set()
     half_on_cpu = device_type == "cpu" and autocast_dtype in (torch.float16, torch.bfloat16)
     for module in model.modules():  # every step: the names are looked up only for a refusal
+        owned.update(map(id, module._parameters.values()))
         reason = _module_refusal(module, half_on_cpu, autocast_dtype)
         if reason is not None:
             where = next(name for name, other in model.named_modules() if other is module) or type(module).__name__
@@ -606,8 +608,12 @@ def _run_batched(
             total_loss = weighted if total_loss is None else total_loss + weighted
             total_correct = correct if total_correct is None else total_correct + correct
     # batch_stats[group][layer] = (means, variances) -> per layer, all micro-batches in order
-    means = [torch.cat([group[i][0] for group in batch_stats]) for i in range(len(norms))]
-    variances = [torch.cat([group[i][1] for group in batch_stats]) for i in range(len(norms))]
+    if len(batch_stats) == 1:
+        means = [mean for mean, _ in batch_stats[0]]
+        variances = [var for _, var in batch_stats[0]]
+    else:
+        means = [torch.cat([group[i][0] for group in batch_stats]) for i in range(len(norms))]
+        variances = [torch.cat([group[i][1] for group in batch_stats]) for i in range(len(norms))]
     _commit_running_stats(norms, means, variances)
     assert total_loss is not None and total_correct is not None
     return total_loss, total_correct, found_inf
@@ -653,6 +659,9 @@ def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances
     form ``r_G = prod_k (1 - a_k) r_0 + sum_k a_k prod_{l > k} (1 - a_l) s_k`` (equal to the loop up to rounding),
     with ``a_k = momentum`` or, for ``momentum=None`` (a cumulative average), ``1 / (num_batches_tracked + k)``.
     """
+    buffers: list[Tensor] = []
+    keeps: list[float] = []
+    updates: list[Tensor] = []
     for module, mean, var in zip(norms, means, variances):
         count = mean.shape[0]
         tracked = module.num_batches_tracked
@@ -662,11 +671,17 @@ def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances
                                                mean.device)
         else:
             keep, coefs = _update_coefficients((float(module.momentum),) * count, mean.dtype, mean.device)
-        for running, stat in ((module.running_mean, mean), (module.running_var, var)):
+        both = coefs @ torch.cat([mean, var], dim=1)  # (2 C): the weighted sums of the means and the variances
+        for running, update in zip((module.running_mean, module.running_var), both.chunk(2)):
             if running is not None:
-                running.mul_(keep).add_((coefs @ stat).to(running.dtype))
+                buffers.append(running)
+                keeps.append(keep)
+                updates.append(update.to(running.dtype))
         if tracked is not None:
             tracked.add_(count)
+    if buffers:
+        torch._foreach_mul_(buffers, keeps)
+        torch._foreach_add_(buffers, updates)
 
 
 @functools.lru_cache(maxsize=64)
