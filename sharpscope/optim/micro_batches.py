@@ -379,6 +379,37 @@ class _PerturbedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+class _BatchNormAcross(torch.autograd.Function):
+    """Training-mode BatchNorm of ``G`` micro-batches held as rows ``(G, R, C)``, each over its own ``R`` rows with
+    its own affine ``weight``/``bias`` ``(G, C)`` (or None): torch's kernels (``native_batch_norm`` and its
+    backward) on the rows transposed to ``(R, G C)``, one copy each way. ``mean``/``var`` (``(G C,)`` or None) are
+    scratch running buffers that momentum 1 fills with the micro-batch means and unbiased variances. One autograd
+    node instead of the ~10 views and copies around ``F.batch_norm``."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, mean, var, eps):
+        groups, count, c = rows.shape
+        across = rows.transpose(0, 1).reshape(count, groups * c)
+        flat_w = None if weight is None else weight.reshape(-1)
+        flat_b = None if bias is None else bias.reshape(-1)
+        out, save_mean, save_invstd = torch.native_batch_norm(across, flat_w, flat_b, mean, var, True, 1.0, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(across, flat_w, save_mean, save_invstd)
+        return out.reshape(count, groups, c).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def backward(ctx, dy):
+        across, flat_w, save_mean, save_invstd = ctx.saved_tensors
+        groups, count, c = dy.shape
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            dy.transpose(0, 1).reshape(count, groups * c), across, flat_w, None, None, save_mean, save_invstd, True,
+            ctx.eps, mask)
+        grad_x = None if grad_in is None else grad_in.reshape(count, groups, c).transpose(0, 1).contiguous()
+        return (grad_x, None if grad_w is None else grad_w.reshape(groups, c),
+                None if grad_b is None else grad_b.reshape(groups, c), None, None, None)
+
+
 # ------------------------------------------------------------------------------------------- the layers
 def _tensors(layer: _Layer, call: _Call, local: str) -> tuple[Tensor | None, Tensor | None]:
     """(shared or stacked tensor, clean-pass offset) for the layer's ``local`` tensor; frozen ones come as is."""
@@ -580,12 +611,9 @@ def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor | Non
         if layer.stats_slot is not None:
             mean = torch.zeros(G * c, dtype=x.dtype, device=x.device)
             var = torch.ones(G * c, dtype=x.dtype, device=x.device)
-        across = rows.transpose(0, 1).reshape(count, G * c)
-        out = F.batch_norm(across, mean, var, None if weight is None else weight.reshape(-1),
-                           None if bias is None else bias.reshape(-1), True, 1.0, module.eps)
+        out = _BatchNormAcross.apply(rows, weight, bias, mean, var, module.eps)
         if layer.stats_slot is not None:
             call.stats[layer.stats_slot] = (mean.reshape(G, c), var.reshape(G, c))
-        out = out.reshape(count, G, c).transpose(0, 1).contiguous()
     else:
         scale = torch.rsqrt(module.running_var + module.eps).expand(G, c)
         if weight is not None:
@@ -628,7 +656,9 @@ class StructuredPasses:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], layers: list[_Layer], tracked: list[nn.Module]):
-        self.model = model
+        # weakly: the plan is the value of a WeakKeyDictionary keyed by the model (_PLANS), which a strong reference
+        # from the value would keep alive forever
+        self._model = weakref.ref(model)
         self.names = list(names)
         self.layers = layers
         self.tracked = tracked
@@ -636,39 +666,54 @@ class StructuredPasses:
         self.rows = True  # the row forms of convolutions and BatchNorm; off if they fail the check (see check)
         self._windows: dict[nn.Module, tuple[Tensor, int, Tensor]] = {}  # the last clean pass's (_Call.windows)
         self._offsets: dict[tuple, list[Tensor]] = {}  # see _zero_offsets
+        self._forwards: list[Callable[..., Tensor]] | None = None  # the layers' forwards in the passes (_swapped)
+        self._call: _Call | None = None  # the pass in progress
         # the Linear weights, whose clean gradients may stay factored (sharpscope.optim.low_rank)
         self.low_rank_slots = frozenset(layer.slots["weight"] for layer in layers
                                         if layer.base in _LINEAR and "weight" in layer.slots)
 
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise Unsupported("the model of this plan no longer exists")
+        return model
+
     @contextlib.contextmanager
     def _swapped(self, call: _Call) -> Iterator[None]:
-        def make(slot: int, layer: _Layer) -> Callable[..., Tensor]:
-            run = {"linear": _run_linear, "conv": _run_conv, "bn": _run_batch_norm, "norm": _run_per_sample_norm}[
-                "linear" if layer.base in _LINEAR else "conv" if layer.base in _CONV
-                else "bn" if layer.base in _BATCH_NORM else "norm"]
-
-            def forward(*args: Any, **kwargs: Any) -> Tensor:
-                if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
-                    raise Unsupported(f"{type(layer.module).__name__} called with other arguments than one tensor")
-                x = args[0]
-                if x.dim() < 2 or x.shape[0] != call.total:
-                    raise Unsupported(f"a {type(layer.module).__name__} saw an input of shape {tuple(x.shape)}, not "
-                                      f"the batch of {call.total} samples on dim 0")
-                call.fired[slot] += 1
-                return run(layer, call, x)
-            return forward
-
+        if self._forwards is None:
+            self._forwards = [self._layer_forward(slot, layer) for slot, layer in enumerate(self.layers)]
         swapped = []
+        self._call = call
         try:
-            for slot, layer in enumerate(self.layers):
+            for layer, forward in zip(self.layers, self._forwards):
                 if "forward" in vars(layer.module):
                     raise Unsupported(f"a {type(layer.module).__name__} has its forward replaced on the instance")
-                layer.module.forward = make(slot, layer)
+                layer.module.forward = forward
                 swapped.append(layer.module)
             yield
         finally:
+            self._call = None
             for module in swapped:
                 del module.forward
+
+    def _layer_forward(self, slot: int, layer: _Layer) -> Callable[..., Tensor]:
+        """The forward the passes give ``layer`` (built once): it runs the layer for the pass in progress."""
+        run = (_run_linear if layer.base in _LINEAR else _run_conv if layer.base in _CONV
+               else _run_batch_norm if layer.base in _BATCH_NORM else _run_per_sample_norm)
+        name = type(layer.module).__name__
+
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            call = self._call
+            if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+                raise Unsupported(f"{name} called with other arguments than one tensor")
+            x = args[0]
+            if x.dim() < 2 or x.shape[0] != call.total:
+                raise Unsupported(f"a {name} saw an input of shape {tuple(x.shape)}, not the batch of {call.total} "
+                                  "samples on dim 0")
+            call.fired[slot] += 1
+            return run(layer, call, x)
+        return forward
 
     def _forward(self, call: _Call, x: Tensor) -> Tensor:
         call.fired = [0] * len(self.layers)

@@ -650,3 +650,20 @@ def test_large_micro_batches_take_the_loop_by_default_on_the_cpu():
     training_step(model, SAM(model.parameters(), torch.optim.SGD, lr=0.1), CE, x, y, micro_batch_size=4,
                   vectorize=True)
     assert path_taken(model) == "structured"  # asked for: batched whatever the size
+
+
+def test_a_model_run_by_the_structured_passes_can_be_freed():
+    """The plan is cached per model in a WeakKeyDictionary: it must not keep its own key alive."""
+    import gc
+    import weakref
+
+    def step_once():
+        model, data = make("convnet-batchnorm")
+        opt = build_sam(model, SAM_SETTINGS["sgd-momentum"])
+        training_step(model, opt, CE, *data[0], micro_batch_size=4)
+        assert path_taken(model) == "structured"
+        return weakref.ref(model)
+
+    ref = step_once()
+    gc.collect()
+    assert ref() is None
