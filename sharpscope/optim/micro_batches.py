@@ -307,25 +307,93 @@ def _windows(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: S
     return windows.reshape(n * math.prod(out_sp), math.prod(kernel) * c)
 
 
-class _Windows(torch.autograd.Function):
-    """:func:`_windows` with its gradient (col2im): the rows' gradient, one ``(C,)`` row per sample, position and tap,
-    added back at the padded input position that tap read, one ``index_add_`` (:func:`_col2im_index`); the padded
-    buffer's interior is ``dL/dx``, a channels-last view. (Nine strided ``add_`` of the taps took 75 against 32 us
-    at 16 x 32 x 4 x 4, 3 x 3 taps; ``F.fold`` 150 us, one thread.)"""
+def _col2im(grad: Tensor, x_shape: Sequence[int], kernel: Sequence[int], stride: Sequence[int],
+            padding: Sequence[int], dilation: Sequence[int], out_sp: Sequence[int]) -> Tensor:
+    """The adjoint of :func:`_windows` (col2im): ``grad (N L, K C)`` added back at the padded input position each tap
+    read, one ``index_add_`` (:func:`_col2im_index`); returns ``(N, C, *sp)``, a channels-last view of the padded
+    buffer's interior. (Nine strided ``add_`` of the taps took 75 against 32 us at 16 x 32 x 4 x 4, 3 x 3 taps;
+    ``F.fold`` 150 us, one thread.)"""
+    n, c, *sp = x_shape
+    padded_sp = tuple(s + 2 * p for s, p in zip(sp, padding))
+    index = _col2im_index(n, padded_sp, tuple(kernel), tuple(stride), tuple(dilation), tuple(out_sp), grad.device)
+    padded = grad.new_zeros(n * math.prod(padded_sp), c).index_add_(0, index, grad.reshape(-1, c))
+    inner = padded.reshape(n, *padded_sp, c)[(slice(None), *[slice(p, p + s) for s, p in zip(sp, padding)])]
+    return inner.movedim(-1, 1)
+
+
+def _rows_weight(rows: Tensor, weight_shape: Sequence[int]) -> Tensor:
+    """A weight (or a ``(G, ...)`` stack of them) in the windows' column order, ``(..., C_out, K C)``, back in the
+    convolution's layout ``(..., C_out, C_in, *kernel)`` (a permuted view)."""
+    c_out, c_in, *kernel = weight_shape
+    return rows.reshape(*rows.shape[:-2], c_out, *kernel, c_in).movedim(-1, rows.dim() - 1)
+
+
+class _SharedConvRows(torch.autograd.Function):
+    """Clean pass of a row-form convolution: ``windows (N L, K C)`` times the shared weight's rows, ``(N L, C_out)``.
+
+    Backward: ``dL/dx`` from torch's ``convolution_backward`` (oneDNN: 120 against 100 + 30-90 us for the windows'
+    matmul and col2im at 16 x 32 x 4 x 4, 3 x 3 taps, 64 outputs); the per-micro-batch weight gradients
+    ``go_j^T windows_j`` as one batched matmul, in the convolution's layout; the bias gradients, the per-micro-batch
+    sums of ``go``. No gradient for the shared ``weight``/``bias`` themselves (the offsets receive them).
+    """
 
     @staticmethod
-    def forward(ctx, x, kernel, stride, padding, dilation, out_sp):
-        ctx.meta = (x.shape, kernel, stride, padding, dilation, out_sp)
-        return _windows(x, kernel, stride, padding, dilation, out_sp)
+    def forward(ctx, x, weight, bias, offset_w, offset_b, windows, meta):
+        ctx.meta = meta
+        ctx.save_for_backward(x, weight, windows)
+        return F.linear(windows, weight.movedim(1, -1).reshape(weight.shape[0], -1), bias)
 
     @staticmethod
-    def backward(ctx, grad):
-        (n, c, *sp), kernel, stride, padding, dilation, out_sp = ctx.meta
-        padded_sp = tuple(s + 2 * p for s, p in zip(sp, padding))
-        index = _col2im_index(n, padded_sp, tuple(kernel), tuple(stride), tuple(dilation), tuple(out_sp), grad.device)
-        padded = grad.new_zeros(n * math.prod(padded_sp), c).index_add_(0, index, grad.reshape(-1, c))
-        inner = padded.reshape(n, *padded_sp, c)[(slice(None), *[slice(p, p + s) for s, p in zip(sp, padding)])]
-        return inner.movedim(-1, 1), None, None, None, None, None
+    def backward(ctx, go):
+        x, weight, windows = ctx.saved_tensors
+        _, stride, padding, dilation, out_sp, groups = ctx.meta
+        grad_x = grad_w = grad_b = None
+        gov = go.reshape(groups, -1, go.shape[-1])
+        if ctx.needs_input_grad[0]:
+            go_map = go.reshape(x.shape[0], *out_sp, go.shape[-1]).movedim(-1, 1)
+            grad_x = torch.ops.aten.convolution_backward(
+                go_map, x, weight, None, stride, padding, dilation, False, [0] * len(out_sp), 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[3]:
+            grad_w = _rows_weight(weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov), weight.shape)
+        if ctx.needs_input_grad[4]:
+            grad_b = gov.sum(dim=1)
+        return grad_x, None, None, grad_w, grad_b, None, None
+
+
+class _PerturbedConvRows(torch.autograd.Function):
+    """Perturbed pass of a row-form convolution: micro-batch ``j``'s windows times the rows of ``W + E_j``
+    (``weights (G, C_out, K C)``, constants; ``biases (G, C_out)`` or None), ``(N L, C_out)``, one batched matmul.
+
+    Backward: ``dL/dx`` by the batched matmul with ``W + E_j`` and col2im (:func:`_col2im`); the live ``weight``
+    and ``bias`` receive ``sum_j`` of the micro-batches' gradients, the ordinary ``go^T windows`` over all rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weights, biases, windows, meta):
+        ctx.meta = meta
+        ctx.shapes = (x.shape, weight.shape)
+        ctx.save_for_backward(weights, windows)
+        groups = weights.shape[0]
+        rows = windows.reshape(groups, -1, windows.shape[-1])
+        out = (torch.bmm(rows, weights.transpose(1, 2)) if biases is None
+               else torch.baddbmm(biases[:, None, :], rows, weights.transpose(1, 2)))
+        return out.reshape(windows.shape[0], weights.shape[1])
+
+    @staticmethod
+    def backward(ctx, go):
+        weights, windows = ctx.saved_tensors
+        kernel, stride, padding, dilation, out_sp, groups = ctx.meta
+        x_shape, weight_shape = ctx.shapes
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.bmm(go.reshape(groups, -1, go.shape[-1]), weights)
+            grad_x = _col2im(grad_rows, x_shape, kernel, stride, padding, dilation, out_sp)
+        if ctx.needs_input_grad[1]:
+            grad_w = _rows_weight(weight_gradient(windows[None], go[None])[0], weight_shape)
+        if ctx.needs_input_grad[2]:
+            grad_b = go.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 @functools.lru_cache(maxsize=32)
@@ -489,10 +557,10 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     """The convolution as a Linear layer on its input's windows (:func:`_windows`), or None where this form does not
     apply: for convolutions without groups whose windows fit in :data:`ROWS_MAX_ELEMENTS` where the input needs no
     gradient (the layers on the network's input), in :data:`ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS` where it does
-    (:class:`_Windows` then gives ``dL/dx`` from the windows' gradient).
+    (:class:`_SharedConvRows` and :class:`_PerturbedConvRows` then give ``dL/dx`` too).
 
-    Clean: :class:`_SharedLinear` (the per-micro-batch weight gradients as one batched matmul of the windows and
-    the output gradient); perturbed: :class:`_PerturbedLinear`. The output is ``(N, C_out, *sp)`` in channels-last
+    Clean: :class:`_SharedConvRows` (the per-micro-batch weight gradients as one batched matmul of the windows and
+    the output gradient); perturbed: :class:`_PerturbedConvRows`. The output is ``(N, C_out, *sp)`` in channels-last
     memory (a view of the rows), so the BatchNorm after it reads it in place (:func:`_batch_norm_rows`), and
     pooling and activations run torch's channels-last kernels. The windows of an input that needs no gradient are
     built once per step (the clean pass keeps them for the perturbed pass, :attr:`_Call.windows`).
@@ -514,21 +582,22 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     if elements > (ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS if x.requires_grad else ROWS_MAX_ELEMENTS):
         return None
     G, c_out = call.groups, weight.shape[0]
-    if x.requires_grad:
-        windows = _Windows.apply(x, kernel, module.stride, layer.padding, module.dilation, out_sp)
+    cached = call.windows.get(module)
+    if cached is not None and cached[0] is x and cached[1] == x._version:
+        windows = cached[2]
     else:
-        cached = call.windows.get(module)
-        if cached is not None and cached[0] is x and cached[1] == x._version:
-            windows = cached[2]
-        else:
-            windows = _windows(x, kernel, module.stride, layer.padding, module.dilation, out_sp)
+        windows = _windows(x.detach(), kernel, module.stride, layer.padding, module.dilation, out_sp)
+        if not x.requires_grad:  # the network's input: the same in the perturbed pass
             call.windows[module] = (x, x._version, windows)
-    w_rows = weight.movedim(1, -1).reshape(c_out, -1)  # columns in the windows' (tap, channel) order
-    off_rows = None if w_off is None else w_off.movedim(2, -1).reshape(G, c_out, -1)
+    meta = (kernel, module.stride, layer.padding, module.dilation, out_sp, G)
     if call.mode == "clean":
-        out = _SharedLinear.apply(windows, w_rows, bias, off_rows, b_off, G)
+        out = _SharedConvRows.apply(x, weight, bias, w_off, b_off, windows, meta)
     else:
-        out = _perturbed_rows(windows, w_rows, bias, off_rows, b_off, G)
+        with torch.no_grad():
+            w_rows = weight.movedim(1, -1).reshape(c_out, -1)  # columns in the windows' (tap, channel) order
+            off_rows = None if w_off is None else w_off.movedim(2, -1).reshape(G, c_out, -1)
+        weights, biases = _perturbed_constants(w_rows, bias, off_rows, b_off, G)
+        out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
     return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
 
 

@@ -233,8 +233,8 @@ def test_second_convolution_in_either_form_equals_the_loop(model_name, row_form,
     if not row_form:
         monkeypatch.setattr(micro_batches, "ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS", 0)
     calls = []
-    apply = micro_batches._Windows.apply
-    monkeypatch.setattr(micro_batches._Windows, "apply", lambda *a: calls.append(1) or apply(*a))
+    col2im = micro_batches._col2im  # the perturbed row form's input gradient
+    monkeypatch.setattr(micro_batches, "_col2im", lambda *a: calls.append(1) or col2im(*a))
     model, data = make(model_name)
     ref = copy.deepcopy(model)
     opt, ref_opt = build_sam(model, SAM_SETTINGS["sgd-momentum"]), build_sam(ref, SAM_SETTINGS["sgd-momentum"])
@@ -558,19 +558,33 @@ def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
     (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (2, 1, 9, 8)),
 ], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d", "one-channel-strided-dilated"])
 def test_windows_gradient_is_the_convolutions_input_gradient(conv, shape):
-    """The row form of a convolution whose input needs a gradient: the windows' backward (col2im, one index_add_)
-    is the adjoint of the windows (gradcheck), and through the weight rows it gives the convolution's own dL/dx."""
+    """The row form of a convolution whose input needs a gradient: col2im (one index_add_) is the adjoint of the
+    windows, and the perturbed row form's dL/dx with W + E_j = W is the convolution's own; the clean row form's is
+    torch's (convolution_backward)."""
     conv = conv.to(DT)
     x = torch.randn(shape, dtype=DT, requires_grad=True)
     padding = micro_batches._conv_padding(conv)
-    out_sp = conv(x).shape[2:]
-    args = (conv.kernel_size, conv.stride, padding, conv.dilation, tuple(out_sp))
-    assert torch.autograd.gradcheck(lambda t: micro_batches._Windows.apply(t, *args), (x,))
-    go = torch.randn(conv(x).shape, dtype=DT)
-    (expected,) = torch.autograd.grad(conv(x), x, go)
-    rows = micro_batches._Windows.apply(x, *args) @ conv.weight.detach().movedim(1, -1).reshape(conv.out_channels, -1).T
-    (got,) = torch.autograd.grad(rows, x, go.movedim(1, -1).reshape(rows.shape))
+    out = conv(x)
+    out_sp = tuple(out.shape[2:])
+    args = (conv.kernel_size, conv.stride, padding, conv.dilation, out_sp)
+    windows = micro_batches._windows(x.detach(), *args)
+    g = torch.randn(windows.shape, dtype=DT)
+    adjoint = micro_batches._col2im(g, x.shape, *args)
+    torch.testing.assert_close((windows * g).sum(), (x.detach() * adjoint).sum(), rtol=1e-12, atol=1e-12)
+    go = torch.randn(out.shape, dtype=DT)
+    (expected,) = torch.autograd.grad(out, x, go)
+    go_rows = go.movedim(1, -1).reshape(-1, conv.out_channels)
+    w_rows = conv.weight.detach().movedim(1, -1).reshape(conv.out_channels, -1)
+    meta = (*args[:4], out_sp, 1)
+    rows = micro_batches._PerturbedConvRows.apply(x, conv.weight, None, w_rows[None], None, windows, meta)
+    (got,) = torch.autograd.grad(rows, x, go_rows)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    offset = torch.zeros((1, *conv.weight.shape), dtype=DT, requires_grad=True)
+    rows = micro_batches._SharedConvRows.apply(x, conv.weight.detach(), None, offset, None, windows, meta)
+    got, per_batch = torch.autograd.grad(rows, (x, offset), go_rows)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (weight_grad,) = torch.autograd.grad(conv(x), conv.weight, go)
+    torch.testing.assert_close(per_batch[0], weight_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_factored_gradients_and_eps_carry_no_graph():
