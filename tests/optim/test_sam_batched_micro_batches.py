@@ -536,8 +536,9 @@ def test_cross_entropy_per_micro_batch_matches_the_loss_of_each():
     (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
     (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (4, 1, 9, 8)),
     (nn.Conv3d(1, 2, 2, padding=1), (2, 1, 3, 4, 3)),
+    (nn.Conv2d(1, 2, 3, stride=2, padding=1, dilation=2), (40, 1, 30, 29)),
 ], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d", "one-channel-strided-dilated",
-        "one-channel-conv3d"])
+        "one-channel-conv3d", "one-channel-stacked-taps"])
 def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
     conv = conv.to(DT)
     x = torch.randn(shape, dtype=DT)
