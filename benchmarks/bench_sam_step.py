@@ -16,21 +16,19 @@ the other, the reference); the last column of those rows is the cost relative to
 says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
 ``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-07 after midnight (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three
-runs: the range), step time x SGD (SGD 2.0-2.2 and 7.0-7.5 ms), freed CPU memory retained as ``sharpscope train``
-does (``--malloc default``, glibc's own thresholds, in one run: m-SAM 3.21 and 2.28):
+Measured 2026-12-07 (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three runs: the range),
+step time x SGD (SGD 1.9 and 6.7-7.3 ms), freed CPU memory retained as ``sharpscope train`` does:
 
     config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.12-2.23   3.08-3.31        4.82-5.28    5.49-5.67    1.92-2.02
-    batch 128, m = 8          1.99-2.02   2.18-2.20        4.05-4.14    6.71-7.09    2.26-2.30
+    batch 16, m = 4           2.17-2.27   2.64-2.77        4.84-4.98    5.61-5.74    1.95-2.00
+    batch 128, m = 8          2.01-2.04   2.04-2.23        3.93-4.32    6.79-7.24    2.25-2.36
 
-Before this (the previous session, eight runs): m-SAM 3.30-3.69 and 2.46-2.85. What took batch 128 under the 2.3x
-goal: a Linear layer's per-micro-batch gradients kept as their factors (:mod:`sharpscope.optim.low_rank`: no
-``(G, out, in)`` stacks of ``g_j``, ``eps_j`` and ``W + E_j`` for the 256 -> 128 layer, -0.3x), the perturbed
-convolution's weight gradient from one plain kernel instead of the grouped kernel's per-micro-batch ones, and the
-retained memory (:mod:`sharpscope.cpu_memory`; 2,300 page faults per m-SAM step before). What remains beyond SAM's
-two passes at batch 128: the second convolution's grouped kernels and its ``eps_j``. Batch 16 misses its 2.5x goal:
-its kernels are tiny and the step is Python and dispatch (656 aten calls against SAM's 203).
+Before this (the previous session, three runs): m-SAM 3.08-3.31 and 2.18-2.20. What changed at batch 16: the factored
+Linear gradients stopped carrying the clean pass's graph into ``eps`` and the perturbed pass, the second convolution
+runs in the row form (small layers only, :data:`sharpscope.optim.micro_batches.ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS`),
+BatchNorm on torch's own kernel with the micro-batches' channels side by side, the network input's windows built once
+per step, per-row norms without copies. Batch 16 still misses its 2.5x goal: the step is Python and dispatch (561 aten
+calls against SAM's 203; at width 2, no arithmetic to speak of, SGD / SAM / m-SAM take 1.1 / 2.3 / 3.5 ms).
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
