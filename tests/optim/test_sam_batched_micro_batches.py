@@ -529,16 +529,20 @@ def test_cross_entropy_per_micro_batch_matches_the_loss_of_each():
         torch.testing.assert_close(per, expected, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize(("conv", "shape"), [
-    (nn.Conv1d(3, 4, 3, padding=1), (5, 3, 7)),
-    (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (5, 3, 7, 6)),
-    (nn.Conv2d(1, 4, (2, 3), stride=(1, 2)), (5, 1, 6, 7)),
-    (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
-    (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (4, 1, 9, 8)),
-    (nn.Conv3d(1, 2, 2, padding=1), (2, 1, 3, 4, 3)),
-    (nn.Conv2d(1, 2, 3, stride=2, padding=1, dilation=2), (40, 1, 30, 29)),
-], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d", "one-channel-strided-dilated",
-        "one-channel-conv3d", "one-channel-stacked-taps"])
+#: (convolution, input shape) for the row forms' windows: padding, stride, dilation, 1d/2d/3d, one input channel (the
+#: strided copy on few elements, the stacked taps on many)
+CONVOLUTIONS = {
+    "conv1d-padded": (nn.Conv1d(3, 4, 3, padding=1), (5, 3, 7)),
+    "conv2d-strided-dilated": (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (5, 3, 7, 6)),
+    "conv2d-no-padding": (nn.Conv2d(2, 4, (2, 3), stride=(1, 2)), (5, 2, 6, 7)),
+    "conv3d": (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
+    "one-channel-strided-dilated": (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (4, 1, 9, 8)),
+    "one-channel-conv3d": (nn.Conv3d(1, 2, 2, padding=1), (2, 1, 3, 4, 3)),
+    "one-channel-stacked-taps": (nn.Conv2d(1, 2, 3, stride=2, padding=1, dilation=2), (40, 1, 30, 29)),
+}
+
+
+@pytest.mark.parametrize(("conv", "shape"), list(CONVOLUTIONS.values()), ids=list(CONVOLUTIONS))
 def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
     conv = conv.to(DT)
     x = torch.randn(shape, dtype=DT)
@@ -551,13 +555,7 @@ def test_windows_times_the_weight_rows_is_the_convolution(conv, shape):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(("conv", "shape"), [
-    (nn.Conv1d(3, 4, 3, padding=1), (3, 3, 7)),
-    (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (2, 3, 7, 6)),
-    (nn.Conv2d(2, 4, (2, 3), stride=(1, 2)), (2, 2, 6, 7)),
-    (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
-    (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (2, 1, 9, 8)),
-], ids=["conv1d-padded", "conv2d-strided-dilated", "conv2d-no-padding", "conv3d", "one-channel-strided-dilated"])
+@pytest.mark.parametrize(("conv", "shape"), list(CONVOLUTIONS.values()), ids=list(CONVOLUTIONS))
 def test_windows_gradient_is_the_convolutions_input_gradient(conv, shape):
     """The row form of a convolution whose input needs a gradient: col2im (one index_add_) is the adjoint of the
     windows, and the perturbed row form's dL/dx with W + E_j = W is the convolution's own; the clean row form's is
