@@ -116,7 +116,7 @@ SAM_ONLY = ("rho", "p", "eta", "rho_schedule", "m", "sam_every", "sync_perturbat
                    "(dynamic loss scaling, one update per step).")
 @click.option("--channels-last/--no-channels-last", "channels_last", default=None,
               help="Store conv activations and kernels channels-last [default: on for conv nets on CUDA only]. On "
-                   "the CPU it makes a ConvNet SGD or SAM step 23-30% faster, an m-SAM step (--m) 7-12% slower (README, "
+                   "the CPU it makes a ConvNet SGD or SAM step 23-30% faster, an m-SAM step (--m) ~2% slower (README, "
                    "Train), with other rounding than the default layout: runs are bit-identical to runs with the same "
                    "setting.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")

@@ -322,6 +322,13 @@ def _col2im(grad: Tensor, x_shape: Sequence[int], kernel: Sequence[int], stride:
     return inner.movedim(-1, 1)
 
 
+def _weight_rows(weight: Tensor, kernel_dims: int) -> Tensor:
+    """A convolution weight ``(..., C_out, C_in, *kernel)`` (or a ``(G, ...)`` stack of them) in the windows' column
+    order, ``(..., C_out, K C)`` (tap-major, each tap's channels together); the inverse of :func:`_rows_weight`."""
+    channels = weight.dim() - kernel_dims - 1
+    return weight.movedim(channels, -1).reshape(*weight.shape[:channels], -1)
+
+
 def _rows_weight(rows: Tensor, weight_shape: Sequence[int]) -> Tensor:
     """A weight (or a ``(G, ...)`` stack of them) in the windows' column order, ``(..., C_out, K C)``, back in the
     convolution's layout ``(..., C_out, C_in, *kernel)`` (a permuted view)."""
@@ -342,7 +349,7 @@ class _SharedConvRows(torch.autograd.Function):
     def forward(ctx, x, weight, bias, offset_w, offset_b, windows, meta):
         ctx.meta = meta
         ctx.save_for_backward(x, weight, windows)
-        return F.linear(windows, weight.movedim(1, -1).reshape(weight.shape[0], -1), bias)
+        return F.linear(windows, _weight_rows(weight, weight.dim() - 2), bias)
 
     @staticmethod
     def backward(ctx, go):
@@ -509,14 +516,8 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         with torch.no_grad():
             biases = None if b_off is None else bias + b_off
         return PerturbedLinear.apply(x, weight, bias, biases, w_off.inputs, w_off.grads)
-    return _perturbed_rows(x, weight, bias, w_off, b_off, G)
-
-
-def _perturbed_rows(x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None, b_off: Tensor | None,
-                    groups: int) -> Tensor:
-    """:class:`_PerturbedLinear` with the constants ``W + E_j`` and ``b + e_j``."""
-    weights, biases = _perturbed_constants(weight, bias, w_off, b_off, groups)
-    return _PerturbedLinear.apply(x, weight, bias, weights, biases, groups)
+    weights, biases = _perturbed_constants(weight, bias, w_off, b_off, G)
+    return _PerturbedLinear.apply(x, weight, bias, weights, biases, G)
 
 
 @torch.no_grad()
@@ -594,10 +595,9 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     if call.mode == "clean":
         out = _SharedConvRows.apply(x, weight, bias, w_off, b_off, windows, meta)
     else:
-        with torch.no_grad():
-            w_rows = weight.movedim(1, -1).reshape(c_out, -1)  # columns in the windows' (tap, channel) order
-            off_rows = None if w_off is None else w_off.movedim(2, -1).reshape(G, c_out, -1)
-        weights, biases = _perturbed_constants(w_rows, bias, off_rows, b_off, G)
+        dims = len(kernel)
+        weights, biases = _perturbed_constants(_weight_rows(weight.detach(), dims), bias,
+                                               None if w_off is None else _weight_rows(w_off, dims), b_off, G)
         out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
     return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
 

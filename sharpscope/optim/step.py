@@ -608,12 +608,9 @@ def _run_batched(
             total_loss = weighted if total_loss is None else total_loss + weighted
             total_correct = correct if total_correct is None else total_correct + correct
     # batch_stats[group][layer] = (means, variances) -> per layer, all micro-batches in order
-    if len(batch_stats) == 1:
-        means = [mean for mean, _ in batch_stats[0]]
-        variances = [var for _, var in batch_stats[0]]
-    else:
-        means = [torch.cat([group[i][0] for group in batch_stats]) for i in range(len(norms))]
-        variances = [torch.cat([group[i][1] for group in batch_stats]) for i in range(len(norms))]
+    in_order = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # one group: no copy
+    means = [in_order([group[i][0] for group in batch_stats]) for i in range(len(norms))]
+    variances = [in_order([group[i][1] for group in batch_stats]) for i in range(len(norms))]
     _commit_running_stats(norms, means, variances)
     assert total_loss is not None and total_correct is not None
     return total_loss, total_correct, found_inf

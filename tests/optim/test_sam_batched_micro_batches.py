@@ -535,6 +535,7 @@ CONVOLUTIONS = {
     "conv1d-padded": (nn.Conv1d(3, 4, 3, padding=1), (5, 3, 7)),
     "conv2d-strided-dilated": (nn.Conv2d(3, 4, 3, stride=2, padding=2, dilation=2), (5, 3, 7, 6)),
     "conv2d-no-padding": (nn.Conv2d(2, 4, (2, 3), stride=(1, 2)), (5, 2, 6, 7)),
+    "one-channel-no-padding": (nn.Conv2d(1, 4, (2, 3), stride=(1, 2)), (5, 1, 6, 7)),
     "conv3d": (nn.Conv3d(2, 3, 2, padding=1), (2, 2, 3, 4, 3)),
     "one-channel-strided-dilated": (nn.Conv2d(1, 3, 3, stride=2, padding=1, dilation=2), (4, 1, 9, 8)),
     "one-channel-conv3d": (nn.Conv3d(1, 2, 2, padding=1), (2, 1, 3, 4, 3)),
