@@ -639,19 +639,25 @@ def _run_batch_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     else:
         x_side = _side_by_side(x, G)
     if batch_stats:
-        running_mean = running_var = None
-        if layer.stats_slot is not None:
-            c = x.shape[1]
-            running_mean = torch.zeros(G * c, dtype=x.dtype, device=x.device)
-            running_var = torch.ones(G * c, dtype=x.dtype, device=x.device)
+        running_mean, running_var = _captured_stats(layer, call, x)
         out = F.batch_norm(x_side, running_mean, running_var, weight, bias, True, 1.0, module.eps)
-        if layer.stats_slot is not None:
-            call.stats[layer.stats_slot] = (running_mean.reshape(G, -1), running_var.reshape(G, -1))
     else:
         out = F.batch_norm(x_side, module.running_mean.repeat(G), module.running_var.repeat(G), weight, bias,
                            False, 0.0, module.eps)
     out = _stacked_back(out, G)
     return out[:, :, 0] if x.dim() == 2 else out
+
+
+def _captured_stats(layer: _Layer, call: _Call, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The scratch running buffers ``(G C,)`` that capture a BatchNorm's micro-batch means and unbiased variances
+    (momentum 1 overwrites them: ``1 s + 0 r``, exact), already recorded as ``call.stats`` ``(G, C)`` each; (None,
+    None) for a layer that tracks no statistics and in the perturbed pass (the running statistics come from the
+    clean pass only). One zero-filled allocation for both."""
+    if layer.stats_slot is None or call.mode != "clean":
+        return None, None
+    mean, var = torch.zeros(2, call.groups * x.shape[1], dtype=x.dtype, device=x.device).unbind()
+    call.stats[layer.stats_slot] = (mean.view(call.groups, -1), var.view(call.groups, -1))
+    return mean, var
 
 
 def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -677,13 +683,8 @@ def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor | Non
         count = rows.shape[1]
         if count == 1:
             return None  # one value per channel: torch's own error, from the side-by-side form
-        mean = var = None
-        if layer.stats_slot is not None:
-            mean = torch.zeros(G * c, dtype=x.dtype, device=x.device)
-            var = torch.ones(G * c, dtype=x.dtype, device=x.device)
+        mean, var = _captured_stats(layer, call, x)
         out = _BatchNormAcross.apply(rows, weight, bias, mean, var, module.eps)
-        if layer.stats_slot is not None:
-            call.stats[layer.stats_slot] = (mean.reshape(G, c), var.reshape(G, c))
     else:
         scale = torch.rsqrt(module.running_var + module.eps).expand(G, c)
         if weight is not None:
@@ -757,15 +758,16 @@ class StructuredPasses:
         self._call = call
         try:
             for layer, forward in zip(self.layers, self._forwards):
-                if "forward" in vars(layer.module):
+                attributes = vars(layer.module)  # set there directly: nn.Module.__setattr__ costs ~5 us a call
+                if "forward" in attributes:
                     raise Unsupported(f"a {type(layer.module).__name__} has its forward replaced on the instance")
-                layer.module.forward = forward
-                swapped.append(layer.module)
+                attributes["forward"] = forward
+                swapped.append(attributes)
             yield
         finally:
             self._call = None
-            for module in swapped:
-                del module.forward
+            for attributes in swapped:
+                del attributes["forward"]
 
     def _layer_forward(self, slot: int, layer: _Layer) -> Callable[..., Tensor]:
         """The forward the passes give ``layer`` (built once): it runs the layer for the pass in progress."""
@@ -802,8 +804,9 @@ class StructuredPasses:
         """Per-micro-batch clean gradients at the shared ``weights``.
 
         ``x (G m, ...)``, ``y (G m, ...)``. Returns ``(grads, losses, logits, stats)``: ``grads[i]`` is
-        ``(G, *weights[i].shape)`` (of ``scale * L_j`` when a loss scale is given), ``losses (G,)`` the unscaled
-        ``L_j``, ``logits`` the outputs for all samples (detached), ``stats`` per tracked BatchNorm the micro-batch
+        ``(G, *weights[i].shape)`` (of ``scale * L_j`` when a loss scale is given), ``losses`` the unscaled
+        ``sum_j L_j`` (:func:`summed_losses`), ``logits`` the outputs for all samples (detached), ``stats`` per
+        tracked BatchNorm the micro-batch
         means and unbiased variances ``(G, C)``. With ``low_rank`` (and no ``scale``), the gradients of Linear
         weights come as their factors (:class:`~sharpscope.optim.low_rank.LowRank`) where few rows make them small.
         """
@@ -813,8 +816,8 @@ class StructuredPasses:
                      low_rank=self.low_rank_slots if low_rank and scale is None else frozenset())
         with torch.enable_grad():
             logits = self._forward(call, x)
-            losses = chunk_losses(loss_fn, logits, y, groups)
-            total = losses.sum() if scale is None else losses.sum() * scale
+            losses = summed_losses(loss_fn, logits, y, groups)
+            total = losses if scale is None else losses * scale
             grads = torch.autograd.grad(total, offsets, allow_unused=True)
         grads = [call.factors.get(i, g) for i, g in enumerate(grads)]  # a factored layer's offset got none
         grads = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g
@@ -838,15 +841,15 @@ class StructuredPasses:
 
     def perturbed(self, weights: Sequence[Tensor], eps: Sequence[Tensor | LowRank], loss_fn: Callable, x: Tensor,
                   y: Tensor, groups: int) -> Tensor:
-        """``(G,)`` losses ``L_j(w + eps_j)``, ``eps[i]`` ``(G, *w_i.shape)`` (constants; a Linear weight's may be
-        factored), with a graph to the live ``weights`` (the backward of ``sum_j c_j L_j`` adds
-        ``sum_j c_j grad L_j(w + eps_j)`` to ``p.grad``)."""
+        """``sum_j L_j(w + eps_j)`` (:func:`summed_losses`), ``eps[i]`` ``(G, *w_i.shape)`` (constants; a Linear
+        weight's may be factored), with a graph to the live ``weights`` (the backward of ``c sum_j L_j`` adds
+        ``c sum_j grad L_j(w + eps_j)`` to ``p.grad``)."""
         offsets = [e.detach() if isinstance(e, Tensor) and e.requires_grad else e for e in eps]
         call = _Call("perturbed", groups, x.shape[0], list(weights), offsets, self.rows,  # type: ignore[arg-type]
                      windows=self._windows)
         self._windows = {}  # read once
         logits = self._forward(call, x)
-        return chunk_losses(loss_fn, logits, y, groups)
+        return summed_losses(loss_fn, logits, y, groups)
 
     def check(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, m: int,
               make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
@@ -891,26 +894,27 @@ class StructuredPasses:
                make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
         groups = min(2, x.shape[0] // m)
         x, y = x[: groups * m], y[: groups * m]
-        grads, losses, _, _ = self.clean(weights, loss_fn, x, y, groups, low_rank=True)
+        grads, loss, _, _ = self.clean(weights, loss_fn, x, y, groups, low_rank=True)
         eps = make_eps(grads)
-        perturbed_losses = self.perturbed(weights, eps, loss_fn, x, y, groups)
+        perturbed_loss = self.perturbed(weights, eps, loss_fn, x, y, groups)
         grads = [g.dense() if isinstance(g, LowRank) else g for g in grads]
         eps = [e.dense() if isinstance(e, LowRank) else e for e in eps]
-        sam_grads = torch.autograd.grad(perturbed_losses.sum(), list(weights), allow_unused=True)
+        sam_grads = torch.autograd.grad(perturbed_loss, list(weights), allow_unused=True)
         tol = math.sqrt(torch.finfo(weights[0].dtype).eps)
         names = self.names
         ref_sam = [torch.zeros_like(w) for w in weights]
+        ref_loss, ref_perturbed_loss = [], []
         with frozen_bn_stats(self.model):  # the reference writes no running statistics either
             for j in range(groups):
                 xj, yj = x[j * m: (j + 1) * m], y[j * m: (j + 1) * m]
-                for state, value, grad in (
-                    ({n: w for n, w in zip(names, weights)}, losses[j], [g[j] for g in grads]),
-                    ({n: w + e[j] for n, w, e in zip(names, weights, eps)}, perturbed_losses[j], None),
+                for state, values, grad in (
+                    ({n: w for n, w in zip(names, weights)}, ref_loss, [g[j] for g in grads]),
+                    ({n: w + e[j] for n, w, e in zip(names, weights, eps)}, ref_perturbed_loss, None),
                 ):
                     with torch.enable_grad():
                         ref_value = loss_fn(functional_call(self.model, state, (xj,)), yj)
                         ref_grad = torch.autograd.grad(ref_value, list(weights), allow_unused=True)
-                    _agree(value, ref_value, tol, "loss")
+                    values.append(ref_value.detach())
                     if grad is not None:
                         for name, a, b in zip(names, grad, ref_grad):
                             _agree(a, b, tol, f"clean gradient of {name}")
@@ -918,6 +922,8 @@ class StructuredPasses:
                         for total, b in zip(ref_sam, ref_grad):
                             if b is not None:
                                 total.add_(b)
+        _agree(loss, sum(ref_loss), tol, "loss")
+        _agree(perturbed_loss, sum(ref_perturbed_loss), tol, "perturbed loss")
         for name, a, b in zip(names, sam_grads, ref_sam):
             _agree(torch.zeros_like(b) if a is None else a, b, tol, f"perturbed gradient of {name}")
 
@@ -931,6 +937,26 @@ def _agree(a: Tensor, b: Tensor | None, tol: float, what: str) -> None:
                           f"(norm {scale:.3g})")
 
 
+def summed_losses(loss_fn: Callable, logits: Tensor, y: Tensor, groups: int) -> Tensor:
+    """``sum_j L_j`` over the ``G`` equal micro-batches of ``logits (G m, ...)`` (:func:`chunk_losses`), a scalar.
+
+    ``nn.CrossEntropyLoss`` (mean reduction, no class weights) on CPU labels none of which it ignores: one
+    ``reduction='sum'`` call over all samples divided by ``m`` (every micro-batch averages over its ``m`` samples),
+    two kernels and one backward node instead of ~10 (the host check of the labels is free on the CPU)."""
+    if (_plain_cross_entropy(loss_fn, y) and y.device.type == "cpu"
+            and not bool((y == loss_fn.ignore_index).any())):
+        return F.cross_entropy(logits, y, reduction="sum", label_smoothing=loss_fn.label_smoothing) / (
+            logits.shape[0] // groups)
+    return chunk_losses(loss_fn, logits, y, groups).sum()
+
+
+def _plain_cross_entropy(loss_fn: Callable, y: Tensor) -> bool:
+    """Whether ``loss_fn`` is an ``nn.CrossEntropyLoss`` with mean reduction and no class weights, on class
+    indices ``y (N,)``."""
+    return (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean"
+            and y.dtype in (torch.int64, torch.int32) and y.dim() == 1)
+
+
 def chunk_losses(loss_fn: Callable, logits: Tensor, y: Tensor, groups: int) -> Tensor:
     """``(G,)`` losses ``loss_fn(logits_j, y_j)`` of the ``G`` equal micro-batches of ``logits (G m, ...)``.
 
@@ -939,8 +965,7 @@ def chunk_losses(loss_fn: Callable, logits: Tensor, y: Tensor, groups: int) -> T
     micro-batches, or one micro-batch at a time where ``vmap`` cannot batch it.
     """
     m = logits.shape[0] // groups
-    if (type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean"
-            and y.dtype in (torch.int64, torch.int32) and y.dim() == 1):
+    if _plain_cross_entropy(loss_fn, y):
         per_sample = F.cross_entropy(logits, y, reduction="none", ignore_index=loss_fn.ignore_index,
                                      label_smoothing=loss_fn.label_smoothing)
         kept = (y != loss_fn.ignore_index).reshape(groups, m).sum(dim=1).to(per_sample.dtype)

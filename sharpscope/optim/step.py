@@ -50,6 +50,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.modules import module as module_mod
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
@@ -181,10 +182,11 @@ def training_step(
         full = n // m if m < n else 0  # micro-batches of exactly m samples
         if vectorize is None and loop_is_faster(images, m):
             full = 0  # the loop is the faster at this size
-        refusal = None
+        refusal = survey = None
         if vectorize is not False and full >= 2:
-            refusal = batched_refusal(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
-                                      device_type=images.device.type)
+            survey = _survey(model, optimizer, micro_batches=full, autocast_dtype=autocast_dtype,
+                             device_type=images.device.type)
+            refusal = survey.refusal
             if refusal is not None and vectorize:
                 raise SharpscopeError(
                     f"vectorize=True, but the micro-batches cannot run as one batched pass: {refusal}; "
@@ -196,7 +198,8 @@ def training_step(
         if vectorize is not False and full >= 2 and refusal is None:
             try:
                 totals = _batched_passes(model, optimizer, loss_fn, images[: full * m], labels[: full * m], m=m, n=n,
-                                         autocast=autocast, scaler=scaler, structured=autocast_dtype is None)
+                                         survey=survey, autocast=autocast, scaler=scaler,
+                                         structured=autocast_dtype is None)
             except (RuntimeError, NotImplementedError) as exc:
                 if vectorize:
                     raise
@@ -343,33 +346,55 @@ def batched_refusal(
       :data:`MAX_STACKED_ELEMENTS` (more micro-batches than fit run as several batched passes, in order);
     * the batched pass did not already fail on this model at run time (an operation vmap cannot batch).
     """
-    if model in _VMAP_REFUSED:
-        return _VMAP_REFUSED[model]
-    if hasattr(model, "_orig_mod"):
-        return "the model is torch.compile'd"
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return f"the model is wrapped in {type(model).__name__}"
-    from torch.nn.modules import module as module_mod
+    return _survey(model, optimizer, micro_batches=micro_batches, autocast_dtype=autocast_dtype,
+                   device_type=device_type).refusal
 
-    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                    "_global_backward_pre_hooks")
-    if any(getattr(module_mod, name, None) for name in global_hooks):
-        return "global module hooks are registered"
-    owned: set[int] = set()
+
+@dataclass(frozen=True)
+class _Survey:
+    """What one walk over the model finds for an m-SAM step (:func:`_survey`)."""
+
+    refusal: str | None  # see batched_refusal
+    names: dict[int, str]  # id(parameter) -> its name in model.named_parameters()
+    norms: list[_NormBase]  # the normalization layers that update running statistics, in model.modules() order
+
+
+def _survey(model: nn.Module, optimizer: Optimizer, *, micro_batches: int, autocast_dtype: torch.dtype | None,
+            device_type: str) -> _Survey:
+    """:func:`batched_refusal` with the parameters' names and the BatchNorm layers the batched passes need, in one
+    walk over the modules (each step: the structure may change between steps)."""
+    names: dict[int, str] = {}
+    norms: list[_NormBase] = []
+    refused = partial(_Survey, names=names, norms=norms)
+    if model in _VMAP_REFUSED:
+        return refused(_VMAP_REFUSED[model])
+    if hasattr(model, "_orig_mod"):
+        return refused("the model is torch.compile'd")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return refused(f"the model is wrapped in {type(model).__name__}")
+    if any(getattr(module_mod, name, None) for name in _GLOBAL_HOOKS):
+        return refused("global module hooks are registered")
     half_on_cpu = device_type == "cpu" and autocast_dtype in (torch.float16, torch.bfloat16)
-    for module in model.modules():  # every step: the names are looked up only for a refusal
-        owned.update(map(id, module._parameters.values()))
+    for prefix, module in model.named_modules():
+        for local, w in module._parameters.items():
+            if w is not None and id(w) not in names:  # a shared tensor keeps its first name, as named_parameters
+                names[id(w)] = f"{prefix}.{local}" if prefix else local
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            norms.append(module)
         reason = _module_refusal(module, half_on_cpu, autocast_dtype)
         if reason is not None:
-            where = next(name for name, other in model.named_modules() if other is module) or type(module).__name__
-            return f"module {where} {reason}"
+            return refused(f"module {prefix or type(module).__name__} {reason}")
     opt_params = [w for group in optimizer.param_groups for w in group["params"]]
-    if any(id(w) not in owned for w in opt_params):
-        return "the optimizer holds parameters the model does not own"
+    if any(id(w) not in names for w in opt_params):
+        return refused("the optimizer holds parameters the model does not own")
     size = sum(w.numel() for w in opt_params if w.requires_grad)
     if min(micro_batches, 2) * size > MAX_STACKED_ELEMENTS:  # larger G run in groups of >= 2 micro-batches
-        return f"2 copies of {size} weights exceed MAX_STACKED_ELEMENTS ({MAX_STACKED_ELEMENTS})"
-    return None
+        return refused(f"2 copies of {size} weights exceed MAX_STACKED_ELEMENTS ({MAX_STACKED_ELEMENTS})")
+    return _Survey(None, names, norms)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
 
 
 def _module_refusal(module: nn.Module, half_on_cpu: bool, autocast_dtype: torch.dtype | None) -> str | None:
@@ -424,6 +449,7 @@ def _batched_passes(
     *,
     m: int,
     n: int,
+    survey: _Survey,
     autocast: Callable,
     scaler: torch.amp.GradScaler | None,
     structured: bool = True,
@@ -451,7 +477,7 @@ def _batched_passes(
     in order. Returns ``(sum_j (m / n) L_j(w), correct count, found_inf or None)``.
     """
     num_micro = images.shape[0] // m
-    names = {id(w): name for name, w in model.named_parameters()}
+    names, norms = survey.names, survey.norms
     # the optimizer's trainable tensors, with their group settings (SAM.perturb's families, by p)
     entries = []
     for group in optimizer.param_groups:
@@ -459,8 +485,6 @@ def _batched_passes(
         for w in group["params"]:
             if w.requires_grad:
                 entries.append((names[id(w)], w, rho, group))
-    norms = [module for module in model.modules()
-             if isinstance(module, _NormBase) and module.training and module.track_running_stats]
     scale_value = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else None
     per_group = max(2, MAX_STACKED_ELEMENTS // max(1, sum(w.numel() for _, w, _, _ in entries)))
     passes = _structured_passes(model, entries, loss_fn, images, labels, m=m) if structured else None
@@ -551,12 +575,13 @@ class _VmapPasses:
         if any(len(calls) != 1 for calls in stats):
             # the closed-form update assumes one update per micro-batch, as a layer called once does
             raise RuntimeError("a BatchNorm layer that tracks running statistics ran other than once per forward")
-        return [grads[name] for name in self.names], losses, logits.flatten(0, 1), [calls[0] for calls in stats]
+        return ([grads[name] for name in self.names], losses.to(torch.promote_types(losses.dtype, torch.float32)).sum(),
+                logits.flatten(0, 1), [calls[0] for calls in stats])
 
     def perturbed(self, live: list[Tensor], eps: list[Tensor], x: Tensor, y: Tensor, groups: int) -> Tensor:
         stacked = {name: w + e for name, w, e in zip(self.names, live, eps)}  # w live: autograd sums the rows
         with self.autocast():
-            return self._perturbed(stacked, x.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1)))
+            return self._perturbed(stacked, x.unflatten(0, (groups, -1)), y.unflatten(0, (groups, -1))).sum()
 
 
 def _run_batched(
@@ -594,16 +619,14 @@ def _run_batched(
             count = min(per_group, num_micro - start)
             x = images[start * m: (start + count) * m]
             y = labels[start * m: (start + count) * m]
-            g_list, losses, logits, stats = clean(live, x=x, y=y, groups=count)
+            g_list, loss_sum, logits, stats = clean(live, x=x, y=y, groups=count)
             batch_stats.append(stats)
             if scaler is not None:
                 found_inf = _unscale_clean_grads(scaler, g_list, found_inf)
             eps = _stacked_eps(entries, g_list)
-            perturbed_losses = perturbed(live, eps, x=x, y=y, groups=count)
-            sam_loss = (perturbed_losses * (m / n)).sum()
+            sam_loss = perturbed(live, eps, x=x, y=y, groups=count) * (m / n)
             (sam_loss if scale_value is None else sam_loss * scale_value).backward()
-            losses = losses.detach()
-            weighted = (losses.to(torch.promote_types(losses.dtype, torch.float32)) * (m / n)).sum()
+            weighted = loss_sum.detach().to(torch.promote_types(loss_sum.dtype, torch.float32)) * (m / n)
             correct = (logits.detach().argmax(dim=-1) == y).sum()
             total_loss = weighted if total_loss is None else total_loss + weighted
             total_correct = correct if total_correct is None else total_correct + correct

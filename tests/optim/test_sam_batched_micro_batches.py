@@ -529,6 +529,26 @@ def test_cross_entropy_per_micro_batch_matches_the_loss_of_each():
         torch.testing.assert_close(per, expected, rtol=1e-14, atol=0)
 
 
+def test_summed_losses_is_the_sum_of_the_micro_batch_losses_and_has_their_gradient():
+    # the one-call path (no ignored label) and the per-micro-batch path (one ignored) against each micro-batch alone
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(12, 5, generator=g, dtype=DT)
+    for ignored in (False, True):
+        y = torch.randint(0, 5, (12,), generator=g)
+        if ignored:
+            y[3] = -100
+        for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1), nn.MultiMarginLoss()):
+            yy = y.clamp(min=0) if isinstance(loss, nn.MultiMarginLoss) else y
+            logits = base.clone().requires_grad_()
+            total = micro_batches.summed_losses(loss, logits, yy, 4)
+            expected = sum(loss(base[3 * j: 3 * j + 3], yy[3 * j: 3 * j + 3]) for j in range(4))
+            torch.testing.assert_close(total, expected, rtol=1e-14, atol=0)
+            reference = base.clone().requires_grad_()
+            sum(loss(reference[3 * j: 3 * j + 3], yy[3 * j: 3 * j + 3]) for j in range(4)).backward()
+            total.backward()
+            torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-13, atol=1e-15)
+
+
 #: (convolution, input shape) for the row forms' windows: padding, stride, dilation, 1d/2d/3d, one input channel (the
 #: strided copy on few elements, the stacked taps on many)
 CONVOLUTIONS = {
