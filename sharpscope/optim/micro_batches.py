@@ -457,17 +457,20 @@ class _PerturbedLinear(torch.autograd.Function):
 
 class _BatchNormAcross(torch.autograd.Function):
     """Training-mode BatchNorm of ``G`` micro-batches held as rows ``(G, R, C)``, each over its own ``R`` rows with
-    its own affine ``weight``/``bias`` ``(G, C)`` (or None): torch's kernels (``native_batch_norm`` and its
-    backward) on the rows transposed to ``(R, G C)``, one copy each way. ``mean``/``var`` (``(G C,)`` or None) are
-    scratch running buffers that momentum 1 fills with the micro-batch means and unbiased variances. One autograd
-    node instead of the ~10 views and copies around ``F.batch_norm``."""
+    its own affine weight ``w + dw_j`` and bias ``b + db_j``: torch's kernels (``native_batch_norm`` and its
+    backward) on the rows transposed to ``(R, G C)``, one copy each way. ``weight``/``bias`` ``(C,)`` are the
+    shared tensors (or None), ``offsets`` ``(G, C)`` their per-micro-batch offsets (or None: the shared tensor for
+    every micro-batch); the shared tensors receive ``sum_j`` of the micro-batches' gradients, the offsets each
+    their own (the clean pass's zero offsets: the per-micro-batch gradients). ``mean``/``var`` (``(G C,)`` or None)
+    are scratch running buffers that momentum 1 fills with the micro-batch means and unbiased variances. One
+    autograd node instead of the ~10 views and copies around ``F.batch_norm`` and the affine sums' own nodes."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, mean, var, eps):
+    def forward(ctx, rows, weight, bias, weight_offsets, bias_offsets, mean, var, eps):
         groups, count, c = rows.shape
         across = rows.transpose(0, 1).reshape(count, groups * c)
-        flat_w = None if weight is None else weight.reshape(-1)
-        flat_b = None if bias is None else bias.reshape(-1)
+        flat_w, flat_b = (None if t is None else (t + offsets if offsets is not None else t.expand(groups, c)).reshape(-1)
+                          for t, offsets in ((weight, weight_offsets), (bias, bias_offsets)))
         out, save_mean, save_invstd = torch.native_batch_norm(across, flat_w, flat_b, mean, var, True, 1.0, eps)
         ctx.eps = eps
         ctx.save_for_backward(across, flat_w, save_mean, save_invstd)
@@ -477,13 +480,16 @@ class _BatchNormAcross(torch.autograd.Function):
     def backward(ctx, dy):
         across, flat_w, save_mean, save_invstd = ctx.saved_tensors
         groups, count, c = dy.shape
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1] or needs[3], needs[2] or needs[4]]
         grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             dy.transpose(0, 1).reshape(count, groups * c), across, flat_w, None, None, save_mean, save_invstd, True,
             ctx.eps, mask)
         grad_x = None if grad_in is None else grad_in.reshape(count, groups, c).transpose(0, 1).contiguous()
-        return (grad_x, None if grad_w is None else grad_w.reshape(groups, c),
-                None if grad_b is None else grad_b.reshape(groups, c), None, None, None)
+        grad_w = None if grad_w is None else grad_w.reshape(groups, c)
+        grad_b = None if grad_b is None else grad_b.reshape(groups, c)
+        return (grad_x, grad_w.sum(0) if needs[1] else None, grad_b.sum(0) if needs[2] else None,
+                grad_w if needs[3] else None, grad_b if needs[4] else None, None, None, None)
 
 
 # ------------------------------------------------------------------------------------------- the layers
@@ -627,11 +633,11 @@ def _run_batch_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
     """
     module = layer.module
     G = call.groups
-    weight, bias = _affine(layer, call)
     batch_stats = module.training or module.running_mean is None
-    rows = _batch_norm_rows(layer, call, x, weight, bias, batch_stats)
+    rows = _batch_norm_rows(layer, call, x, batch_stats)
     if rows is not None:
         return rows
+    weight, bias = _affine(layer, call)
     weight = None if weight is None else weight.reshape(-1)
     bias = None if bias is None else bias.reshape(-1)
     if x.dim() == 2:  # BatchNorm1d on (N, C): the layout needs a trailing dimension
@@ -660,8 +666,7 @@ def _captured_stats(layer: _Layer, call: _Call, x: Tensor) -> tuple[Tensor | Non
     return mean, var
 
 
-def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                     batch_stats: bool) -> Tensor | None:
+def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, batch_stats: bool) -> Tensor | None:
     """BatchNorm on the rows ``(G, R, C)`` of a channels-last input (a row-form convolution's output) or of an
     ``(N, C)`` input; None where the input is laid out otherwise (the side-by-side form then runs).
 
@@ -684,8 +689,10 @@ def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor | Non
         if count == 1:
             return None  # one value per channel: torch's own error, from the side-by-side form
         mean, var = _captured_stats(layer, call, x)
-        out = _BatchNormAcross.apply(rows, weight, bias, mean, var, module.eps)
+        (weight, weight_offsets), (bias, bias_offsets) = _tensors(layer, call, "weight"), _tensors(layer, call, "bias")
+        out = _BatchNormAcross.apply(rows, weight, bias, weight_offsets, bias_offsets, mean, var, module.eps)
     else:
+        weight, bias = _affine(layer, call)
         scale = torch.rsqrt(module.running_var + module.eps).expand(G, c)
         if weight is not None:
             scale = scale * weight

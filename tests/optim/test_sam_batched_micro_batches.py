@@ -73,6 +73,13 @@ def conv_bn_eval():
     return model
 
 
+def conv_bn_frozen_scale():
+    """Training-mode BatchNorm (row form) whose affine weight is frozen and bias trained."""
+    model = conv_bn()
+    model[1].weight.requires_grad_(False)
+    return model
+
+
 def conv_strided_no_affine():
     """A strided, dilated, padded first convolution with a bias, then BatchNorm without affine weights."""
     return nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), nn.BatchNorm2d(4, affine=False),
@@ -135,6 +142,7 @@ MODELS = {  # name: (factory, input shape of one sample)
     "convnet-batchnorm": (conv_bn, (2, 6, 6)),
     "convnet-eval-bn-frozen-conv": (conv_bn_frozen, (2, 6, 6)),
     "convnet-eval-bn": (conv_bn_eval, (2, 6, 6)),
+    "convnet-bn-frozen-scale": (conv_bn_frozen_scale, (2, 6, 6)),
     "conv-strided-dilated-no-affine": (conv_strided_no_affine, (2, 6, 6)),
     "layernorm": (layer_norm, (5,)),
     "groupnorm": (group_norm, (2, 6, 6)),
