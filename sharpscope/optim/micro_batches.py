@@ -127,7 +127,7 @@ class _Call:
     rows: bool = True  # convolutions and BatchNorm in their row forms where they apply (else the grouped forms)
     low_rank: frozenset[int] = frozenset()  # clean: Linear weight slots whose gradients may stay factored
     factors: dict[int, LowRank] = field(default_factory=dict)  # clean: the factored gradients, by slot
-    stats: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    stats: list[Tensor | None] = field(default_factory=list)  # clean: per tracked BatchNorm (2, G, C), see _captured_stats
     fired: list[int] = field(default_factory=list)
     # the row-form convolutions' windows of inputs that need no gradient (the network's input): built by the clean
     # pass, read again by the perturbed pass of the same step if the input is the same tensor, unchanged
@@ -656,14 +656,14 @@ def _run_batch_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
 
 def _captured_stats(layer: _Layer, call: _Call, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """The scratch running buffers ``(G C,)`` that capture a BatchNorm's micro-batch means and unbiased variances
-    (momentum 1 overwrites them: ``1 s + 0 r``, exact), already recorded as ``call.stats`` ``(G, C)`` each; (None,
+    (momentum 1 overwrites them: ``1 s + 0 r``, exact), already recorded as ``call.stats``, ``(2, G, C)``; (None,
     None) for a layer that tracks no statistics and in the perturbed pass (the running statistics come from the
     clean pass only). One zero-filled allocation for both."""
     if layer.stats_slot is None or call.mode != "clean":
         return None, None
-    mean, var = torch.zeros(2, call.groups * x.shape[1], dtype=x.dtype, device=x.device).unbind()
-    call.stats[layer.stats_slot] = (mean.view(call.groups, -1), var.view(call.groups, -1))
-    return mean, var
+    scratch = torch.zeros(2, call.groups * x.shape[1], dtype=x.dtype, device=x.device)
+    call.stats[layer.stats_slot] = scratch.view(2, call.groups, -1)
+    return scratch.unbind()
 
 
 def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, batch_stats: bool) -> Tensor | None:
@@ -807,15 +807,15 @@ class StructuredPasses:
 
     def clean(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, groups: int, *,
               scale: Tensor | None = None, low_rank: bool = False,
-              ) -> tuple[list[Tensor | LowRank], Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+              ) -> tuple[list[Tensor | LowRank], Tensor, Tensor, list[Tensor]]:
         """Per-micro-batch clean gradients at the shared ``weights``.
 
         ``x (G m, ...)``, ``y (G m, ...)``. Returns ``(grads, losses, logits, stats)``: ``grads[i]`` is
         ``(G, *weights[i].shape)`` (of ``scale * L_j`` when a loss scale is given), ``losses`` the unscaled
         ``sum_j L_j`` (:func:`summed_losses`), ``logits`` the outputs for all samples (detached), ``stats`` per
-        tracked BatchNorm the micro-batch
-        means and unbiased variances ``(G, C)``. With ``low_rank`` (and no ``scale``), the gradients of Linear
-        weights come as their factors (:class:`~sharpscope.optim.low_rank.LowRank`) where few rows make them small.
+        tracked BatchNorm the micro-batch means and unbiased variances, ``(2, G, C)``. With ``low_rank`` (and no
+        ``scale``), the gradients of Linear weights come as their factors
+        (:class:`~sharpscope.optim.low_rank.LowRank`) where few rows make them small.
         """
         shared = [w.detach() for w in weights]
         offsets = self._zero_offsets(shared, groups)

@@ -576,7 +576,7 @@ class _VmapPasses:
             # the closed-form update assumes one update per micro-batch, as a layer called once does
             raise RuntimeError("a BatchNorm layer that tracks running statistics ran other than once per forward")
         return ([grads[name] for name in self.names], losses.to(torch.promote_types(losses.dtype, torch.float32)).sum(),
-                logits.flatten(0, 1), [calls[0] for calls in stats])
+                logits.flatten(0, 1), [torch.stack(calls[0]) for calls in stats])
 
     def perturbed(self, live: list[Tensor], eps: list[Tensor], x: Tensor, y: Tensor, groups: int) -> Tensor:
         stacked = {name: w + e for name, w, e in zip(self.names, live, eps)}  # w live: autograd sums the rows
@@ -613,7 +613,7 @@ def _run_batched(
         context = contextlib.nullcontext()
     live = [w for _, w, _, _ in entries]
     total_loss = total_correct = found_inf = None
-    batch_stats: list[list[tuple[Tensor, Tensor]]] = []  # per group: per layer (means (G, C), variances (G, C))
+    batch_stats: list[list[Tensor]] = []  # per group: per layer (2, G, C), the means and the variances
     with context:
         for start in range(0, num_micro, per_group):
             count = min(per_group, num_micro - start)
@@ -630,11 +630,9 @@ def _run_batched(
             correct = (logits.detach().argmax(dim=-1) == y).sum()
             total_loss = weighted if total_loss is None else total_loss + weighted
             total_correct = correct if total_correct is None else total_correct + correct
-    # batch_stats[group][layer] = (means, variances) -> per layer, all micro-batches in order
-    in_order = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)  # one group: no copy
-    means = [in_order([group[i][0] for group in batch_stats]) for i in range(len(norms))]
-    variances = [in_order([group[i][1] for group in batch_stats]) for i in range(len(norms))]
-    _commit_running_stats(norms, means, variances)
+    # batch_stats[group][layer] -> per layer, all micro-batches in order (one group: no copy)
+    _commit_running_stats(norms, [group[0] if len(batch_stats) == 1 else torch.cat(group, dim=1)
+                                  for group in zip(*batch_stats)])
     assert total_loss is not None and total_correct is not None
     return total_loss, total_correct, found_inf
 
@@ -672,36 +670,39 @@ def _eps_is_scaled_gradient(entries: list) -> bool:
 
 
 @torch.no_grad()
-def _commit_running_stats(norms: list[_NormBase], means: list[Tensor], variances: list[Tensor]) -> None:
+def _commit_running_stats(norms: list[_NormBase], stats: list[Tensor]) -> None:
     """Apply the loop's running-statistics updates ``r <- (1 - a_k) r + a_k s_k``, k = 1..G, to each layer.
 
-    ``means[i]`` / ``variances[i]`` are layer ``i``'s micro-batch statistics ``s_k``, ``(G, C)`` in order. In closed
-    form ``r_G = prod_k (1 - a_k) r_0 + sum_k a_k prod_{l > k} (1 - a_l) s_k`` (equal to the loop up to rounding),
-    with ``a_k = momentum`` or, for ``momentum=None`` (a cumulative average), ``1 / (num_batches_tracked + k)``.
+    ``stats[i]`` holds layer ``i``'s micro-batch means and unbiased variances ``s_k``, ``(2, G, C)``, in order. In
+    closed form ``r_G = prod_k (1 - a_k) r_0 + sum_k a_k prod_{l > k} (1 - a_l) s_k`` (equal to the loop up to
+    rounding), with ``a_k = momentum`` or, for ``momentum=None`` (a cumulative average), ``1 / (num_batches_tracked
+    + k)``: per layer one matmul for both sums, then two foreach kernels for every buffer.
     """
     buffers: list[Tensor] = []
     keeps: list[float] = []
     updates: list[Tensor] = []
-    for module, mean, var in zip(norms, means, variances):
-        count = mean.shape[0]
+    counters: list[Tensor] = []
+    for module, both in zip(norms, stats):
+        count = both.shape[1]
         tracked = module.num_batches_tracked
         if module.momentum is None:
             seen = int(tracked) if tracked is not None else 0  # a host sync, as in BatchNorm's own forward
-            keep, coefs = _update_coefficients(tuple(1.0 / (seen + k + 1) for k in range(count)), mean.dtype,
-                                               mean.device)
+            factors = tuple(1.0 / (seen + k + 1) for k in range(count))
         else:
-            keep, coefs = _update_coefficients((float(module.momentum),) * count, mean.dtype, mean.device)
-        both = coefs @ torch.cat([mean, var], dim=1)  # (2 C): the weighted sums of the means and the variances
-        for running, update in zip((module.running_mean, module.running_var), both.chunk(2)):
+            factors = (float(module.momentum),) * count
+        keep, coefs = _update_coefficients(factors, both.dtype, both.device)
+        for running, update in zip((module.running_mean, module.running_var), torch.matmul(coefs, both).unbind()):
             if running is not None:
                 buffers.append(running)
                 keeps.append(keep)
-                updates.append(update.to(running.dtype))
+                updates.append(update if update.dtype == running.dtype else update.to(running.dtype))
         if tracked is not None:
-            tracked.add_(count)
+            counters.append(tracked)
     if buffers:
         torch._foreach_mul_(buffers, keeps)
         torch._foreach_add_(buffers, updates)
+    if counters:
+        torch._foreach_add_(counters, stats[0].shape[1])
 
 
 @functools.lru_cache(maxsize=64)
