@@ -23,6 +23,7 @@ norm only sets the length of ``eps`` (not its direction), and the tests compare 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from sharpscope.optim.perturbation import row_norms
 
-__all__ = ["LowRank", "joint_perturbation", "worth_it"]
+__all__ = ["LowRank", "Scaled", "joint_perturbation", "shifted", "worth_it"]
 
 
 def weight_gradient(x: Tensor, go: Tensor) -> Tensor:
@@ -78,10 +79,46 @@ class LowRank:
         return LowRank(self.inputs, self.grads * coefs[:, None, None])
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """``G`` dense perturbations ``c_j g_j``, ``(G, ...)``, kept as the stack ``g`` and the coefficients ``c (G,)``:
+    what the perturbed pass does with them is ``w + c_j g_j`` (:func:`shifted`), one kernel instead of a product
+    and a sum (and no stack written in between)."""
+
+    tensor: Tensor  # (G, ...): g_j
+    coefs: Tensor  # (G,): c_j
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def per_row(self) -> Tensor:
+        """``c`` as ``(G, 1, ..., 1)``, broadcasting over a row."""
+        return self.coefs.view(-1, *([1] * (self.tensor.dim() - 1)))
+
+    def dense(self) -> Tensor:
+        """The ``(G, ...)`` stack ``c_j g_j``."""
+        return self.tensor * self.per_row()
+
+    def rearranged(self, layout: Callable[[Tensor], Tensor]) -> Scaled:
+        """The same perturbations with ``layout`` (a view, e.g. a convolution weight's row order) applied to ``g``."""
+        return Scaled(layout(self.tensor), self.coefs)
+
+
+def shifted(t: Tensor, offset: Tensor | Scaled, out: Tensor | None = None) -> Tensor:
+    """``t + offset``: a shared tensor plus ``G`` per-micro-batch offsets, ``(G, *t.shape)`` (into ``out`` if
+    given, which then also sets the result's memory layout)."""
+    if isinstance(offset, Scaled):
+        return torch.addcmul(t, offset.tensor, offset.per_row(), out=out)
+    return torch.add(t, offset, out=out)
+
+
 @torch.no_grad()
-def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]) -> list[Tensor | LowRank] | None:
+def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
+                       ) -> list[Scaled | LowRank] | None:
     """``eps_j = rho_i g_ij / ||g_j||_2`` (p = 2, no ASAM; one joint norm per micro-batch over all tensors) for
-    stacked gradients ``(G, ...)``, factored ones staying factored; None where the plain norm is not safe.
+    stacked gradients ``(G, ...)``, factored ones staying factored and dense ones as :class:`Scaled` (the product is
+    taken where the perturbed pass adds them to the weights); None where the plain norm is not safe.
 
     The plain norm is used as in :func:`~sharpscope.optim.perturbation.stacked_joint_perturbation`'s CPU path: only
     when every row's norm is finite and above ``sqrt(tiny) / eps`` of the dtype (a host check, free on the CPU);
@@ -98,12 +135,12 @@ def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
         return None
     inverse = 1.0 / norm
     coefs: dict[float | Tensor, Tensor] = {}  # per radius (usually one for all tensors)
-    eps: list[Tensor | LowRank] = []
+    eps: list[Scaled | LowRank] = []
     for g, rho in zip(grads, rhos):
         c = coefs.get(rho)
         if c is None:
             c = coefs[rho] = inverse * rho
-        eps.append(g.scaled(c) if isinstance(g, LowRank) else g * c.reshape(-1, *([1] * (g.dim() - 1))))
+        eps.append(g.scaled(c) if isinstance(g, LowRank) else Scaled(g, c))
     return eps
 
 

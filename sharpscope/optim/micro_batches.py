@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from sharpscope.optim.bn import frozen_bn_stats
-from sharpscope.optim.low_rank import LowRank, PerturbedLinear, weight_gradient, worth_it
+from sharpscope.optim.low_rank import LowRank, PerturbedLinear, Scaled, shifted, weight_gradient, worth_it
 
 __all__ = ["StructuredPasses", "structured_plan"]
 
@@ -469,7 +469,8 @@ class _BatchNormAcross(torch.autograd.Function):
     def forward(ctx, rows, weight, bias, weight_offsets, bias_offsets, mean, var, eps):
         groups, count, c = rows.shape
         across = rows.transpose(0, 1).reshape(count, groups * c)
-        flat_w, flat_b = (None if t is None else (t + offsets if offsets is not None else t.expand(groups, c)).reshape(-1)
+        flat_w, flat_b = (None if t is None else (shifted(t, offsets) if offsets is not None
+                                                  else t.expand(groups, c)).reshape(-1)
                           for t, offsets in ((weight, weight_offsets), (bias, bias_offsets)))
         out, save_mean, save_invstd = torch.native_batch_norm(across, flat_w, flat_b, mean, var, True, 1.0, eps)
         ctx.eps = eps
@@ -520,19 +521,20 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         return _SharedLinear.apply(x, weight, bias, w_off, b_off, G)
     if isinstance(w_off, LowRank):
         with torch.no_grad():
-            biases = None if b_off is None else bias + b_off
+            biases = None if b_off is None else shifted(bias, b_off)
         return PerturbedLinear.apply(x, weight, bias, biases, w_off.inputs, w_off.grads)
     weights, biases = _perturbed_constants(weight, bias, w_off, b_off, G)
     return _PerturbedLinear.apply(x, weight, bias, weights, biases, G)
 
 
 @torch.no_grad()
-def _perturbed_constants(weight: Tensor, bias: Tensor | None, w_off: Tensor | None, b_off: Tensor | None,
-                         groups: int) -> tuple[Tensor, Tensor | None]:
-    """The constants ``W + E_j`` ``(G, *W.shape)`` and ``b + e_j`` ``(G, out)`` of a perturbed layer (a frozen
-    tensor, without ``eps``: itself for every micro-batch, expanded)."""
-    weights = weight + w_off if w_off is not None else weight.expand(groups, *weight.shape)
-    biases = None if bias is None else bias + b_off if b_off is not None else bias.expand(groups, *bias.shape)
+def _perturbed_constants(weight: Tensor, bias: Tensor | None, w_off: Tensor | Scaled | None,
+                         b_off: Tensor | Scaled | None, groups: int, weights_out: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor | None]:
+    """The constants ``W + E_j`` ``(G, *W.shape)`` (into ``weights_out`` if given) and ``b + e_j`` ``(G, out)`` of a
+    perturbed layer (a frozen tensor, without ``eps``: itself for every micro-batch, expanded)."""
+    weights = shifted(weight, w_off, out=weights_out) if w_off is not None else weight.expand(groups, *weight.shape)
+    biases = None if bias is None else shifted(bias, b_off) if b_off is not None else bias.expand(groups, *bias.shape)
     return weights, biases
 
 
@@ -601,10 +603,14 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     if call.mode == "clean":
         out = _SharedConvRows.apply(x, weight, bias, w_off, b_off, windows, meta)
     else:
-        dims = len(kernel)
-        weights, biases = _perturbed_constants(_weight_rows(weight.detach(), dims), bias,
-                                               None if w_off is None else _weight_rows(w_off, dims), b_off, G)
-        out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
+        # W + E_j summed in the windows' column order (the stacks' own), written there: no copy of W's rows
+        taps_last = lambda t: t.movedim(-len(kernel) - 1, -1)  # (..., C_out, *kernel, C_in), a view
+        rows_out = torch.empty(G, c_out, *kernel, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        weights, biases = _perturbed_constants(
+            taps_last(weight.detach()), bias,
+            None if w_off is None else (w_off.rearranged(taps_last) if isinstance(w_off, Scaled) else taps_last(w_off)),
+            b_off, G, weights_out=None if w_off is None else rows_out)
+        out = _PerturbedConvRows.apply(x, weight, bias, weights.reshape(G, c_out, -1), biases, windows, meta)
     return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
 
 
@@ -617,7 +623,7 @@ def _affine(layer: _Layer, call: _Call) -> tuple[Tensor | None, Tensor | None]:
         if t is None:
             out.append(None)
         elif offset is not None:
-            out.append(t + offset)
+            out.append(shifted(t, offset))
         else:
             out.append(t.expand(call.groups, *t.shape))  # frozen
     return out[0], out[1]
@@ -905,7 +911,7 @@ class StructuredPasses:
         eps = make_eps(grads)
         perturbed_loss = self.perturbed(weights, eps, loss_fn, x, y, groups)
         grads = [g.dense() if isinstance(g, LowRank) else g for g in grads]
-        eps = [e.dense() if isinstance(e, LowRank) else e for e in eps]
+        eps = [e.dense() if isinstance(e, (LowRank, Scaled)) else e for e in eps]
         sam_grads = torch.autograd.grad(perturbed_loss, list(weights), allow_unused=True)
         tol = math.sqrt(torch.finfo(weights[0].dtype).eps)
         names = self.names

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from sharpscope.optim.low_rank import (
     LowRank,
     PerturbedLinear,
+    Scaled,
     joint_perturbation,
+    shifted,
     weight_gradient,
     worth_it,
 )
@@ -49,6 +51,20 @@ def test_dense_and_squared_norms_are_the_stacks(fan_in, fan_out):
     torch.testing.assert_close(lr.scaled(coefs).dense(), dense * coefs[:, None, None], rtol=RTOL, atol=ATOL)
 
 
+def test_shifted_adds_scaled_offsets_as_their_product():
+    g = torch.Generator().manual_seed(2)
+    w, stack, coefs = (torch.randn(*shape, generator=g, dtype=DT) for shape in ((4, 3), (5, 4, 3), (5,)))
+    want = w + stack * coefs[:, None, None]
+    torch.testing.assert_close(shifted(w, Scaled(stack, coefs)), want, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(Scaled(stack, coefs).dense(), stack * coefs[:, None, None], rtol=0, atol=0)
+    out = torch.empty(5, 3, 4, dtype=DT).transpose(1, 2)  # the result takes out's layout
+    assert shifted(w, Scaled(stack, coefs), out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(shifted(w, stack), w + stack, rtol=0, atol=0)
+    rows = Scaled(stack, coefs).rearranged(lambda t: t.transpose(1, 2))
+    torch.testing.assert_close(rows.dense(), (stack * coefs[:, None, None]).transpose(1, 2), rtol=0, atol=0)
+
+
 def test_joint_perturbation_is_stacked_joint_perturbation_of_the_dense_stacks():
     g = torch.Generator().manual_seed(1)
     lr = factors()
@@ -56,14 +72,15 @@ def test_joint_perturbation_is_stacked_joint_perturbation_of_the_dense_stacks():
     conv = torch.randn(3, 4, 2, 3, 3, generator=g, dtype=DT)
     rhos = [0.05, torch.tensor(0.1, dtype=DT), 0.2]  # a scheduled rho is a tensor
     eps = joint_perturbation([lr, bias, conv], rhos)
-    assert eps is not None and isinstance(eps[0], LowRank)
+    assert eps is not None and isinstance(eps[0], LowRank) and all(isinstance(e, Scaled) for e in eps[1:])
     dense = [lr.dense(), bias, conv]
     params = [torch.zeros(t.shape[1:], dtype=DT) for t in dense]  # read only by ASAM
     want = stacked_joint_perturbation(dense, params, rhos=rhos, p=2.0, adaptive=[False] * 3, etas=[0.0] * 3)
-    for got, ref in zip([eps[0].dense(), *eps[1:]], want):
-        torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
+    got = [e.dense() for e in eps]
+    for a, ref in zip(got, want):
+        torch.testing.assert_close(a, ref, rtol=RTOL, atol=ATOL)
     # each row's joint norm is rho (one ball per micro-batch over all tensors)
-    flat = torch.cat([(e / r).reshape(3, -1) for e, r in zip([eps[0].dense(), *eps[1:]], rhos)], dim=1)
+    flat = torch.cat([(e / r).reshape(3, -1) for e, r in zip(got, rhos)], dim=1)
     torch.testing.assert_close(flat.norm(dim=1), torch.ones(3, dtype=DT), rtol=RTOL, atol=0)
 
 

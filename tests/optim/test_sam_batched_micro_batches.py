@@ -628,7 +628,8 @@ def test_factored_gradients_and_eps_carry_no_graph():
     assert len(factored) == 2  # the second one's inputs come from the first layer: they carry the clean graph
     assert not any(g.inputs.requires_grad or g.grads.requires_grad for g in factored)
     eps = low_rank.joint_perturbation(grads, [0.1] * len(grads))
-    assert not any(t.requires_grad for e in eps for t in ((e.inputs, e.grads) if isinstance(e, LowRank) else (e,)))
+    assert not any(t.requires_grad for e in eps
+                   for t in ((e.inputs, e.grads) if isinstance(e, LowRank) else (e.tensor, e.coefs)))
 
 
 class ViewAfterConv(nn.Module):
