@@ -603,14 +603,17 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     if call.mode == "clean":
         out = _SharedConvRows.apply(x, weight, bias, w_off, b_off, windows, meta)
     else:
-        # W + E_j summed in the windows' column order (the stacks' own), written there: no copy of W's rows
-        taps_last = lambda t: t.movedim(-len(kernel) - 1, -1)  # (..., C_out, *kernel, C_in), a view
-        rows_out = torch.empty(G, c_out, *kernel, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        weights, biases = _perturbed_constants(
-            taps_last(weight.detach()), bias,
-            None if w_off is None else (w_off.rearranged(taps_last) if isinstance(w_off, Scaled) else taps_last(w_off)),
-            b_off, G, weights_out=None if w_off is None else rows_out)
-        out = _PerturbedConvRows.apply(x, weight, bias, weights.reshape(G, c_out, -1), biases, windows, meta)
+        if w_off is None:  # frozen weight: its rows, the same for every micro-batch
+            weights, biases = _perturbed_constants(_weight_rows(weight.detach(), len(kernel)), bias, None, b_off, G)
+        else:  # W + E_j summed in the windows' column order (the stacks' own) and written there: W is not copied
+            taps_last = lambda t: t.movedim(-len(kernel) - 1, -1)  # (..., C_out, *kernel, C_in), a view
+            rows = torch.empty(G, c_out, *kernel, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            weights, biases = _perturbed_constants(
+                taps_last(weight.detach()), bias,
+                w_off.rearranged(taps_last) if isinstance(w_off, Scaled) else taps_last(w_off), b_off, G,
+                weights_out=rows)
+            weights = rows.view(G, c_out, -1)
+        out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
     return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
 
 
