@@ -64,7 +64,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from sharpscope.optim.bn import frozen_bn_stats
-from sharpscope.optim.low_rank import LowRank, PerturbedLinear, Scaled, shifted, weight_gradient, worth_it
+from sharpscope.optim.low_rank import (
+    LowRank,
+    PerturbedLinear,
+    Scaled,
+    shifted,
+    weight_gradient,
+    worth_it,
+)
 
 __all__ = ["StructuredPasses", "structured_plan"]
 
@@ -348,22 +355,26 @@ class _SharedConvRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, offset_w, offset_b, windows, meta):
         ctx.meta = meta
-        ctx.save_for_backward(x, weight, windows)
-        return F.linear(windows, _weight_rows(weight, weight.dim() - 2), bias)
+        rows = _weight_rows(weight, weight.dim() - 2)
+        ctx.save_for_backward(x, rows, windows)
+        ctx.weight_shape = weight.shape
+        return F.linear(windows, rows, bias)
 
     @staticmethod
     def backward(ctx, go):
-        x, weight, windows = ctx.saved_tensors
+        x, rows, windows = ctx.saved_tensors
         _, stride, padding, dilation, out_sp, groups = ctx.meta
         grad_x = grad_w = grad_b = None
         gov = go.reshape(groups, -1, go.shape[-1])
         if ctx.needs_input_grad[0]:
             go_map = go.reshape(x.shape[0], *out_sp, go.shape[-1]).movedim(-1, 1)
+            # the weight as its rows' channels-last view (the layout of go and x): oneDNN reorders less
+            weight = _rows_weight(rows, ctx.weight_shape)
             grad_x = torch.ops.aten.convolution_backward(
                 go_map, x, weight, None, stride, padding, dilation, False, [0] * len(out_sp), 1,
                 [True, False, False])[0]
         if ctx.needs_input_grad[3]:
-            grad_w = _rows_weight(weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov), weight.shape)
+            grad_w = _rows_weight(weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov), ctx.weight_shape)
         if ctx.needs_input_grad[4]:
             grad_b = gov.sum(dim=1)
         return grad_x, None, None, grad_w, grad_b, None, None

@@ -32,9 +32,15 @@ from torch.optim import Optimizer
 
 from sharpscope.errors import SharpscopeError, unknown_name_error
 from sharpscope.optim.bn import frozen_bn_stats
-from sharpscope.optim.perturbation import check_adaptive, check_eta, check_p, check_rho, joint_perturbation
+from sharpscope.optim.perturbation import (
+    check_adaptive,
+    check_eta,
+    check_p,
+    check_rho,
+    joint_perturbation,
+)
 
-__all__ = ["SAM", "RHO_SCHEDULES"]
+__all__ = ["RHO_SCHEDULES", "SAM"]
 
 RHO_SCHEDULES = ("constant", "lr")
 _SAM_GROUP_KEYS = ("rho", "p", "adaptive", "eta", "rho_schedule")
