@@ -218,8 +218,8 @@ def _row_norm(tensors: list[Tensor], ord: float) -> Tensor:
 
 def row_norms(t: Tensor, ord: float = 2.0) -> Tensor:
     """``(G,)``: the ``ord``-norm of each row ``t[g]`` of a stacked ``(G, ...)`` tensor, reduced in its own memory
-    layout (a permuted stack, e.g. a convolution's gradients in its row form's layout, is not copied: 170 us for
-    the digits ConvNet's 4 x 64 x 32 x 3 x 3 on one thread)."""
+    layout (a permuted stack, e.g. a convolution's gradients in its row form's layout, is not copied: 10 us for
+    the digits ConvNet's 4 x 64 x 32 x 3 x 3 on one thread, as for a contiguous stack)."""
     if t.dim() == 1:
         return t.abs()
     return torch.linalg.vector_norm(t, ord, dim=_row_dims(t))

@@ -676,7 +676,7 @@ def _commit_running_stats(norms: list[_NormBase], stats: list[Tensor]) -> None:
     ``stats[i]`` holds layer ``i``'s micro-batch means and unbiased variances ``s_k``, ``(2, G, C)``, in order. In
     closed form ``r_G = prod_k (1 - a_k) r_0 + sum_k a_k prod_{l > k} (1 - a_l) s_k`` (equal to the loop up to
     rounding), with ``a_k = momentum`` or, for ``momentum=None`` (a cumulative average), ``1 / (num_batches_tracked
-    + k)``: per layer one matmul for both sums, then two foreach kernels for every buffer.
+    + k)``: per layer one product and one sum for both, then two foreach kernels for every buffer.
     """
     buffers: list[Tensor] = []
     keeps: list[float] = []
@@ -691,7 +691,7 @@ def _commit_running_stats(norms: list[_NormBase], stats: list[Tensor]) -> None:
         else:
             factors = (float(module.momentum),) * count
         keep, coefs = _update_coefficients(factors, both.dtype, both.device)
-        for running, update in zip((module.running_mean, module.running_var), torch.matmul(coefs, both).unbind()):
+        for running, update in zip((module.running_mean, module.running_var), (both * coefs).sum(dim=1).unbind()):
             if running is not None:
                 buffers.append(running)
                 keeps.append(keep)
@@ -708,12 +708,12 @@ def _commit_running_stats(norms: list[_NormBase], stats: list[Tensor]) -> None:
 @functools.lru_cache(maxsize=64)
 def _update_coefficients(factors: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[float, Tensor]:
     """``(prod_k (1 - a_k), (a_k prod_{l > k} (1 - a_l))_k)`` for the update factors ``a_k``, the weights as a
-    ``(G,)`` tensor (computed in float64; cached, as the momentum is constant: the tensor is never written)."""
+    ``(G, 1)`` tensor (computed in float64; cached, as the momentum is constant: the tensor is never written)."""
     keep = [1.0] * (len(factors) + 1)  # keep[k] = prod_{l >= k} (1 - a_l)
     for k in range(len(factors) - 1, -1, -1):
         keep[k] = keep[k + 1] * (1.0 - factors[k])
     weights = torch.tensor([factors[k] * keep[k + 1] for k in range(len(factors))], dtype=torch.float64)
-    return keep[0], weights.to(device=device, dtype=dtype)
+    return keep[0], weights.to(device=device, dtype=dtype)[:, None]
 
 
 def _average_over_ranks(model: nn.Module, grads: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:

@@ -547,6 +547,7 @@ def test_summed_losses_is_the_sum_of_the_micro_batch_losses_and_has_their_gradie
             y[3] = -100
         for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1), nn.MultiMarginLoss()):
             yy = y.clamp(min=0) if isinstance(loss, nn.MultiMarginLoss) else y
+            assert micro_batches.one_call_loss(loss, yy) == (isinstance(loss, nn.CrossEntropyLoss) and not ignored)
             logits = base.clone().requires_grad_()
             total = micro_batches.summed_losses(loss, logits, yy, 4)
             expected = sum(loss(base[3 * j: 3 * j + 3], yy[3 * j: 3 * j + 3]) for j in range(4))
