@@ -99,8 +99,9 @@ def test_joint_perturbation_declines_where_the_plain_norm_is_not_safe(bad):
 def test_worth_it_compares_the_factors_with_the_dense_stack():
     assert worth_it(8, 256, 128)  # the digits ConvNet's first Linear at m = 8
     assert not worth_it(8, 128, 10)  # its last Linear: the stack is smaller than the factors' work
-    assert worth_it(4, 20, 32) and not worth_it(12, 24, 48)
-    assert worth_it(8, 24, 48)  # 2 * 8 * (24 + 48) == 24 * 48: the bound is inclusive
+    assert worth_it(4, 20, 256) and not worth_it(12, 20, 256)
+    assert not worth_it(1, 40, 40)  # too few weights for the factors' extra kernels (LOW_RANK_MIN_WEIGHTS)
+    assert worth_it(16, 64, 64)  # 2 * 16 * (64 + 64) == 64 * 64 == LOW_RANK_MIN_WEIGHTS: both bounds inclusive
 
 
 @pytest.mark.parametrize("with_biases", [True, False], ids=["per-micro-batch-bias", "shared-bias"])

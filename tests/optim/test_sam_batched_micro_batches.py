@@ -120,16 +120,16 @@ class SequenceHead(nn.Module):
 def mlp_wide_bn():
     """A Linear wide enough for its per-micro-batch gradients to stay factored at m = 4 and 6 (low_rank.worth_it);
     no bias before BatchNorm (its gradient is 0 up to rounding, which Adam would amplify to a full step)."""
-    return nn.Sequential(nn.Linear(20, 32, bias=False), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
+    return nn.Sequential(nn.Linear(20, 256, bias=False), nn.BatchNorm1d(256), nn.Tanh(), nn.Linear(256, 3))
 
 
 class WideSequence(nn.Module):
-    """Tokens (n, 2, 24) -> Linear(24, 48) -> LayerNorm -> mean over tokens -> Linear: 2 m rows per micro-batch,
+    """Tokens (n, 2, 20) -> Linear(20, 256) -> LayerNorm -> mean over tokens -> Linear: 2 m rows per micro-batch,
     factored at m = 4 (8 rows), not at m = 6 (12 rows)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.proj, self.norm, self.head = nn.Linear(24, 48), nn.LayerNorm(48), nn.Linear(48, 3)
+        self.proj, self.norm, self.head = nn.Linear(20, 256), nn.LayerNorm(256), nn.Linear(256, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.norm(self.proj(x))).mean(1))
@@ -151,7 +151,7 @@ MODELS = {  # name: (factory, input shape of one sample)
     "conv3d-batchnorm3d": (conv3d, (1, 3, 3, 3)),
     "sequence-layernorm": (SequenceHead, (4, 5)),
     "mlp-wide-batchnorm-low-rank": (mlp_wide_bn, (20,)),
-    "sequence-wide-low-rank": (WideSequence, (2, 24)),
+    "sequence-wide-low-rank": (WideSequence, (2, 20)),
 }
 
 SAM_SETTINGS = {  # name: SAM keyword arguments
@@ -620,7 +620,7 @@ def test_factored_gradients_and_eps_carry_no_graph():
     """The factors of a Linear layer's clean gradients are constants: eps and the perturbed pass must not extend the
     clean pass's graph (autograd would otherwise backpropagate into eps's own arithmetic)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(20, 256), nn.Tanh(), nn.Linear(256, 64), nn.Tanh(), nn.Linear(64, 3)).to(DT)
     names = [name for name, _ in model.named_parameters()]
     plan = micro_batches.structured_plan(model, names)
     x, y = torch.randn(8, 20, dtype=DT), torch.randint(0, 3, (8,))
