@@ -44,14 +44,16 @@ def window(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     (square), no padding, no dilation, ``ceil_mode`` only where it changes nothing (sizes divisible by ``k``), no
     indices returned, outside ``torch.func`` transforms and ``torch.compile`` tracing.
     """
+    # the tensor first: a channels-last input (the m-SAM passes' row forms) is the common refusal
+    if not isinstance(x, Tensor) or not x.is_contiguous() or x.device.type != "cpu" or x.dim() not in (3, 4) \
+            or not x.is_floating_point():
+        return None
     k = _square(kernel_size)
     if k is None or k < 2 or return_indices or _square(padding) != 0 or _square(dilation) != 1:
         return None
     if stride is not None and not (isinstance(stride, (list, tuple)) and len(stride) == 0) and _square(stride) != k:
         return None
-    if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() not in (3, 4) or not x.is_floating_point():
-        return None
-    if not x.is_contiguous() or x.numel() == 0 or x.shape[-1] < k or x.shape[-2] < k:
+    if x.numel() == 0 or x.shape[-1] < k or x.shape[-2] < k:
         return None
     if ceil_mode and (x.shape[-1] % k or x.shape[-2] % k):
         return None
