@@ -16,19 +16,16 @@ the other, the reference); the last column of those rows is the cost relative to
 says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
 ``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-07 (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three runs: the range),
-step time x SGD (SGD 1.9 and 6.7-7.3 ms), freed CPU memory retained as ``sharpscope train`` does:
+Measured 2026-12-07 evening (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three runs: the
+range), step time x SGD (SGD 1.8-2.0 and 5.8-7.0 ms), freed CPU memory retained as ``sharpscope train`` does:
 
     config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.17-2.27   2.64-2.77        4.84-4.98    5.61-5.74    1.95-2.00
-    batch 128, m = 8          2.01-2.04   2.04-2.23        3.93-4.32    6.79-7.24    2.25-2.36
+    batch 16, m = 4           2.15-2.24   2.51-2.62        4.54-5.02    5.55-5.67    1.97-2.00
+    batch 128, m = 8          1.99-2.06   2.07-2.18        3.99-4.41    6.68-7.96    2.17-2.45
 
-Before this (the previous session, three runs): m-SAM 3.08-3.31 and 2.18-2.20. What changed at batch 16: the factored
-Linear gradients stopped carrying the clean pass's graph into ``eps`` and the perturbed pass, the second convolution
-runs in the row form (small layers only, :data:`sharpscope.optim.micro_batches.ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS`),
-BatchNorm on torch's own kernel with the micro-batches' channels side by side, the network input's windows built once
-per step, per-row norms without copies. Batch 16 still misses its 2.5x goal: the step is Python and dispatch (561 aten
-calls against SAM's 203; at width 2, no arithmetic to speak of, SGD / SAM / m-SAM take 1.1 / 2.3 / 3.5 ms).
+The morning of the same day: m-SAM 2.64-2.77 and 2.04-2.23 (the session before, 3.08-3.31 and 2.18-2.20). Batch 16
+is at its 2.5x goal but not reliably under it (four more runs: 2.50-2.67): the step is Python and dispatch spread over
+many small pieces, m-SAM costing SAM's step plus 15-18%.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.

@@ -134,7 +134,7 @@ class _Call:
     rows: bool = True  # convolutions and BatchNorm in their row forms where they apply (else the grouped forms)
     low_rank: frozenset[int] = frozenset()  # clean: Linear weight slots whose gradients may stay factored
     factors: dict[int, LowRank] = field(default_factory=dict)  # clean: the factored gradients, by slot
-    stats: list[Tensor | None] = field(default_factory=list)  # clean: per tracked BatchNorm (2, G, C), see _captured_stats
+    stats: list[Tensor | None] = field(default_factory=list)  # clean: per tracked BatchNorm (2, G, C): _captured_stats
     fired: list[int] = field(default_factory=list)
     # the row-form convolutions' windows of inputs that need no gradient (the network's input): built by the clean
     # pass, read again by the perturbed pass of the same step if the input is the same tensor, unchanged
@@ -374,7 +374,8 @@ class _SharedConvRows(torch.autograd.Function):
                 go_map, x, weight, None, stride, padding, dilation, False, [0] * len(out_sp), 1,
                 [True, False, False])[0]
         if ctx.needs_input_grad[3]:
-            grad_w = _rows_weight(weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov), ctx.weight_shape)
+            per_micro_batch = weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov)
+            grad_w = _rows_weight(per_micro_batch, ctx.weight_shape)
         if ctx.needs_input_grad[4]:
             grad_b = gov.sum(dim=1)
         return grad_x, None, None, grad_w, grad_b, None, None
