@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpscope.optim.perturbation import row_norms
+from sharpscope.optim.perturbation import per_row, row_norms
 
 __all__ = ["LowRank", "Scaled", "joint_perturbation", "shifted", "worth_it"]
 
@@ -96,17 +96,9 @@ class Scaled:
     tensor: Tensor  # (G, ...): g_j
     coefs: Tensor  # (G,): c_j
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.tensor.shape
-
-    def per_row(self) -> Tensor:
-        """``c`` as ``(G, 1, ..., 1)``, broadcasting over a row."""
-        return self.coefs.view(-1, *([1] * (self.tensor.dim() - 1)))
-
     def dense(self) -> Tensor:
         """The ``(G, ...)`` stack ``c_j g_j``."""
-        return self.tensor * self.per_row()
+        return self.tensor * per_row(self.coefs, self.tensor)
 
     def rearranged(self, layout: Callable[[Tensor], Tensor]) -> Scaled:
         """The same perturbations with ``layout`` (a view, e.g. a convolution weight's row order) applied to ``g``."""
@@ -117,7 +109,7 @@ def shifted(t: Tensor, offset: Tensor | Scaled, out: Tensor | None = None) -> Te
     """``t + offset``: a shared tensor plus ``G`` per-micro-batch offsets, ``(G, *t.shape)`` (into ``out`` if
     given, which then also sets the result's memory layout)."""
     if isinstance(offset, Scaled):
-        return torch.addcmul(t, offset.tensor, offset.per_row(), out=out)
+        return torch.addcmul(t, offset.tensor, per_row(offset.coefs, offset.tensor), out=out)
     return torch.add(t, offset, out=out)
 
 

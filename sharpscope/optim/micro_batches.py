@@ -394,11 +394,7 @@ class _PerturbedConvRows(torch.autograd.Function):
         ctx.meta = meta
         ctx.shapes = (x.shape, weight.shape)
         ctx.save_for_backward(weights, windows)
-        groups = weights.shape[0]
-        rows = windows.reshape(groups, -1, windows.shape[-1])
-        out = (torch.bmm(rows, weights.transpose(1, 2)) if biases is None
-               else torch.baddbmm(biases[:, None, :], rows, weights.transpose(1, 2)))
-        return out.reshape(windows.shape[0], weights.shape[1])
+        return _through_own_weights(windows, weights, biases)
 
     @staticmethod
     def backward(ctx, go):
@@ -436,6 +432,16 @@ def _col2im_index(n: int, padded_sp: tuple[int, ...], kernel: tuple[int, ...], s
     return (samples[:, None] + index.reshape(1, -1)).reshape(-1).to(device)
 
 
+def _through_own_weights(x: Tensor, weights: Tensor, biases: Tensor | None) -> Tensor:
+    """Rows ``x (G R, ..., in)`` of ``G`` equal micro-batches times their own ``weights (G, out, in)`` (plus
+    ``biases (G, out)``), one batched matmul: ``(G R, ..., out)``."""
+    groups = weights.shape[0]
+    rows = x.reshape(groups, -1, x.shape[-1])
+    out = (torch.bmm(rows, weights.transpose(1, 2)) if biases is None
+           else torch.baddbmm(biases[:, None, :], rows, weights.transpose(1, 2)))
+    return out.reshape(*x.shape[:-1], weights.shape[1])
+
+
 class _PerturbedLinear(torch.autograd.Function):
     """Rows of ``G`` equal micro-batches through their own weights: ``x_j (W + E_j)^T + (b + e_j)``.
 
@@ -448,10 +454,7 @@ class _PerturbedLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, weights, biases, groups):
         ctx.groups = groups
         ctx.save_for_backward(x, weights)
-        xv = x.reshape(groups, -1, x.shape[-1])
-        out = (torch.bmm(xv, weights.transpose(1, 2)) if biases is None
-               else torch.baddbmm(biases[:, None, :], xv, weights.transpose(1, 2)))
-        return out.reshape(*x.shape[:-1], weights.shape[1])
+        return _through_own_weights(x, weights, biases)
 
     @staticmethod
     def backward(ctx, go):
@@ -619,12 +622,12 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
             weights, biases = _perturbed_constants(_weight_rows(weight.detach(), len(kernel)), bias, None, b_off, G)
         else:  # W + E_j summed in the windows' column order (the stacks' own) and written there: W is not copied
             taps_last = lambda t: t.movedim(-len(kernel) - 1, -1)  # (..., C_out, *kernel, C_in), a view
-            rows = torch.empty(G, c_out, *kernel, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            weights, biases = _perturbed_constants(
+            stack = torch.empty(G, c_out, *kernel, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            _, biases = _perturbed_constants(
                 taps_last(weight.detach()), bias,
                 w_off.rearranged(taps_last) if isinstance(w_off, Scaled) else taps_last(w_off), b_off, G,
-                weights_out=rows)
-            weights = rows.view(G, c_out, -1)
+                weights_out=stack)
+            weights = stack.view(G, c_out, -1)
         out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
     return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
 

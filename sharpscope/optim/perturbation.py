@@ -229,7 +229,7 @@ def _row_dims(t: Tensor) -> tuple[int, ...]:
     return tuple(range(1, t.dim()))
 
 
-def _per_row(x: Tensor, like: Tensor) -> Tensor:
+def per_row(x: Tensor, like: Tensor) -> Tensor:
     """A ``(G,)`` tensor shaped to broadcast against ``like (G, ...)``."""
     return x.reshape(-1, *([1] * (like.dim() - 1)))
 
@@ -267,7 +267,7 @@ def stacked_joint_perturbation(
         tiny = torch.finfo(norm.dtype).tiny
         if bool((torch.isfinite(norm) & (norm > math.sqrt(tiny) / torch.finfo(norm.dtype).eps)).all()):
             inverse = 1.0 / norm
-            out = [si * _per_row(inverse * r, si) for si, r in zip(s, rhos)]
+            out = [si * per_row(inverse * r, si) for si, r in zip(s, rhos)]
             for i in ada_idx:
                 out[i].mul_(t_scale[i])
             return out
@@ -275,19 +275,19 @@ def stacked_joint_perturbation(
         d = [torch.sign(si) for si in s]
     else:
         top = _nonzero_or_one(_row_norm(s, math.inf))
-        u = [si / _per_row(top, si) for si in s]
+        u = [si / per_row(top, si) for si in s]
         if p == 2.0:
             norm = _nonzero_or_one(_row_norm(u, 2.0))
-            d = [ui / _per_row(norm, ui) for ui in u]
+            d = [ui / per_row(norm, ui) for ui in u]
         elif p == 1.0:
             masks = [ui.abs() == 1 for ui in u]
             count = torch.stack([mi.reshape(mi.shape[0], -1).sum(dim=1) for mi in masks]).sum(dim=0)
             count = _nonzero_or_one(count.to(u[0].dtype))
-            d = [torch.sign(ui) * mi / _per_row(count, ui) for ui, mi in zip(u, masks)]
+            d = [torch.sign(ui) * mi / per_row(count, ui) for ui, mi in zip(u, masks)]
         else:
             q = p / (p - 1.0)
             norm = _nonzero_or_one(_row_norm(u, q))
-            d = [torch.sign(ui) * (ui.abs() / _per_row(norm, ui)) ** (q - 1.0) for ui in u]
+            d = [torch.sign(ui) * (ui.abs() / per_row(norm, ui)) ** (q - 1.0) for ui in u]
     for i in ada_idx:
         d[i] = d[i] * t_scale[i]
     return [di * r for di, r in zip(d, rhos)]

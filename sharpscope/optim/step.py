@@ -575,8 +575,8 @@ class _VmapPasses:
         if any(len(calls) != 1 for calls in stats):
             # the closed-form update assumes one update per micro-batch, as a layer called once does
             raise RuntimeError("a BatchNorm layer that tracks running statistics ran other than once per forward")
-        return ([grads[name] for name in self.names], losses.to(torch.promote_types(losses.dtype, torch.float32)).sum(),
-                logits.flatten(0, 1), [torch.stack(calls[0]) for calls in stats])
+        return ([grads[name] for name in self.names], losses.sum(), logits.flatten(0, 1),
+                [torch.stack(calls[0]) for calls in stats])
 
     def perturbed(self, live: list[Tensor], eps: list[Tensor], x: Tensor, y: Tensor, groups: int) -> Tensor:
         stacked = {name: w + e for name, w, e in zip(self.names, live, eps)}  # w live: autograd sums the rows
