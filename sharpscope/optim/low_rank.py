@@ -133,7 +133,7 @@ def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
     smallest = math.sqrt(finfo.tiny) / finfo.eps
     if not all(smallest < value < math.inf for value in norm.tolist()):  # NaN fails too
         return None
-    inverse = 1.0 / norm
+    inverse = norm.reciprocal()
     coefs: dict[float | Tensor, Tensor] = {}  # per radius (usually one for all tensors)
     eps: list[Scaled | LowRank] = []
     for g, rho in zip(grads, rhos):

@@ -44,7 +44,8 @@ __all__ = ["RHO_SCHEDULES", "SAM"]
 
 RHO_SCHEDULES = ("constant", "lr")
 _SAM_GROUP_KEYS = ("rho", "p", "adaptive", "eta", "rho_schedule")
-_PICKLED_ATTRS = ("base_optimizer", "sam_every", "model", "_sam_steps", "_perturbed", "_backups", "_backup_of")
+_PICKLED_ATTRS = ("base_optimizer", "sam_every", "model", "_sam_steps", "_perturbed", "_backups", "_backup_of",
+                  "_held")
 
 
 class SAM(Optimizer):
@@ -117,6 +118,7 @@ class SAM(Optimizer):
         self._perturbed: list[Tensor] = []  # parameters currently at w + eps
         self._backups: list[Tensor] = []  # their exact old values, same order
         self._backup_of: dict[Tensor, Tensor] = {}  # persistent backup buffer per parameter (reused every step)
+        self._held = False  # a SAM step whose perturbed passes ran on separate tensors (see hold)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -147,8 +149,9 @@ class SAM(Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        """True between :meth:`first_step` and :meth:`second_step` (the weights are at ``w + eps``)."""
-        return bool(self._perturbed)
+        """True between :meth:`first_step` and :meth:`second_step` (the weights are at ``w + eps``), and after
+        :meth:`hold`."""
+        return bool(self._perturbed) or self._held
 
     @property
     def sam_step_due(self) -> bool:
@@ -185,7 +188,7 @@ class SAM(Optimizer):
         Raises:
             SharpscopeError: if :meth:`first_step` was not called first.
         """
-        if not self._perturbed:
+        if not self.is_perturbed:
             raise SharpscopeError(
                 "second_step() needs a preceding first_step(): the weights are not perturbed; call "
                 "first_step() after the clean backward pass"
@@ -213,7 +216,7 @@ class SAM(Optimizer):
                 closure while the weights are already perturbed.
         """
         if closure is None:
-            if self._perturbed:
+            if self.is_perturbed:
                 self.second_step()
             elif not self.sam_step_due:
                 self.base_optimizer.step()
@@ -225,7 +228,7 @@ class SAM(Optimizer):
                     "sharpscope.optim.training_step"
                 )
             return None
-        if self._perturbed:
+        if self.is_perturbed:
             raise SharpscopeError("SAM.step(closure) called while perturbed; call second_step() to finish first")
         self.zero_grad()
         with torch.enable_grad():
@@ -254,7 +257,7 @@ class SAM(Optimizer):
         Raises:
             SharpscopeError: if already perturbed, or if ``grads`` does not have one entry per parameter.
         """
-        if self._perturbed:
+        if self.is_perturbed:
             raise SharpscopeError(
                 "first_step() was called twice without second_step(): the weights are already at w + eps; "
                 "call second_step() (or restore()) first"
@@ -289,8 +292,8 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def hold(self) -> None:
-        """Count the weights as perturbed without moving them, so that ``step()`` finishes a SAM step: it restores
-        (here: the smallest parameter, from an exact copy, unchanged) and takes the base optimizer's step.
+        """Count the weights as perturbed without moving them, so that ``step()`` finishes a SAM step: it takes
+        the base optimizer's step (there is nothing to restore) and counts a SAM step.
 
         For callers that ran the perturbed passes on separate tensors ``w + eps_j`` and accumulated the SAM
         gradient in ``p.grad`` (``training_step``'s batched m-SAM micro-batches), also through ``GradScaler.step``.
@@ -298,13 +301,9 @@ class SAM(Optimizer):
         Raises:
             SharpscopeError: if already perturbed.
         """
-        if self._perturbed:
+        if self.is_perturbed:
             raise SharpscopeError("hold() called while perturbed; call second_step() (or restore()) first")
-        param = min((w for group in self.param_groups for w in group["params"]), key=lambda w: w.numel())
-        backup = self._backup_buffer(param)
-        backup.copy_(param)
-        self._perturbed.append(param)
-        self._backups.append(backup)
+        self._held = True
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -313,6 +312,7 @@ class SAM(Optimizer):
             torch._foreach_copy_(self._perturbed, self._backups)
         self._perturbed = []
         self._backups = []
+        self._held = False
 
     def skip_step(self) -> None:
         """Count a step that was not taken (e.g. ``GradScaler`` found inf/NaN), restoring ``w`` if perturbed."""
@@ -350,7 +350,7 @@ class SAM(Optimizer):
         Raises:
             SharpscopeError: while perturbed (the old weights would be lost).
         """
-        if self._perturbed:
+        if self.is_perturbed:
             raise SharpscopeError("load_state_dict() while perturbed; call second_step() or restore() first")
         state_dict = dict(state_dict)
         sam_state = state_dict.pop("sam", None) or {}

@@ -368,30 +368,58 @@ def _survey(model: nn.Module, optimizer: Optimizer, *, micro_batches: int, autoc
     refused = partial(_Survey, names=names, norms=norms)
     if model in _VMAP_REFUSED:
         return refused(_VMAP_REFUSED[model])
-    if hasattr(model, "_orig_mod"):
+    if "_orig_mod" in model._modules:  # torch.compile's wrapper holds the model as this submodule
         return refused("the model is torch.compile'd")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return refused(f"the model is wrapped in {type(model).__name__}")
     if any(getattr(module_mod, name, None) for name in _GLOBAL_HOOKS):
         return refused("global module hooks are registered")
     half_on_cpu = device_type == "cpu" and autocast_dtype in (torch.float16, torch.bfloat16)
-    for prefix, module in model.named_modules():
+    for prefix, module in _named_modules(model):
         for local, w in module._parameters.items():
             if w is not None and id(w) not in names:  # a shared tensor keeps its first name, as named_parameters
                 names[id(w)] = f"{prefix}.{local}" if prefix else local
+        if not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or isinstance(module, _LOOKED_AT) or "parametrizations" in module._modules):
+            continue  # most modules (convolutions, activations, containers): nothing to look at (a step's hot path)
         if isinstance(module, _NormBase) and module.training and module.track_running_stats:
             norms.append(module)
         reason = _module_refusal(module, half_on_cpu, autocast_dtype)
         if reason is not None:
             return refused(f"module {prefix or type(module).__name__} {reason}")
-    opt_params = [w for group in optimizer.param_groups for w in group["params"]]
-    if any(id(w) not in names for w in opt_params):
-        return refused("the optimizer holds parameters the model does not own")
-    size = sum(w.numel() for w in opt_params if w.requires_grad)
+    size = 0
+    for group in optimizer.param_groups:
+        for w in group["params"]:
+            if id(w) not in names:
+                return refused("the optimizer holds parameters the model does not own")
+            if w.requires_grad:
+                size += w.numel()
     if min(micro_batches, 2) * size > MAX_STACKED_ELEMENTS:  # larger G run in groups of >= 2 micro-batches
         return refused(f"2 copies of {size} weights exceed MAX_STACKED_ELEMENTS ({MAX_STACKED_ELEMENTS})")
     return _Survey(None, names, norms)
 
+
+def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())`` (the same order; a module met twice keeps its first name), walked with a
+    stack instead of nested generators: half the time, paid on every m-SAM step."""
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append((prefix, module))
+        children = module._modules
+        if children:
+            stack.extend(reversed([(f"{prefix}.{name}" if prefix else name, child)
+                                   for name, child in children.items() if child is not None]))
+    return out
+
+
+#: The module types :func:`_module_refusal` looks at beyond hooks and parametrizations.
+_LOOKED_AT = (*_NORMS, nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")

@@ -22,6 +22,7 @@ from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import SAM, low_rank, micro_batches, training_step
+from sharpscope.optim import step as step_module
 from sharpscope.optim.low_rank import LowRank
 from sharpscope.optim.step import batched_refusal, loop_is_faster
 
@@ -381,6 +382,22 @@ def test_cpu_half_precision_autocast_with_normalization_is_refused(model_name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # refused up front: the loop runs without a failed attempt or warning
         training_step(model, opt, CE, x, y, micro_batch_size=4, autocast_dtype=torch.bfloat16)
+
+
+def test_a_compiled_model_is_refused():
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert batched_refusal(torch.compile(model), opt) == "the model is torch.compile'd"  # compiles nothing
+
+
+def test_the_surveys_module_walk_is_named_modules():
+    # the per-step walk replaces model.named_modules(): same names, same order, a shared module named once
+    shared = nn.Linear(3, 3)
+    model = nn.Sequential(shared, nn.Sequential(nn.ReLU(), shared, nn.Sequential(nn.Linear(3, 2), None)), shared)
+    model.add_module("tail", nn.Sequential(nn.Identity()))
+    walked = step_module._named_modules(model)
+    assert [(name, id(m)) for name, m in walked] == [(name, id(m)) for name, m in model.named_modules()]
+    assert len(walked) == 8
 
 
 def test_foreign_and_oversized_parameters_are_refused(monkeypatch):
