@@ -22,7 +22,6 @@ norm only sets the length of ``eps`` (not its direction), and the tests compare 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sharpscope.optim.perturbation import per_row, row_norms
+from sharpscope.optim.perturbation import per_row, plain_norm_is_safe, row_norms
 
 __all__ = ["LowRank", "Scaled", "joint_perturbation", "shifted", "worth_it"]
 
@@ -129,9 +128,7 @@ def joint_perturbation(grads: list[Tensor | LowRank], rhos: list[float | Tensor]
         return None
     norms = [g.squared_norms().sqrt() if isinstance(g, LowRank) else row_norms(g) for g in grads]
     norm = torch.linalg.vector_norm(torch.stack(norms), 2.0, dim=0)
-    finfo = torch.finfo(norm.dtype)
-    smallest = math.sqrt(finfo.tiny) / finfo.eps
-    if not all(smallest < value < math.inf for value in norm.tolist()):  # NaN fails too
+    if not plain_norm_is_safe(norm):
         return None
     inverse = norm.reciprocal()
     coefs: dict[float | Tensor, Tensor] = {}  # per radius (usually one for all tensors)

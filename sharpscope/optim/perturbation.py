@@ -26,7 +26,9 @@ The norm is taken over **all** tensors jointly (one ball for the whole model, as
 Numerics: the expression is homogeneous of degree 0 in ``g``, so it is evaluated on ``u = s / ||s||_inf``
 (``|u| <= 1``), and, because ``(||s||_q^q)^{1/p} = ||s||_q^{q-1}``, as ``sign(u) (|u| / ||u||_q)^{q-1}`` whose base
 lies in [0, 1]: no norm overflows or underflows for any p or dtype (fp32 gradients of 1e30 or 1e-30 and fp16
-gradients work; a plain ``||g||_2`` overflows at 1e19 in fp32). A zero gradient gives ``eps = 0`` (never NaN).
+gradients work; a plain ``||g||_2`` overflows at 1e19 in fp32). A zero gradient gives ``eps = 0`` (never NaN). On
+the CPU, p = 2 takes the plain norm instead wherever a host check shows it could not have overflowed or underflowed
+(:func:`plain_norm_is_safe`): the same result up to rounding, a fraction of the time.
 """
 
 from __future__ import annotations
@@ -140,6 +142,15 @@ def _global_norm(tensors: list[Tensor], ord: float) -> Tensor:
     return stacked.max() if ord == math.inf else torch.linalg.vector_norm(stacked, ord)
 
 
+def plain_norm_is_safe(norm: Tensor) -> bool:
+    """Whether the plain l2 norm(s) ``norm`` of the gradients can stand for the rescaled formula's: every one finite
+    and above ``sqrt(tiny) / eps`` of the dtype (~1e-12 in float32), so that no square overflowed and the squares
+    lost to underflow (entries below ~1e-19) change the norm by less than the dtype's rounding. A host check: for
+    the CPU only (elsewhere it would stall the stream)."""
+    finfo = torch.finfo(norm.dtype)
+    return bool((torch.isfinite(norm) & (norm > math.sqrt(finfo.tiny) / finfo.eps)).all())
+
+
 def _nonzero_or_one(x: Tensor) -> Tensor:
     # Dividing by this instead of x makes 0/0 -> 0 (zero gradient -> zero eps) without a host sync.
     return torch.where(x > 0, x, torch.ones_like(x))
@@ -160,7 +171,9 @@ def joint_perturbation(
     This is what :class:`~sharpscope.optim.SAM` uses for param groups with different ``rho``/``adaptive``/``eta``:
     the direction is the solution for the ball ``||T^{-1} eps||_p <= 1`` over all tensors (``T`` per tensor), and
     tensor ``i`` is then scaled by ``rhos[i]``. With equal settings it is exactly :func:`perturbation`. Arguments
-    are not validated here; every gradient must be a tensor.
+    are not validated here; every gradient must be a tensor. On the CPU, p = 2 divides by the plain joint norm where
+    :func:`plain_norm_is_safe` (one norm instead of the rescaled formula's two; the inf-norm is torch's slowest:
+    0.27 against 0.06 ms for the digits ConvNet's gradients, one thread).
     """
     if not grads:
         return []
@@ -177,7 +190,10 @@ def joint_perturbation(
         for i, v in zip(ada_idx, scaled):
             s[i] = v
 
-    if p == math.inf:
+    plain = _global_norm(s, 2.0) if p == 2.0 and s[0].device.type == "cpu" else None
+    if plain is not None and plain_norm_is_safe(plain):
+        d = torch._foreach_div(s, plain)  # see stacked_joint_perturbation: the rescaled formula's result, 4x sooner
+    elif p == math.inf:
         d = torch._foreach_sign(s)
     else:
         # Work on u = s / ||s||_inf (|u| <= 1): no overflow or underflow in any norm, whatever the dtype.
@@ -264,9 +280,8 @@ def stacked_joint_perturbation(
     s = [g * t_scale[i] if i in t_scale else g for i, g in enumerate(grads)]
     if p == 2.0 and s[0].device.type == "cpu":
         norm = _row_norm(s, 2.0)
-        tiny = torch.finfo(norm.dtype).tiny
-        if bool((torch.isfinite(norm) & (norm > math.sqrt(tiny) / torch.finfo(norm.dtype).eps)).all()):
-            inverse = 1.0 / norm
+        if plain_norm_is_safe(norm):
+            inverse = norm.reciprocal()
             out = [si * per_row(inverse * r, si) for si, r in zip(s, rhos)]
             for i in ada_idx:
                 out[i].mul_(t_scale[i])

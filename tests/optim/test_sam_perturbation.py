@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -97,6 +98,24 @@ def test_float32_extreme_gradients_do_not_overflow(p, magnitude):
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # fp32 rounding of the scaled inputs
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_plain_norm_on_the_cpu_agrees_with_the_rescaled_formula(adaptive, monkeypatch):
+    # p = 2 on the CPU divides by the plain joint norm where it is safe; scaled by 2^-500 (exact in float64) the
+    # norm falls under sqrt(tiny) / eps and the rescaled formula runs: the same eps to float64 rounding
+    g = [torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(1)), torch.randn(5, dtype=DT)]
+    w = [torch.randn(3, 4, dtype=DT), torch.randn(5, dtype=DT)]
+    orders = []
+    module = importlib.import_module("sharpscope.optim.perturbation")  # the package exports the function by this name
+    real_norm = module._global_norm
+    monkeypatch.setattr(module, "_global_norm", lambda ts, order: orders.append(order) or real_norm(ts, order))
+    plain = perturbation(g, w, rho=0.1, adaptive=adaptive)
+    assert orders == [2.0]  # the plain norm only
+    rescaled = perturbation([t * 2.0**-500 for t in g], w, rho=0.1, adaptive=adaptive)
+    assert orders[1:] == [2.0, math.inf, 2.0]  # unsafe: the rescaled formula
+    for a, b in zip(plain, rescaled):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("p", [2.0, math.inf, 3.0, 1.0], ids=lambda p: f"p={p}")
