@@ -2,11 +2,13 @@
 
 Every column except pytorch-optimizer's runs ``sharpscope.optim.training_step`` (the trainer's hot path) on fixed
 random data held on the device, so only the optimizer's work differs. Columns are timed in interleaved rounds (a
-block of steps of sgd, of sam, ..., then again) so drift on a shared machine hits them alike; the table gives the
-median over rounds of the mean step time in a block, and its ratio to our SGD step measured in the same run.
+block of consecutive steps of sgd, of sam, ..., then again) so drift on a shared machine hits them alike; a block
+runs one column for about ``--block-ms`` (at least 2 steps: the digits configs run 10-30 steps a block, as a
+training run does, the large ones 2); the table gives the median over rounds of the mean step time in a block, and
+its ratio to our SGD step measured in the same run.
 
     python benchmarks/bench_sam_step.py                       # every config, CPU, a few minutes on 2 cores
-    python benchmarks/bench_sam_step.py --steps 30 --device cuda --models resnet20
+    python benchmarks/bench_sam_step.py --rounds 10 --device cuda --models resnet20
     python benchmarks/bench_sam_step.py --models digits-b16,digits-b128    # the m-SAM targets only
 
 m-SAM runs with each config's ``m``: "m-sam" is the micro-batches as one pass through the network's own layers
@@ -16,16 +18,16 @@ the other, the reference); the last column of those rows is the cost relative to
 says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
 ``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-07 evening (``--models digits-b16,digits-b128 --steps 24 --rounds 8``, 1 thread, three runs: the
-range), step time x SGD (SGD 1.8-2.0 and 5.8-7.0 ms), freed CPU memory retained as ``sharpscope train`` does:
+Measured 2026-12-07 night (``--models digits-b16,digits-b128 --rounds 8``, 1 thread, five runs: the range), step
+time x SGD (SGD 1.75-1.87 and 6.35-7.33 ms), freed CPU memory retained as ``sharpscope train`` does:
 
     config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.15-2.24   2.51-2.62        4.54-5.02    5.55-5.67    1.97-2.00
-    batch 128, m = 8          1.99-2.06   2.07-2.18        3.99-4.41    6.68-7.96    2.17-2.45
+    batch 16, m = 4           2.14-2.17   2.55-2.67        4.87-5.04    5.31-5.52    1.99-2.06
+    batch 128, m = 8          1.95-2.06   2.10-2.29        4.10-4.47    6.42-6.96    2.34-2.42
 
-The morning of the same day: m-SAM 2.64-2.77 and 2.04-2.23 (the session before, 3.08-3.31 and 2.18-2.20). Batch 16
-is at its 2.5x goal but not reliably under it (four more runs: 2.50-2.67): the step is Python and dispatch spread over
-many small pieces, m-SAM costing SAM's step plus 15-18%.
+Batch 16 misses its 2.5x goal (median 2.63): m-SAM costs SAM's step plus ~20%, Python and dispatch spread over many
+small pieces (README, Speed). The SAM step's perturbation takes the plain norm on the CPU since that night (0.27 ->
+0.06 ms), which the loop column shares.
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -105,7 +108,7 @@ def make_steps(model: nn.Module, m: int) -> dict[str, Callable | str]:
     return steps
 
 
-def bench_model(name: str, *, steps: int, rounds: int, device: torch.device) -> list[tuple[str, float | str]]:
+def bench_model(name: str, *, rounds: int, block_ms: float, device: torch.device) -> list[tuple[str, float | str]]:
     model_name, kwargs, batch_size, m = CONFIGS[name]
     torch.manual_seed(0)
     model = create_model(model_name, **kwargs).to(device).train()
@@ -113,22 +116,33 @@ def bench_model(name: str, *, steps: int, rounds: int, device: torch.device) -> 
     y = torch.randint(0, kwargs["num_classes"], (batch_size,), device=device)
     columns = make_steps(model, m)
     runnable = {k: f for k, f in columns.items() if callable(f)}
-    for f in runnable.values():  # warm-up: allocator, lazy state, first-call overheads
+    blocks = {}
+    for key, f in runnable.items():  # warm-up (allocator, lazy state, first-call overheads), then the block length
         for _ in range(2):
             f(x, y)
-    _sync(device)
-    # One sample = the mean step time over a block of steps; blocks of an even length so that "sam every 2" always
-    # averages one SAM and one plain step (a median over its single steps would land between the two modes).
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(2):
+            f(x, y)
+        _sync(device)
+        blocks[key] = block_length((time.perf_counter() - start) / 2, block_ms)
+    # One sample = the mean step time over a block of consecutive steps (a training run's steady state, not one
+    # step just after another column's code); blocks of an even length so that "sam every 2" averages one SAM and
+    # one plain step.
     times: dict[str, list[float]] = {k: [] for k in runnable}
-    per_round = max(2, 2 * (steps // (2 * rounds)))
     for _ in range(rounds):
         for key, f in runnable.items():
             start = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(blocks[key]):
                 f(x, y)
             _sync(device)
-            times[key].append((time.perf_counter() - start) / per_round)
+            times[key].append((time.perf_counter() - start) / blocks[key])
     return [(k, statistics.median(times[k]) if k in times else columns[k]) for k in columns]
+
+
+def block_length(step_seconds: float, block_ms: float) -> int:
+    """Consecutive steps per timed block: an even number, at least 2, spanning about ``block_ms``."""
+    return max(2, 2 * math.ceil(block_ms / 1e3 / step_seconds / 2))
 
 
 def step_exactness(name: str, *, steps: int = 3) -> dict[str, tuple[float, float]]:
@@ -191,8 +205,11 @@ def print_table(name: str, rows: list[tuple[str, float | str]], device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per column and model (default 12)")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (blocks) the steps are split into")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="interleaved rounds: timed blocks per column and model, the median taken (default 6)")
+    parser.add_argument("--block-ms", type=float, default=60.0,
+                        help="each block runs consecutive steps of one column for about this long (at least 2 steps; "
+                             "default 60)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     parser.add_argument("--models", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a shared machine)")
@@ -203,10 +220,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     retained = args.malloc == "retain" and retain_freed_memory()
-    print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.steps} timed steps per "
-          f"column; freed CPU memory {'retained' if retained else 'returned (glibc default)'}; hp {HP}")
+    print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {args.rounds} interleaved blocks of "
+          f"~{args.block_ms:g} ms (>= 2 steps) per column; freed CPU memory "
+          f"{'retained' if retained else 'returned (glibc default)'}; hp {HP}")
     for name in args.models.split(","):
-        print_table(name, bench_model(name, steps=args.steps, rounds=args.rounds, device=device), device)
+        print_table(name, bench_model(name, rounds=args.rounds, block_ms=args.block_ms, device=device), device)
     print_exactness(args.models.split(","))
 
 

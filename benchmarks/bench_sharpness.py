@@ -153,11 +153,11 @@ def sam_step_costs(configs: list[str]) -> None:
     torch.set_num_threads(1)
     retained = retain_freed_memory()  # as sharpscope train does (sharpscope.cpu_memory)
     try:
-        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 24 steps in 8 interleaved rounds; freed CPU memory "
+        print("\nm-SAM training steps (bench_sam_step.py, 1 thread, 8 interleaved blocks of ~60 ms; freed CPU memory "
               f"{'retained, as in sharpscope train' if retained else 'returned (glibc default)'})")
         cpu = torch.device("cpu")
         for name in configs:
-            bench.print_table(name, bench.bench_model(name, steps=24, rounds=8, device=cpu), cpu)
+            bench.print_table(name, bench.bench_model(name, rounds=8, block_ms=60.0, device=cpu), cpu)
         bench.print_exactness(configs)
     finally:
         torch.set_num_threads(threads)
