@@ -290,7 +290,6 @@ class SAM(Optimizer):
             self._perturbed.extend(params)
             self._backups.extend(backups)
 
-    @torch.no_grad()
     def hold(self) -> None:
         """Count the weights as perturbed without moving them, so that ``step()`` finishes a SAM step: it takes
         the base optimizer's step (there is nothing to restore) and counts a SAM step.
