@@ -357,6 +357,7 @@ class _Survey:
     refusal: str | None  # see batched_refusal
     names: dict[int, str]  # id(parameter) -> its name in model.named_parameters()
     norms: list[_NormBase]  # the normalization layers that update running statistics, in model.modules() order
+    size: int = 0  # the optimizer's trainable weights (numbers); 0 when refused
 
 
 def _survey(model: nn.Module, optimizer: Optimizer, *, micro_batches: int, autocast_dtype: torch.dtype | None,
@@ -379,9 +380,6 @@ def _survey(model: nn.Module, optimizer: Optimizer, *, micro_batches: int, autoc
         for local, w in module._parameters.items():
             if w is not None and id(w) not in names:  # a shared tensor keeps its first name, as named_parameters
                 names[id(w)] = f"{prefix}.{local}" if prefix else local
-        if not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or isinstance(module, _LOOKED_AT) or "parametrizations" in module._modules):
-            continue  # most modules (convolutions, activations, containers): nothing to look at (a step's hot path)
         if isinstance(module, _NormBase) and module.training and module.track_running_stats:
             norms.append(module)
         reason = _module_refusal(module, half_on_cpu, autocast_dtype)
@@ -396,7 +394,7 @@ def _survey(model: nn.Module, optimizer: Optimizer, *, micro_batches: int, autoc
                 size += w.numel()
     if min(micro_batches, 2) * size > MAX_STACKED_ELEMENTS:  # larger G run in groups of >= 2 micro-batches
         return refused(f"2 copies of {size} weights exceed MAX_STACKED_ELEMENTS ({MAX_STACKED_ELEMENTS})")
-    return _Survey(None, names, norms)
+    return _Survey(None, names, norms, size)
 
 
 def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -417,9 +415,6 @@ def _named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
                                    for name, child in children.items() if child is not None]))
     return out
 
-
-#: The module types :func:`_module_refusal` looks at beyond hooks and parametrizations.
-_LOOKED_AT = (*_NORMS, nn.modules.dropout._DropoutNd, nn.MultiheadAttention)
 
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
@@ -514,7 +509,7 @@ def _batched_passes(
             if w.requires_grad:
                 entries.append((names[id(w)], w, rho, group))
     scale_value = scaler.scale(torch.ones((), device=images.device)) if scaler is not None else None
-    per_group = max(2, MAX_STACKED_ELEMENTS // max(1, sum(w.numel() for _, w, _, _ in entries)))
+    per_group = max(2, MAX_STACKED_ELEMENTS // max(1, survey.size))
     passes = _structured_passes(model, entries, loss_fn, images, labels, m=m) if structured else None
     if passes is not None:
         try:
