@@ -32,6 +32,10 @@ that layout as it does ``(N, C)`` inputs: torch's own kernel on the micro-batche
 replaced the grouped convolution where oneDNN is slowest (one input channel, per-micro-batch weight gradients, tiny
 layers) and the side-by-side copies around the BatchNorm after it (measurements: :func:`_conv_rows`).
 
+**On a tape.** Where the model's forward is a chain of module calls (``torch.fx``), each pass runs as one autograd
+node: the layers' functions above are called directly, in order and back in reverse, with the activations between
+them (:mod:`sharpscope.optim.tape`), instead of ~75 nodes and views on autograd's graph (the same numbers, bit for bit).
+
 Every other layer (activations, pooling, reshapes, frozen layers) runs as it is, once, on all ``G m`` samples: it must
 not mix samples. :func:`structured_plan` accepts a model only if every trainable tensor sits in a supported layer
 whose forward is the library's (Linear, Conv1d/2d/3d with zero padding, BatchNorm1d/2d/3d, LayerNorm, GroupNorm),
@@ -63,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from sharpscope.optim import tape as tapes
 from sharpscope.optim.bn import frozen_bn_stats
 from sharpscope.optim.low_rank import (
     LowRank,
@@ -139,6 +144,17 @@ class _Call:
     # the row-form convolutions' windows of inputs that need no gradient (the network's input): built by the clean
     # pass, read again by the perturbed pass of the same step if the input is the same tensor, unchanged
     windows: dict[nn.Module, tuple[Tensor, int, Tensor]] = field(default_factory=dict)
+    tape: tapes.Tape | None = None  # the pass runs on a tape (:mod:`sharpscope.optim.tape`), not autograd's graph
+
+
+def _apply(call: _Call, function: type[torch.autograd.Function], *args: Any) -> Tensor:
+    """``function.apply(*args)``, or its forward recorded on the pass's tape."""
+    return function.apply(*args) if call.tape is None else call.tape.apply(function, args)
+
+
+def _needs_grad(call: _Call, x: Tensor) -> bool:
+    """Whether the pass differentiates with respect to ``x`` (on a tape: whether a recorded step made it)."""
+    return x.requires_grad if call.tape is None else call.tape.carries(x)
 
 
 # ------------------------------------------------------------------------------------------------- layouts
@@ -358,20 +374,19 @@ class _SharedConvRows(torch.autograd.Function):
         rows = _weight_rows(weight, weight.dim() - 2)
         ctx.save_for_backward(x, rows, windows)
         ctx.weight_shape = weight.shape
-        return F.linear(windows, rows, bias)
+        return _as_map(F.linear(windows, rows, bias), x.shape[0], meta[4])
 
     @staticmethod
     def backward(ctx, go):
         x, rows, windows = ctx.saved_tensors
         _, stride, padding, dilation, out_sp, groups = ctx.meta
         grad_x = grad_w = grad_b = None
-        gov = go.reshape(groups, -1, go.shape[-1])
+        gov = _map_rows(go).reshape(groups, -1, go.shape[1])
         if ctx.needs_input_grad[0]:
-            go_map = go.reshape(x.shape[0], *out_sp, go.shape[-1]).movedim(-1, 1)
             # the weight as its rows' channels-last view (the layout of go and x): oneDNN reorders less
             weight = _rows_weight(rows, ctx.weight_shape)
             grad_x = torch.ops.aten.convolution_backward(
-                go_map, x, weight, None, stride, padding, dilation, False, [0] * len(out_sp), 1,
+                go, x, weight, None, stride, padding, dilation, False, [0] * len(out_sp), 1,
                 [True, False, False])[0]
         if ctx.needs_input_grad[3]:
             per_micro_batch = weight_gradient(windows.reshape(groups, -1, windows.shape[-1]), gov)
@@ -394,13 +409,14 @@ class _PerturbedConvRows(torch.autograd.Function):
         ctx.meta = meta
         ctx.shapes = (x.shape, weight.shape)
         ctx.save_for_backward(weights, windows)
-        return _through_own_weights(windows, weights, biases)
+        return _as_map(_through_own_weights(windows, weights, biases), x.shape[0], meta[4])
 
     @staticmethod
     def backward(ctx, go):
         weights, windows = ctx.saved_tensors
         kernel, stride, padding, dilation, out_sp, groups = ctx.meta
         x_shape, weight_shape = ctx.shapes
+        go = _map_rows(go)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_rows = torch.bmm(go.reshape(groups, -1, go.shape[-1]), weights)
@@ -410,6 +426,17 @@ class _PerturbedConvRows(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = go.sum(dim=0)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _as_map(rows: Tensor, n: int, out_sp: Sequence[int]) -> Tensor:
+    """A row-form convolution's output rows ``(N L, C_out)`` as the layer's output ``(N, C_out, *sp)``: a
+    channels-last view."""
+    return rows.reshape(n, *out_sp, rows.shape[-1]).movedim(-1, 1)
+
+
+def _map_rows(t: Tensor) -> Tensor:
+    """The inverse of :func:`_as_map`: ``(N, C, *sp)`` -> ``(N L, C)`` rows (a view of a channels-last tensor)."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
 @functools.lru_cache(maxsize=32)
@@ -481,31 +508,48 @@ class _BatchNormAcross(torch.autograd.Function):
     autograd node instead of the ~10 views and copies around ``F.batch_norm`` and the affine sums' own nodes."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, weight_offsets, bias_offsets, mean, var, eps):
-        groups, count, c = rows.shape
-        across = rows.transpose(0, 1).reshape(count, groups * c)
+    def forward(ctx, x, weight, bias, weight_offsets, bias_offsets, mean, var, eps, groups):
+        last = _channels_last(x)
+        c = x.shape[1]
+        count = x.numel() // (groups * c)
+        across = last.reshape(groups, count, c).transpose(0, 1).reshape(count, groups * c)
         flat_w, flat_b = (None if t is None else (shifted(t, offsets) if offsets is not None
                                                   else t.expand(groups, c)).reshape(-1)
                           for t, offsets in ((weight, weight_offsets), (bias, bias_offsets)))
         out, save_mean, save_invstd = torch.native_batch_norm(across, flat_w, flat_b, mean, var, True, 1.0, eps)
         ctx.eps = eps
         ctx.save_for_backward(across, flat_w, save_mean, save_invstd)
-        return out.reshape(count, groups, c).transpose(0, 1).contiguous()
+        return _from_rows(out.reshape(count, groups, c).transpose(0, 1).contiguous(), last.shape)
 
     @staticmethod
     def backward(ctx, dy):
         across, flat_w, save_mean, save_invstd = ctx.saved_tensors
-        groups, count, c = dy.shape
+        count, wide = across.shape
+        c = dy.shape[1]
+        groups = wide // c
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1] or needs[3], needs[2] or needs[4]]
+        dy_rows = _channels_last(dy).reshape(groups, count, c)
         grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            dy.transpose(0, 1).reshape(count, groups * c), across, flat_w, None, None, save_mean, save_invstd, True,
+            dy_rows.transpose(0, 1).reshape(count, wide), across, flat_w, None, None, save_mean, save_invstd, True,
             ctx.eps, mask)
-        grad_x = None if grad_in is None else grad_in.reshape(count, groups, c).transpose(0, 1).contiguous()
+        grad_x = None if grad_in is None else _from_rows(
+            grad_in.reshape(count, groups, c).transpose(0, 1).contiguous(), _channels_last(dy).shape)
         grad_w = None if grad_w is None else grad_w.reshape(groups, c)
         grad_b = None if grad_b is None else grad_b.reshape(groups, c)
         return (grad_x, grad_w.sum(0) if needs[1] else None, grad_b.sum(0) if needs[2] else None,
-                grad_w if needs[3] else None, grad_b if needs[4] else None, None, None, None)
+                grad_w if needs[3] else None, grad_b if needs[4] else None, None, None, None, None)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``(N, C, *sp)`` -> ``(N, *sp, C)`` (a view; ``(N, C)`` as it is)."""
+    return x if x.dim() == 2 else x.movedim(1, -1)
+
+
+def _from_rows(rows: Tensor, last_shape: Sequence[int]) -> Tensor:
+    """Rows ``(G, R, C)`` of a ``(N, *sp, C)`` layout back as ``(N, C, *sp)`` (a channels-last view)."""
+    out = rows.reshape(last_shape)
+    return out if out.dim() == 2 else out.movedim(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------- the layers
@@ -532,14 +576,14 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         slot = layer.slots.get("weight")
         if slot in call.low_rank and worth_it(x.numel() // (x.shape[-1] * G), x.shape[-1], weight.shape[0]):
             sink = lambda factors: call.factors.__setitem__(slot, factors)
-            return _SharedLinear.apply(x, weight, bias, w_off, b_off, G, sink)  # w_off: keeps the node in the graph
-        return _SharedLinear.apply(x, weight, bias, w_off, b_off, G)
+            return _apply(call, _SharedLinear, x, weight, bias, w_off, b_off, G, sink)  # w_off: keeps the node
+        return _apply(call, _SharedLinear, x, weight, bias, w_off, b_off, G)
     if isinstance(w_off, LowRank):
         with torch.no_grad():
             biases = None if b_off is None else shifted(bias, b_off)
-        return PerturbedLinear.apply(x, weight, bias, biases, w_off.inputs, w_off.grads)
+        return _apply(call, PerturbedLinear, x, weight, bias, biases, w_off.inputs, w_off.grads)
     weights, biases = _perturbed_constants(weight, bias, w_off, b_off, G)
-    return _PerturbedLinear.apply(x, weight, bias, weights, biases, G)
+    return _apply(call, _PerturbedLinear, x, weight, bias, weights, biases, G)
 
 
 @torch.no_grad()
@@ -571,10 +615,10 @@ def _run_conv(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         return rows
     if call.mode == "clean":
         meta = (module.stride, layer.padding, module.dilation, module.groups, G)
-        return _SharedConv.apply(x, weight, bias, w_off, b_off, meta)
+        return _apply(call, _SharedConv, x, weight, bias, w_off, b_off, meta)
     weights, biases = _perturbed_constants(weight, bias, w_off, b_off, G)
     meta = (module.stride, layer.padding, module.dilation, module.groups, G, call.rows)
-    return _PerturbedConv.apply(x, weight, bias, weights, biases, meta)
+    return _apply(call, _PerturbedConv, x, weight, bias, weights, biases, meta)
 
 
 def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tensor | None, w_off: Tensor | None,
@@ -604,7 +648,8 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
     out_sp = [(s + 2 * p - d * (k - 1) - 1) // st + 1
               for s, k, st, p, d in zip(x.shape[2:], kernel, module.stride, layer.padding, module.dilation)]
     elements = x.shape[0] * math.prod(out_sp) * math.prod(kernel) * x.shape[1]
-    if elements > (ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS if x.requires_grad else ROWS_MAX_ELEMENTS):
+    needs_grad = _needs_grad(call, x)
+    if elements > (ROWS_WITH_INPUT_GRADIENT_MAX_ELEMENTS if needs_grad else ROWS_MAX_ELEMENTS):
         return None
     G, c_out = call.groups, weight.shape[0]
     cached = call.windows.get(module)
@@ -612,11 +657,11 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
         windows = cached[2]
     else:
         windows = _windows(x.detach(), kernel, module.stride, layer.padding, module.dilation, out_sp)
-        if not x.requires_grad:  # the network's input: the same in the perturbed pass
+        if not needs_grad:  # the network's input: the same in the perturbed pass
             call.windows[module] = (x, x._version, windows)
     meta = (kernel, module.stride, layer.padding, module.dilation, out_sp, G)
     if call.mode == "clean":
-        out = _SharedConvRows.apply(x, weight, bias, w_off, b_off, windows, meta)
+        out = _apply(call, _SharedConvRows, x, weight, bias, w_off, b_off, windows, meta)
     else:
         if w_off is None:  # frozen weight: its rows, the same for every micro-batch
             weights, biases = _perturbed_constants(_weight_rows(weight.detach(), len(kernel)), bias, None, b_off, G)
@@ -628,8 +673,8 @@ def _conv_rows(layer: _Layer, call: _Call, x: Tensor, weight: Tensor, bias: Tens
                 w_off.rearranged(taps_last) if isinstance(w_off, Scaled) else taps_last(w_off), b_off, G,
                 weights_out=stack)
             weights = stack.view(G, c_out, -1)
-        out = _PerturbedConvRows.apply(x, weight, bias, weights, biases, windows, meta)
-    return out.reshape(x.shape[0], *out_sp, c_out).movedim(-1, 1)
+        out = _apply(call, _PerturbedConvRows, x, weight, bias, weights, biases, windows, meta)
+    return out
 
 
 def _affine(layer: _Layer, call: _Call) -> tuple[Tensor | None, Tensor | None]:
@@ -703,29 +748,24 @@ def _batch_norm_rows(layer: _Layer, call: _Call, x: Tensor, batch_stats: bool) -
     if not call.rows:
         return None
     G, c = call.groups, x.shape[1]
-    last = x if x.dim() == 2 else x.movedim(1, -1)
+    last = _channels_last(x)
     if not last.is_contiguous():
         return None
-    rows = last.reshape(G, -1, c)
     module = layer.module
     if batch_stats:
-        count = rows.shape[1]
-        if count == 1:
+        if x.numel() == G * c:
             return None  # one value per channel: torch's own error, from the side-by-side form
         mean, var = _captured_stats(layer, call, x)
         (weight, weight_offsets), (bias, bias_offsets) = _tensors(layer, call, "weight"), _tensors(layer, call, "bias")
-        out = _BatchNormAcross.apply(rows, weight, bias, weight_offsets, bias_offsets, mean, var, module.eps)
-    else:
-        weight, bias = _affine(layer, call)
-        scale = torch.rsqrt(module.running_var + module.eps).expand(G, c)
-        if weight is not None:
-            scale = scale * weight
-        shift = -module.running_mean * scale
-        if bias is not None:
-            shift = shift + bias
-        out = torch.addcmul(shift[:, None], rows, scale[:, None])
-    out = out.reshape(last.shape)
-    return out if x.dim() == 2 else out.movedim(-1, 1)
+        return _apply(call, _BatchNormAcross, x, weight, bias, weight_offsets, bias_offsets, mean, var, module.eps, G)
+    weight, bias = _affine(layer, call)
+    scale = torch.rsqrt(module.running_var + module.eps).expand(G, c)
+    if weight is not None:
+        scale = scale * weight
+    shift = -module.running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return _from_rows(torch.addcmul(shift[:, None], last.reshape(G, -1, c), scale[:, None]), last.shape)
 
 
 def _run_per_sample_norm(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
@@ -757,7 +797,8 @@ class StructuredPasses:
     ``model.modules()``, the order :func:`sharpscope.optim.step._commit_running_stats` gets them).
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], layers: list[_Layer], tracked: list[nn.Module]):
+    def __init__(self, model: nn.Module, names: Sequence[str], layers: list[_Layer], tracked: list[nn.Module],
+                 chain: list[Any] | None = None):
         # weakly: the plan is the value of a WeakKeyDictionary keyed by the model (_PLANS), which a strong reference
         # from the value would keep alive forever
         self._model = weakref.ref(model)
@@ -766,6 +807,9 @@ class StructuredPasses:
         self.tracked = tracked
         self.checked = False
         self.rows = True  # the row forms of convolutions and BatchNorm; off if they fail the check (see check)
+        # a chain model's passes on a tape (sharpscope.optim.tape): per module, its layer's index or its tape step
+        self.chain = chain
+        self.tape = chain is not None  # off if the tape fails the check or a pass (then autograd's graph)
         self._windows: dict[nn.Module, tuple[Tensor, int, Tensor]] = {}  # the last clean pass's (_Call.windows)
         self._offsets: dict[tuple, list[Tensor]] = {}  # see _zero_offsets
         self._forwards: list[Callable[..., Tensor]] | None = None  # the layers' forwards in the passes (_swapped)
@@ -820,15 +864,54 @@ class StructuredPasses:
         return forward
 
     def _forward(self, call: _Call, x: Tensor) -> Tensor:
+        if self.tape:
+            try:
+                out = self._forward_on_tape(call, x)
+            except tapes.NotOnTape as exc:
+                _log.debug("m-SAM passes on autograd's graph from now on: %s", exc)
+                self.tape = False
+            else:
+                return self._checked_output(call, out)
         call.fired = [0] * len(self.layers)
         call.stats = [None] * len(self.tracked)
         with self._swapped(call):
             out = self.model(x)
+        return self._checked_output(call, out)
+
+    def _checked_output(self, call: _Call, out: Any) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != call.total:
             raise Unsupported("the model does not return one tensor with the batch on dim 0")
         if any(count != 1 for count in call.fired):
             raise Unsupported("a layer holding trainable weights (or a BatchNorm) ran other than once per forward")
         return out
+
+    def _forward_on_tape(self, call: _Call, x: Tensor) -> Tensor:
+        """The pass as one :class:`~sharpscope.optim.tape.OnTape` node over the tensors it differentiates: the
+        clean pass's zero offsets, the perturbed pass's live weights."""
+        if self._forwards is None:
+            self._forwards = [self._layer_forward(slot, layer) for slot, layer in enumerate(self.layers)]
+        leaves = call.offsets if call.mode == "clean" else [w for w in call.weights if w.requires_grad]
+        return tapes.OnTape.apply(functools.partial(self._run_chain, call), x, *leaves)
+
+    def _run_chain(self, call: _Call, tape: tapes.Tape, x: Tensor) -> Tensor:
+        call.fired = [0] * len(self.layers)
+        call.stats = [None] * len(self.tracked)
+        call.factors = {}
+        call.tape = tape
+        self._call = call
+        try:
+            for module, step in self.chain:  # type: ignore[union-attr]
+                if isinstance(step, int):
+                    out = self._forwards[step](x)
+                    if tape.carries(x) and not tape.made(out, x):
+                        raise tapes.NotOnTape(f"a {type(module).__name__} ran outside the tape")
+                else:
+                    out = step(tape, module, x)
+                x = out
+        finally:
+            call.tape = None
+            self._call = None
+        return x
 
     def clean(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, groups: int, *,
               scale: Tensor | None = None, low_rank: bool = False,
@@ -893,23 +976,26 @@ class StructuredPasses:
 
         The reference evaluates each micro-batch by itself (``functional_call`` with ``w`` or ``w + eps_j``; its
         BatchNorm layers normalise with that micro-batch's statistics and write nothing): values and gradients must
-        agree to ``sqrt(eps)`` of the dtype, relative. The row forms are tried first; where they fail (an error or a
+        agree to ``sqrt(eps)`` of the dtype, relative. The row forms are tried first, on a tape where the model is
+        a chain (:mod:`sharpscope.optim.tape`), then on autograd's graph; where they fail (an error or a
         difference: e.g. the model's own code calls ``.view`` on a row-form convolution's channels-last output),
-        the grouped forms are checked instead, and only their failure raises Unsupported (nothing is written
-        either way).
+        the grouped forms are checked instead, on autograd's graph, and only their failure raises Unsupported
+        (nothing is written either way).
         """
         self.rows = True
-        try:
-            self._check_in_float64(loss_fn, x, y, m, make_eps)
-        except Exception as exc:  # noqa: BLE001 - any failure of the row forms (or of the copy) means: not here
-            _log.debug("m-SAM row forms unavailable (%s); checking the grouped forms", exc)
-            self.rows = False
-        if not self.rows:
+        for tape in ([True, False] if self.chain is not None else [False]):
+            try:
+                self.tape = self._check_in_float64(loss_fn, x, y, m, make_eps, tape=tape)
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure of the row forms (or of the copy) means: not here
+                _log.debug("m-SAM row forms unavailable (tape %s: %s)", tape, exc)
+        else:
+            self.rows = self.tape = False
             self._check(weights, loss_fn, x, y, m, make_eps)
         self.checked = True
 
     def _check_in_float64(self, loss_fn: Callable, x: Tensor, y: Tensor, m: int,
-                          make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
+                          make_eps: Callable[[list[Tensor]], list[Tensor]], *, tape: bool = False) -> bool:
         """The check of the row forms, on a float64 copy of the model.
 
         Their windows and matmuls round differently from the layers' own kernels, and a float32 network can
@@ -921,10 +1007,12 @@ class StructuredPasses:
         twin = copy.deepcopy(self.model).double()
         plan = _build(twin, self.names)
         plan.rows = True
+        plan.tape = tape and plan.chain is not None
         params = dict(twin.named_parameters())
         as64 = lambda t: t.double() if t.is_floating_point() else t
         loss64 = copy.deepcopy(loss_fn).double() if isinstance(loss_fn, nn.Module) else loss_fn  # e.g. class weights
         plan._check([params[name] for name in self.names], loss64, as64(x), as64(y), m, make_eps)
+        return plan.tape  # off where a pass found a module the tape cannot run
 
     def _check(self, weights: Sequence[Tensor], loss_fn: Callable, x: Tensor, y: Tensor, m: int,
                make_eps: Callable[[list[Tensor]], list[Tensor]]) -> None:
@@ -952,23 +1040,34 @@ class StructuredPasses:
                         ref_grad = torch.autograd.grad(ref_value, list(weights), allow_unused=True)
                     values.append(ref_value.detach())
                     if grad is not None:
+                        joint = _joint_norm(ref_grad)
                         for name, a, b in zip(names, grad, ref_grad):
-                            _agree(a, b, tol, f"clean gradient of {name}")
+                            _agree(a, b, tol, f"clean gradient of {name}", joint)
                     else:
                         for total, b in zip(ref_sam, ref_grad):
                             if b is not None:
                                 total.add_(b)
         _agree(loss, sum(ref_loss), tol, "loss")
         _agree(perturbed_loss, sum(ref_perturbed_loss), tol, "perturbed loss")
+        joint = _joint_norm(ref_sam)
         for name, a, b in zip(names, sam_grads, ref_sam):
-            _agree(torch.zeros_like(b) if a is None else a, b, tol, f"perturbed gradient of {name}")
+            _agree(torch.zeros_like(b) if a is None else a, b, tol, f"perturbed gradient of {name}", joint)
 
 
-def _agree(a: Tensor, b: Tensor | None, tol: float, what: str) -> None:
+def _joint_norm(tensors: Sequence[Tensor | None]) -> float:
+    return math.sqrt(sum(float(t.detach().norm()) ** 2 for t in tensors if t is not None))
+
+
+def _agree(a: Tensor, b: Tensor | None, tol: float, what: str, joint: float = 0.0) -> None:
+    """``a`` equals ``b`` to ``tol`` relative to ``b``'s norm, or to the ``joint`` norm of all the gradients compared
+    with it where that is larger: a gradient that is zero but for rounding (a bias before a BatchNorm: 2e-15 in
+    float64 on a gradient of norm 1e-14) carries the rounding of the terms it sums, not of its own size, and a
+    difference below ``tol`` of the whole gradient is none the step could show. A layer that mixes samples or a tied
+    weight changes its gradients by their own size."""
     b = torch.zeros_like(a) if b is None else b
     diff = float((a.detach() - b.detach()).norm())
     scale = float(b.detach().norm())
-    if not diff <= tol * (scale + tol):
+    if not diff <= tol * (max(scale, joint) + tol):
         raise Unsupported(f"the check against the micro-batches run alone failed: {what} differs by {diff:.3g} "
                           f"(norm {scale:.3g})")
 
@@ -1080,4 +1179,25 @@ def _build(model: nn.Module, names: Sequence[str]) -> StructuredPasses:
     missing = [name for name in names if name not in claimed]
     if missing:
         raise Unsupported(f"trainable tensors outside the model's layers: {missing[:3]}")
-    return StructuredPasses(model, names, layers, tracked)
+    return StructuredPasses(model, names, layers, tracked, _tape_chain(model, layers))
+
+
+def _tape_chain(model: nn.Module, layers: list[_Layer]) -> list[tuple[nn.Module, Any]] | None:
+    """Per module of ``model``'s chain (:func:`~sharpscope.optim.tape.chain_of_modules`), its layer's index (a
+    Linear, convolution or BatchNorm) or its tape step (:data:`~sharpscope.optim.tape.OPS`, else
+    :func:`~sharpscope.optim.tape.on_autograd`); None where the model is no chain or holds a LayerNorm or GroupNorm
+    layer (its passes use autograd's operations)."""
+    modules = tapes.chain_of_modules(model)
+    if modules is None:
+        return None
+    index = {id(layer.module): i for i, layer in enumerate(layers)}
+    chain: list[tuple[nn.Module, Any]] = []
+    for _, module in modules:
+        i = index.get(id(module))
+        if i is None:
+            chain.append((module, tapes.OPS.get(type(module), tapes.on_autograd)))
+        elif layers[i].base in _PER_SAMPLE_NORM:
+            return None
+        else:
+            chain.append((module, i))
+    return chain
