@@ -18,16 +18,16 @@ the other, the reference); the last column of those rows is the cost relative to
 says which of them ``training_step``'s default takes at that size (on the CPU the loop, above
 ``LOOP_FROM_ELEMENTS`` input elements per micro-batch).
 
-Measured 2026-12-07 night (``--models digits-b16,digits-b128 --rounds 8``, 1 thread, five runs: the range), step
-time x SGD (SGD 1.75-1.87 and 6.35-7.33 ms), freed CPU memory retained as ``sharpscope train`` does:
+Measured 2026-12-07 (``--models digits-b16,digits-b128 --rounds 8``, 1 thread, five runs: the range), step time x
+SGD on a loaded host (SGD 2.1-3.2 and 7.1-8.6 ms; 1.75 idle), freed CPU memory retained as ``sharpscope train`` does:
 
     config (digits ConvNet)   SAM         m-SAM (layers)   m-SAM vmap   m-SAM loop   pytorch-optimizer SAM
-    batch 16, m = 4           2.14-2.17   2.55-2.67        4.87-5.04    5.31-5.52    1.99-2.06
-    batch 128, m = 8          1.95-2.06   2.10-2.29        4.10-4.47    6.42-6.96    2.34-2.42
+    batch 16, m = 4           1.94-2.33   2.09-2.97        3.69-5.39    3.93-5.26    1.68-2.16
+    batch 128, m = 8          1.95-2.10   2.11-2.24        4.09-4.22    6.72-8.25    2.23-2.34
 
-Batch 16 misses its 2.5x goal (median 2.63): m-SAM costs SAM's step plus ~20%, Python and dispatch spread over many
-small pieces (README, Speed). The SAM step's perturbation takes the plain norm on the CPU since that night (0.27 ->
-0.06 ms), which the loop column shares.
+Batch 16 meets its 2.5x goal on a quiet host (2.38, SGD 1.75 ms) and misses it under load (median 2.71 above): the
+m-SAM step, which runs the most operations, moves most with the load. Its passes run on a tape for chain models
+(:mod:`sharpscope.optim.tape`), 3-4.5% faster than on autograd's graph (README, Speed).
 
 pytorch-optimizer (optional ``bench`` extra) is timed as its docs use it: first_step / second_step with its
 ``disable_running_stats`` / ``enable_running_stats`` BatchNorm helpers.
