@@ -498,8 +498,9 @@ class _PerturbedLinear(torch.autograd.Function):
 
 
 class _BatchNormAcross(torch.autograd.Function):
-    """Training-mode BatchNorm of ``G`` micro-batches held as rows ``(G, R, C)``, each over its own ``R`` rows with
-    its own affine weight ``w + dw_j`` and bias ``b + db_j``: torch's kernels (``native_batch_norm`` and its
+    """Training-mode BatchNorm of ``G`` micro-batches of a channels-last ``(N, C, *sp)`` or an ``(N, C)`` input ``x``
+    (``groups`` = ``G``): micro-batch ``j``'s rows of ``(G, R, C)`` normalised over its own ``R`` rows with its own
+    affine weight ``w + dw_j`` and bias ``b + db_j``: torch's kernels (``native_batch_norm`` and its
     backward) on the rows transposed to ``(R, G C)``, one copy each way. ``weight``/``bias`` ``(C,)`` are the
     shared tensors (or None), ``offsets`` ``(G, C)`` their per-micro-batch offsets (or None: the shared tensor for
     every micro-batch); the shared tensors receive ``sum_j`` of the micro-batches' gradients, the offsets each
@@ -576,7 +577,8 @@ def _run_linear(layer: _Layer, call: _Call, x: Tensor) -> Tensor:
         slot = layer.slots.get("weight")
         if slot in call.low_rank and worth_it(x.numel() // (x.shape[-1] * G), x.shape[-1], weight.shape[0]):
             sink = lambda factors: call.factors.__setitem__(slot, factors)
-            return _apply(call, _SharedLinear, x, weight, bias, w_off, b_off, G, sink)  # w_off: keeps the node
+            # w_off, though its gradient goes to the sink: it keeps the node in the graph
+            return _apply(call, _SharedLinear, x, weight, bias, w_off, b_off, G, sink)
         return _apply(call, _SharedLinear, x, weight, bias, w_off, b_off, G)
     if isinstance(w_off, LowRank):
         with torch.no_grad():
