@@ -127,10 +127,13 @@ def max_pool2d(x: Tensor, k: int) -> Tensor:
 BACKWARD_MIN_ELEMENTS_PER_THREAD = 1 << 17
 
 
-def pays(x: Tensor) -> bool:
+def pays(x: Tensor, *, backward: bool | None = None) -> bool:
     """Whether :func:`max_pool2d` is faster than torch's kernel for ``x`` here (see
-    :data:`BACKWARD_MIN_ELEMENTS_PER_THREAD`): always for a forward alone, from a size per thread with a backward."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
+    :data:`BACKWARD_MIN_ELEMENTS_PER_THREAD`): always for a forward alone, from a size per thread with a backward
+    (``backward``: whether one will run; by default, whether autograd records ``x``)."""
+    if backward is None:
+        backward = x.requires_grad and torch.is_grad_enabled()
+    if not backward:
         return True
     return x.numel() >= BACKWARD_MIN_ELEMENTS_PER_THREAD * torch.get_num_threads()
 

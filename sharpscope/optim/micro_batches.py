@@ -814,7 +814,8 @@ class StructuredPasses:
         self.tape = chain is not None  # off if the tape fails the check or a pass (then autograd's graph)
         self._windows: dict[nn.Module, tuple[Tensor, int, Tensor]] = {}  # the last clean pass's (_Call.windows)
         self._offsets: dict[tuple, list[Tensor]] = {}  # see _zero_offsets
-        self._forwards: list[Callable[..., Tensor]] | None = None  # the layers' forwards in the passes (_swapped)
+        # the layers' forwards in the passes (swapped in by _swapped, or called by _run_chain)
+        self._forwards = [self._layer_forward(slot, layer) for slot, layer in enumerate(layers)]
         self._call: _Call | None = None  # the pass in progress
         self._one_call: tuple[Tensor, int, bool] | None = None  # the last clean pass's labels and one_call_loss
         # the Linear weights, whose clean gradients may stay factored (sharpscope.optim.low_rank)
@@ -830,8 +831,6 @@ class StructuredPasses:
 
     @contextlib.contextmanager
     def _swapped(self, call: _Call) -> Iterator[None]:
-        if self._forwards is None:
-            self._forwards = [self._layer_forward(slot, layer) for slot, layer in enumerate(self.layers)]
         swapped = []
         self._call = call
         try:
@@ -874,11 +873,15 @@ class StructuredPasses:
                 self.tape = False
             else:
                 return self._checked_output(call, out)
-        call.fired = [0] * len(self.layers)
-        call.stats = [None] * len(self.tracked)
+        self._start(call)
         with self._swapped(call):
             out = self.model(x)
         return self._checked_output(call, out)
+
+    def _start(self, call: _Call) -> None:
+        """A pass's counts of the layers' calls and its captured statistics, empty."""
+        call.fired = [0] * len(self.layers)
+        call.stats = [None] * len(self.tracked)
 
     def _checked_output(self, call: _Call, out: Any) -> Tensor:
         if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != call.total:
@@ -890,15 +893,11 @@ class StructuredPasses:
     def _forward_on_tape(self, call: _Call, x: Tensor) -> Tensor:
         """The pass as one :class:`~sharpscope.optim.tape.OnTape` node over the tensors it differentiates: the
         clean pass's zero offsets, the perturbed pass's live weights."""
-        if self._forwards is None:
-            self._forwards = [self._layer_forward(slot, layer) for slot, layer in enumerate(self.layers)]
         leaves = call.offsets if call.mode == "clean" else [w for w in call.weights if w.requires_grad]
         return tapes.OnTape.apply(functools.partial(self._run_chain, call), x, *leaves)
 
     def _run_chain(self, call: _Call, tape: tapes.Tape, x: Tensor) -> Tensor:
-        call.fired = [0] * len(self.layers)
-        call.stats = [None] * len(self.tracked)
-        call.factors = {}
+        self._start(call)
         call.tape = tape
         self._call = call
         try:

@@ -81,9 +81,10 @@ class Tape:
         """End of the forward: the tape drops its references to the outputs."""
         self._carrying = {}
 
-    def backward(self, out: Tensor | int, grad: Tensor) -> list[Tensor | None]:
-        """The gradients of the leaves, for the gradient ``grad`` of the pass's output ``out`` (or its id)."""
-        grads: dict[int, Tensor] = {out if isinstance(out, int) else id(out): grad}
+    def backward(self, out: int, grad: Tensor) -> list[Tensor | None]:
+        """The gradients of the leaves, for the gradient ``grad`` of the pass's output (the step output of id
+        ``out``)."""
+        grads: dict[int, Tensor] = {out: grad}
         steps, self._steps = self._steps, []
         for function, ctx, args, output in reversed(steps):
             g = grads.pop(output, None)
@@ -203,7 +204,7 @@ def _max_pool(tape: Tape, module: nn.MaxPool2d, x: Tensor) -> Tensor:
     if module.return_indices:
         raise NotOnTape("a MaxPool2d that returns indices")
     k = max_pool.window(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
-    if k is not None and x.numel() >= max_pool.BACKWARD_MIN_ELEMENTS_PER_THREAD * torch.get_num_threads():
+    if k is not None and max_pool.pays(x, backward=True):
         return tape.apply(max_pool._StridedMaxPool2d, (x, k))
     kernel = _pair(module.kernel_size)
     stride = _pair(module.stride) if module.stride is not None else kernel
