@@ -8,6 +8,7 @@ helpers here are no-ops, so the same code serves both.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,6 +57,9 @@ def setup(device: torch.device | None = None) -> tuple[DistInfo, torch.device]:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # leave the group before the interpreter shuts down: a process exiting with a live gloo group can abort in
+        # the group's destructor ("terminate called without an active exception") after all its work is done
+        atexit.register(teardown)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 

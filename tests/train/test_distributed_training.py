@@ -111,7 +111,9 @@ def test_ddp_sam_with_micro_batches_in_each_rank_equals_the_single_process_refer
 # Under torchrun: an uninterrupted run, then the same run failing in epoch 3's evaluation on both ranks (after
 # last.pt of epoch 2 was written), then the same call again, which resumes from last.pt.
 _INTERRUPTED_AND_RESUMED = textwrap.dedent("""
+    import atexit
     import sys
+    import torch
     import sharpscope.train.trainer as trainer
     from sharpscope.train import TrainConfig, train
 
@@ -136,6 +138,8 @@ _INTERRUPTED_AND_RESUMED = textwrap.dedent("""
         pass
     trainer.evaluate = real_evaluate
     assert train(config, out_dir=out + "/resumed", **quiet).resumed_from_epoch == 2
+    atexit._run_exitfuncs()  # what the interpreter runs at exit: sharpscope's leaves the process group
+    assert not torch.distributed.is_initialized()
 """)
 
 
