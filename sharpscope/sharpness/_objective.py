@@ -47,6 +47,7 @@ from sharpscope.batches import (
 from sharpscope.errors import SharpscopeError
 from sharpscope.hessian.operator import select_parameters
 from sharpscope.max_pool import fast_max_pools
+from sharpscope.sharpness.span import SpanBasis, SpanRefused, worth_it
 
 __all__ = [
     "ChunkedObjective", "stack_data", "make_chunks", "chunk_group_size", "seeded_draws", "mean_and_stderr",
@@ -329,6 +330,21 @@ def _merged(module: nn.Module, base: type, inputs: Tensor, deltas: dict[str, Ten
     return None
 
 
+def _span_linear(module: nn.Module, inputs: Tensor, deltas: dict[str, Tensor], span: SpanBasis, slot: int,
+                 groups: int) -> Tensor:
+    """A Linear layer whose weight perturbation is held by ``span`` (coefficients ``deltas["weight"]``):
+    ``x W^T + x D_c^T + b + d_c``, the middle term from the chunk's gradient history."""
+    if inputs.dim() != 2 or inputs.shape[0] % groups:
+        raise SpanRefused(f"a factored Linear layer saw an input of shape {tuple(inputs.shape)}")
+    out = F.linear(inputs, module.weight)
+    rows = out.reshape(groups, -1, out.shape[-1]) + span.apply(slot, inputs.reshape(groups, -1, inputs.shape[-1]),
+                                                               deltas["weight"])
+    bias = _merged_bias(module.bias, deltas.get("bias"))
+    if bias is not None:
+        rows = rows + (bias if bias.dim() == 1 else bias[:, None, :])
+    return rows.reshape(out.shape)
+
+
 def _merged_bias(bias: Tensor | None, delta: Tensor | None) -> Tensor | None:
     """The bias ``b (out,)``, ``d_c (G, out)`` or ``b + d_c``, or None."""
     if delta is None:
@@ -435,6 +451,9 @@ class ChunkedObjective:
         #: None: not tried yet; False: unsupported (use vmap); else the hook plan of the structured path
         self._structured_plan: list[tuple[nn.Module, type, dict[str, int]]] | None | bool = None
         self._structured_checked = False
+        #: set by the worst-case ascent for the length of one group: the Linear weights whose perturbations are
+        #: coefficients over their gradient history (:mod:`sharpscope.sharpness.span`), or None (all dense)
+        self.span: SpanBasis | None = None
         dtypes = {p.dtype for p in self.params}
         devices = {p.device for p in self.params}
         if len(dtypes) > 1 or len(devices) > 1:
@@ -447,8 +466,27 @@ class ChunkedObjective:
 
     # ------------------------------------------------------------------------------------------------ basics
     def zeros(self, count: int) -> list[Tensor]:
-        """A stack of ``count`` zero perturbations."""
-        return [torch.zeros((count, *p.shape), dtype=self.dtype, device=self.device) for p in self.params]
+        """A stack of ``count`` zero perturbations (coefficient stacks for the slots of :attr:`span`)."""
+        span = self.span
+        return [span.zeros(count) if span is not None and i in span.slots
+                else torch.zeros((count, *p.shape), dtype=self.dtype, device=self.device)
+                for i, p in enumerate(self.params)]
+
+    def span_slots(self, rows: int, entries: int) -> dict[int, tuple[int, int]]:
+        """The perturbed Linear weights worth factoring (:func:`sharpscope.sharpness.span.worth_it`) for
+        ``entries`` gradients of chunks of ``rows`` samples, as ``{parameter index: (fan_in, fan_out)}``; empty
+        unless the structured path runs this model (call after it has run once)."""
+        plan = self._structured_plan
+        if not isinstance(plan, list) or self._loss_call is not None:
+            return {}
+        slots = {}
+        for module, base, locals_ in plan:
+            index = locals_.get("weight")
+            if base is nn.Linear and index is not None and "forward" not in vars(module):
+                fan_out, fan_in = self.params[index].shape
+                if worth_it(entries, rows, fan_in, fan_out):
+                    slots[index] = (fan_in, fan_out)
+        return slots
 
     def _single(self, delta: Sequence[Tensor], x: Any, y: Any) -> Tensor:
         state = {name: p + d for name, p, d in zip(self.names, self.params, delta)}
@@ -492,6 +530,8 @@ class ChunkedObjective:
                 out = self._try_structured(delta, x, y, grad=grad)
                 if out is not None:
                     return out
+            if self.span is not None:
+                raise SpanRefused("the structured path does not run here")
             if self.vectorize is None:
                 try:
                     out = self._vmapped(delta, x, y, shared=shared, grad=grad)
@@ -537,6 +577,8 @@ class ChunkedObjective:
                 self._check_structured(x, y)
             return self._structured(delta, x, y, grad=grad)
         except _Unsupported as exc:
+            if self.span is not None:  # coefficient stacks mean nothing to the other paths
+                raise SpanRefused(str(exc)) from None
             if self.vectorize == "structured":
                 raise SharpscopeError(f"the structured path cannot evaluate this model: {exc}; "
                                       "use vectorize=None") from None
@@ -593,12 +635,19 @@ class ChunkedObjective:
                                    {local: current[i] for local, i in locals_.items()}, group)
             return hook
 
+        span = self.span
+        pieces = self._pieces(x, y, shared=False, group=group)
+        if span is not None and len(pieces) > 1:  # before any forward is swapped
+            raise SpanRefused(f"chunks of {leading_size((x, y), 1)} samples are evaluated in pieces")
+
         def make_forward(slot: int, module: nn.Module, base: type, locals_: dict[str, int]):
             def forward(*args, **kwargs):
                 if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
                     raise _Unsupported(f"{type(module).__name__} called with other arguments than one tensor")
                 fired[slot] += 1
                 deltas = {local: current[i] for local, i in locals_.items()}
+                if span is not None and locals_["weight"] in span.slots:
+                    return _span_linear(module, args[0], deltas, span, locals_["weight"], group)
                 out = _merged(module, base, args[0], deltas, group)
                 if out is None:
                     out = _correction(module, base, args[0], base.forward(module, args[0]), deltas, group)
@@ -622,7 +671,6 @@ class ChunkedObjective:
             for handle in handles:
                 handle.remove()
             raise
-        pieces = self._pieces(x, y, shared=False, group=group)
         try:
             for xs, ys, weight in pieces:
                 m = leading_size((xs, ys), 1)
@@ -640,6 +688,10 @@ class ChunkedObjective:
                                  for part in torch.autograd.grad(v.sum(), current, allow_unused=True)]
                         if len(pieces) == 1:  # the common case: no zero-fill and accumulation passes
                             grads = [torch.zeros_like(d) if part is None else part for d, part in zip(delta, parts)]
+                            if span is not None:  # the new history entry is the gradient, in span coordinates
+                                one_hot = span.finish_gradient()
+                                for i in span.slots:
+                                    grads[i] = one_hot.clone()
                         else:
                             for total, part in zip(grads, parts):
                                 if part is not None:

@@ -34,10 +34,15 @@ every iterate feasible; the maximiser sought is the same.
 At an exact critical point (zero gradient, e.g. the minimum of a quadratic) ascent from ``delta = 0`` cannot
 move; ``random_init=True`` starts from a random point on the sphere (p = 2) or in the box (p = inf), as
 Andriushchenko et al.'s optional random initialisation does.
+
+For p = 2 without ASAM from the zero start, on the structured path, Linear weights whose gradient history is much
+smaller than their weights (small ``m``, few steps) keep their perturbations as coefficients over that history
+(:mod:`sharpscope.sharpness.span`): the same ascent, rounded differently, without the ``(chunks, out, in)`` stacks.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,8 +67,10 @@ from sharpscope.sharpness._objective import (
     stack_data,
     take,
 )
+from sharpscope.sharpness import span
 from sharpscope.sharpness.partial import PartialResults
 from sharpscope.sharpness.result import SharpnessEstimate, SharpnessResult
+from sharpscope.sharpness.span import SpanBasis, SpanRefused
 
 __all__ = ["worst_case_sharpness", "m_sharpness"]
 
@@ -74,6 +81,7 @@ _IMPROVING_FRACTION = 0.75
 #: Copies of the perturbation held by the ascent (iterate, previous, candidate, best, gradient, best gradient, and
 #: the new gradient or a direction); sizes the chunk groups.
 _ASCENT_COPIES = 7
+_log = logging.getLogger(__name__)
 
 
 def _is_checkpoint(done: int) -> bool:
@@ -165,11 +173,13 @@ def scale_of(params: Sequence[Tensor], *, adaptive: bool, eta: float) -> list[Te
 
 
 def project(
-    delta: Sequence[Tensor], scale: Sequence[Tensor] | None, rho: float, p: float, *, inplace: bool = False
+    delta: Sequence[Tensor], scale: Sequence[Tensor] | None, rho: float, p: float, *, inplace: bool = False,
+    basis: SpanBasis | None = None,
 ) -> list[Tensor]:
     """Project each chunk's ``delta`` (a list of ``(G, *shape)``) onto ``{||delta / c||_p <= rho}``.
 
-    ``inplace`` overwrites ``delta`` (for fresh temporaries: no new allocation).
+    ``inplace`` overwrites ``delta`` (for fresh temporaries: no new allocation). ``basis``: the coefficient
+    stacks of its slots are measured with its Gram matrices (:mod:`sharpscope.sharpness.span`; p = 2, ``c = 1``).
 
     p = 2: ``delta * min(1, rho / ||delta / c||_2)`` (the norm taken over all perturbed tensors of a chunk);
     p = inf: ``clamp(delta, -rho c, rho c)``. Both are Euclidean projections in ``u = delta / c``.
@@ -181,7 +191,7 @@ def project(
             return [d.clamp_(min=-rho * c, max=rho * c) for d, c in zip(delta, scale)]
         return [torch.maximum(torch.minimum(d, rho * c), -rho * c) for d, c in zip(delta, scale)]
     u = delta if scale is None else [d / c for d, c in zip(delta, scale)]
-    norm = _chunk_norm(u)
+    norm = _chunk_norm(u, basis)
     factor = (rho / norm).clamp(max=1.0)  # norm 0 -> inf -> 1
     if inplace:
         return [d.mul_(_expand(factor, d)) for d in delta]
@@ -196,8 +206,11 @@ def scaled_norm(delta: Sequence[Tensor], scale: Sequence[Tensor] | None, p: floa
     return torch.sqrt(sum(t.pow(2).flatten(1).sum(1) for t in u))
 
 
-def _chunk_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """``(G,)`` l2 norms over all tensors ``(G, ...)`` of each chunk, without materialising their squares."""
+def _chunk_norm(tensors: Sequence[Tensor], basis: SpanBasis | None = None) -> Tensor:
+    """``(G,)`` l2 norms over all tensors ``(G, ...)`` of each chunk, without materialising their squares (with a
+    ``basis``: its slots' coefficient stacks measured by its Gram matrices)."""
+    if basis is not None:
+        return span.squared_norms(basis, tensors).sqrt()
     return torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors], dim=1), dim=1
     )
@@ -232,8 +245,10 @@ def _direction_parts(
     if p == math.inf:
         return [g.sign() if c is None else g.sign() * c for g, c in zip(grads, scale or [None] * len(grads))], None
     s = grads if scale is None else [g * c for g, c in zip(grads, scale)]
-    norm = _chunk_norm(s)
+    norm = _chunk_norm(s, objective.span)
     if not bool(torch.isfinite(norm).all()):  # overflow (or NaN): rescale by the largest entry first
+        if objective.span is not None:
+            raise SpanRefused("a gradient norm overflowed")
         # abs().amax(), not vector_norm(inf): the latter is ~10x slower on CPU (profiled, torch 2.13)
         top = torch.stack([t.reshape(t.shape[0], -1).abs().amax(1) for t in s], dim=1).amax(1)
         top = torch.where(top > 0, top, torch.ones_like(top))  # zero gradient: u = 0, direction 0
@@ -328,6 +343,7 @@ def ascend(
         for t, s in zip(current, project(start, scale, rho, p)):
             t.copy_(s)
         value, grad = objective.value_and_grad(current, x, y)
+    basis = objective.span
     step_size = torch.full((group,), 2.0 * rho, dtype=objective.dtype, device=objective.device)
     best_value = value
     best_is_current = torch.ones(group, dtype=torch.bool, device=objective.device)
@@ -340,14 +356,14 @@ def ascend(
         direction, factor = _direction_parts(objective, grad, p=p, adaptive=adaptive, eta=eta)
         coefficient = step_size if factor is None else step_size * factor
         candidate = project([torch.addcmul(d, _expand(coefficient, d), s, out=z)
-                             for d, s, z in zip(current, direction, free)], scale, rho, p, inplace=True)
+                             for d, s, z in zip(current, direction, free)], scale, rho, p, inplace=True, basis=basis)
         del direction
         if k > 0:
             # u + a (z - u) + (1 - a)(u - u_prev) = a z + (2 - 2a) u - (1 - a) u_prev, in place on z
             candidate = project(
                 [z.mul_(_MOMENTUM).add_(d, alpha=2 - 2 * _MOMENTUM).sub_(prev, alpha=1 - _MOMENTUM)
                  for d, z, prev in zip(current, candidate, previous)],
-                scale, rho, p, inplace=True,
+                scale, rho, p, inplace=True, basis=basis,
             )
         final = k + 1 == steps
         if final:
@@ -399,8 +415,13 @@ def _worst_case_on_chunks(
     on_progress: Callable[[int], Any] | None,
     shard: tuple[int, int] | None = None,
     partial: PartialResults | None = None,
+    factored: bool = True,
 ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
     """Run :func:`ascend` over all chunks in groups; returns ``trace (C, steps + 1)``, ``clean (C,)``, deltas.
+
+    ``factored``: where it applies (p = 2, no ASAM, zero start, the structured path), the Linear weights worth it
+    keep their perturbations as coefficients over the chunk's gradient history (:mod:`sharpscope.sharpness.span`;
+    the same ascent, rounded differently); False keeps every perturbation dense.
 
     With ``shard=(rank, world_size)`` this rank ascends its contiguous block of chunks and the ranks exchange
     the traces (each chunk's ascent depends on that chunk alone, its random start included).
@@ -418,18 +439,28 @@ def _worst_case_on_chunks(
                               "on the rank that found them); run in one process")
     if partial is not None and (shard is not None or keep_perturbation):
         raise SharpscopeError("partial results are kept in one process without return_perturbation only")
-    group = chunk_group_size(m, objective.num_params, batch_size=objective.batch_size, copies=_ASCENT_COPIES)
-    group = fit_group(group, m=m, num_params=objective.num_params, copies=_ASCENT_COPIES,
-                      itemsize=torch.finfo(objective.dtype).bits // 8, batch_size=objective.batch_size,
-                      activations=objective_activations(objective, xc), device=objective.device,
-                      what=f"{'adaptive ' if adaptive else ''}worst-case sharpness")
+
+    def size_groups(stacked: int) -> int:
+        group = chunk_group_size(m, stacked, batch_size=objective.batch_size, copies=_ASCENT_COPIES)
+        return fit_group(group, m=m, num_params=stacked, copies=_ASCENT_COPIES,
+                         itemsize=torch.finfo(objective.dtype).bits // 8, batch_size=objective.batch_size,
+                         activations=objective_activations(objective, xc), device=objective.device,
+                         what=f"{'adaptive ' if adaptive else ''}worst-case sharpness")
+
+    dense_group = size_groups(objective.num_params)  # refuses here when one chunk does not fit
+    basis = _span_basis(objective, xc, yc, m=m, p=p, adaptive=adaptive, random_init=random_init, steps=steps,
+                        factored=factored) if num_chunks else None
+    # per chunk, what the ascent's stacks hold: the dense weights, or for factored ones their history's share
+    group = dense_group if basis is None else size_groups(basis.stacked_size(objective.params, _ASCENT_COPIES))
     scale = scale_of(objective.params, adaptive=adaptive, eta=eta)
     mine = distributed.block(num_chunks, shard)
     traces = [torch.zeros(0, steps + 1, dtype=objective.dtype, device=objective.device)]
     cleans = [torch.zeros(0, dtype=objective.dtype, device=objective.device)]
     deltas = []
     workspace = None
-    for first in range(mine.start, mine.stop, group):
+    span_workspace = None
+    first = mine.start
+    while first < mine.stop:
         last = min(first + group, mine.stop)
         key = f"w|m={m}|rho={rho!r}|{first}-{last}"
         saved = partial.get(key) if partial is not None else None
@@ -439,14 +470,33 @@ def _worst_case_on_chunks(
             cleans.append(saved[:, -1])
             if on_progress is not None:
                 on_progress(last - first)
+            first = last
             continue
         x, y = take((xc, yc), slice(first, last))
         chunks = range(first, last)
         start = random_start(objective, chunks, scale=scale, rho=rho, p=p, seed=seed) if random_init else None
-        if workspace is None:
-            workspace = AscentWorkspace(objective, min(group, len(mine)))
-        trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
-                                    start=start, workspace=workspace)
+        if basis is not None:
+            try:
+                objective.span = basis
+                basis.start(last - first)
+                if span_workspace is None:
+                    span_workspace = AscentWorkspace(objective, min(group, len(mine)))
+                trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta,
+                                            steps=steps, start=start, workspace=span_workspace)
+                if keep_perturbation:  # the coefficients as the (G, out, in) stacks they stand for
+                    best = [basis.dense(i, t) if i in basis.slots else t for i, t in enumerate(best)]
+            except SpanRefused as exc:  # from this group on, dense (in the dense path's groups)
+                _log.debug("factored ascent refused (%s); dense from chunk %d", exc, first)
+                basis = None
+                group = min(group, dense_group)
+                continue
+            finally:
+                objective.span = None
+        else:
+            if workspace is None:
+                workspace = AscentWorkspace(objective, min(group, len(mine)))
+            trace, clean, best = ascend(objective, x, y, rho=rho, p=p, adaptive=adaptive, eta=eta, steps=steps,
+                                        start=start, workspace=workspace)
         if partial is not None:
             partial.put(key, torch.cat([trace, clean[:, None]], dim=1).detach().cpu().numpy(), chunks=last - first)
         traces.append(trace)
@@ -455,9 +505,27 @@ def _worst_case_on_chunks(
             deltas.append([t.clone() for t in best])  # best lives in the workspace, which the next group reuses
         if on_progress is not None:
             on_progress((last - first) * (shard[1] if shard else 1))  # the others advance alike: count the whole job
+        first = last
     perturbation = [torch.cat(parts) for parts in zip(*deltas)] if keep_perturbation else None
     trace, clean = gather_blocks((torch.cat(traces), torch.cat(cleans)), shard)
     return trace, clean, perturbation
+
+
+def _span_basis(objective: ChunkedObjective, xc: Any, yc: Any, *, m: int, p: float, adaptive: bool,
+                random_init: bool, steps: int, factored: bool) -> SpanBasis | None:
+    """The :class:`~sharpscope.sharpness.span.SpanBasis` of the Linear weights the ascent keeps factored, or None
+    (every perturbation dense): only for p = 2 without ASAM from the zero start, on the structured path (run
+    here once on two chunks, so that its one-time check has passed before any coefficient stack exists)."""
+    if not factored or p != 2.0 or adaptive or random_init or steps < 1 or objective.vectorize in (False, "vmap"):
+        return None
+    if objective._structured_plan is None:
+        probe = take((xc, yc), slice(0, min(2, leading_size((xc, yc), 0))))
+        if objective._try_structured(objective.zeros(leading_size(probe, 0)), *probe, grad=False) is None:
+            return None
+    slots = objective.span_slots(m, steps)
+    if not slots:
+        return None
+    return SpanBasis(slots, capacity=steps, rows=m, dtype=objective.dtype, device=objective.device)
 
 
 def _setup(
