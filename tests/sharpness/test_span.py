@@ -144,18 +144,20 @@ def test_chunks_evaluated_in_pieces_run_dense(records):
 def test_factored_only_where_it_applies(change):
     vectorize = {"loop": False, "vmap": "vmap"}.get(change, "structured")
     model, objective, xc, yc = chunks(conv_head, 1, vectorize)
-    kwargs = dict(m=1, p=2.0, adaptive=False, random_init=False, steps=9, factored=True)
+    kwargs = {"m": 1, "p": 2.0, "adaptive": False, "random_init": False, "steps": 9, "factored": True}
     with eval_mode(model):
         assert _span_basis(objective, xc, yc, **kwargs) is not None or vectorize != "structured"
-        kwargs.update({"p-inf": dict(p=math.inf), "adaptive": dict(adaptive=True),
-                       "random-init": dict(random_init=True), "too-many-steps": dict(steps=11),
-                       "off": dict(factored=False)}.get(change, {}))
+        kwargs.update({"p-inf": {"p": math.inf}, "adaptive": {"adaptive": True}, "random-init": {"random_init": True},
+                       "too-many-steps": {"steps": 11}, "off": {"factored": False}}.get(change, {}))
         assert _span_basis(objective, xc, yc, **kwargs) is None
 
 
 def test_span_basis_geometry_matches_the_dense_perturbations():
     g = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     groups, rows, fan_in, fan_out, entries = 3, 2, 7, 5, 4
     basis = SpanBasis({0: (fan_in, fan_out)}, capacity=entries, rows=rows, dtype=torch.float64,
                       device=torch.device("cpu"))
