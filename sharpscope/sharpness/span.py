@@ -56,7 +56,8 @@ class SpanBasis:
         self.rows = rows
         self.dtype = dtype
         self.device = device
-        self.group = 0
+        self.group = 0  # chunks the buffers hold
+        self._active = 0  # chunks of the current group (start)
         self.count = 0  # history entries recorded (the same for every slot: one per gradient evaluation)
         self._recorded: set[int] = set()
         self._inputs: dict[int, Tensor] = {}
@@ -133,12 +134,15 @@ class SpanBasis:
         gram = self._gram[slot][:coefs.shape[0], :k, :k]
         return torch.bmm(torch.bmm(a[:, None, :], gram), a[:, :, None]).reshape(-1).clamp(min=0.0)
 
+    def _row_weights(self, coefs: Tensor) -> Tensor:
+        """``(G, k R)``: each history entry's coefficient repeated over its ``R`` rows."""
+        return coefs[:, :self.count].repeat_interleave(self.rows, dim=1)
+
     def dense(self, slot: int, coefs: Tensor) -> Tensor:
         """The perturbations ``sum_i a_i O_i^T X_i`` as a ``(G, out, in)`` stack."""
         inputs, grads = self._views(slot)
         g = coefs.shape[0]
-        scaled = grads[:g] * coefs[:, :self.count].repeat_interleave(self.rows, dim=1)[:, :, None]
-        return torch.bmm(scaled.transpose(1, 2), inputs[:g])
+        return torch.bmm((grads[:g] * self._row_weights(coefs)[:, :, None]).transpose(1, 2), inputs[:g])
 
     def apply(self, slot: int, x: Tensor, coefs: Tensor) -> Tensor:
         """``x_c D_c^T`` for ``x (G, n, in)``: the perturbed layer's correction, ``(G, n, out)``, recording the
@@ -146,18 +150,19 @@ class SpanBasis:
         return _SpanCorrection.apply(x, coefs, self, slot)
 
     def correction(self, slot: int, x: Tensor, coefs: Tensor) -> Tensor:
+        """``x_c D_c^T = (x_c X^T) diag(a) O`` for ``x (G, n, in)``: ``(G, n, out)``."""
         inputs, grads = self._views(slot)
-        if self.count == 0:
-            return x.new_zeros(x.shape[0], x.shape[1], grads.shape[-1])
-        weights = coefs[:, :self.count].repeat_interleave(self.rows, dim=1)[:, None, :]
-        return torch.bmm(torch.bmm(x, inputs.transpose(1, 2)) * weights, grads)
+        return self._through(x, inputs, grads, coefs)
 
     def correction_input_grad(self, slot: int, go: Tensor, coefs: Tensor) -> Tensor:
+        """``go_c D_c = (go_c O^T) diag(a) X`` for ``go (G, n, out)``: ``(G, n, in)``."""
         inputs, grads = self._views(slot)
+        return self._through(go, grads, inputs, coefs)
+
+    def _through(self, t: Tensor, first: Tensor, second: Tensor, coefs: Tensor) -> Tensor:
         if self.count == 0:
-            return go.new_zeros(go.shape[0], go.shape[1], inputs.shape[-1])
-        weights = coefs[:, :self.count].repeat_interleave(self.rows, dim=1)[:, None, :]
-        return torch.bmm(torch.bmm(go, grads.transpose(1, 2)) * weights, inputs)
+            return t.new_zeros(t.shape[0], t.shape[1], second.shape[-1])
+        return torch.bmm(torch.bmm(t, first.transpose(1, 2)) * self._row_weights(coefs)[:, None, :], second)
 
 
 class _SpanCorrection(torch.autograd.Function):
