@@ -530,12 +530,12 @@ class _BatchNormAcross(torch.autograd.Function):
         groups = wide // c
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1] or needs[3], needs[2] or needs[4]]
-        dy_rows = _channels_last(dy).reshape(groups, count, c)
+        last = _channels_last(dy)
         grad_in, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            dy_rows.transpose(0, 1).reshape(count, wide), across, flat_w, None, None, save_mean, save_invstd, True,
-            ctx.eps, mask)
+            last.reshape(groups, count, c).transpose(0, 1).reshape(count, wide), across, flat_w, None, None,
+            save_mean, save_invstd, True, ctx.eps, mask)
         grad_x = None if grad_in is None else _from_rows(
-            grad_in.reshape(count, groups, c).transpose(0, 1).contiguous(), _channels_last(dy).shape)
+            grad_in.reshape(count, groups, c).transpose(0, 1).contiguous(), last.shape)
         grad_w = None if grad_w is None else grad_w.reshape(groups, c)
         grad_b = None if grad_b is None else grad_b.reshape(groups, c)
         return (grad_x, grad_w.sum(0) if needs[1] else None, grad_b.sum(0) if needs[2] else None,

@@ -6,8 +6,8 @@ and backward, and 26 layout views between them), against 24 for an SGD step. Whe
 chain of modules (``torch.fx`` traces it to module calls, each on the previous one's output), the structured passes
 (:mod:`sharpscope.optim.micro_batches`) call their layers' ``autograd.Function`` forwards and backwards themselves,
 in order and in reverse, recorded on a :class:`Tape`; the activations between them (ReLU, max pooling, flatten...)
-run as the same ATen kernels autograd would call (:data:`OPS`), any other module by itself on autograd's graph. The whole pass is then one autograd node
-(:class:`OnTape`) whose inputs are the tensors the pass differentiates with respect to, so the step's loss, loss
+run as the same ATen kernels autograd would call (:data:`OPS`), any other module by itself on autograd's graph. The
+whole pass is then one autograd node (:class:`OnTape`) whose inputs are the tensors the pass differentiates with respect to, so the step's loss, loss
 scaling, ``p.grad`` accumulation and DistributedDataParallel's hooks work as before.
 
 The numbers are autograd's own: the same functions on the same tensors in the same order. A layer or module the tape

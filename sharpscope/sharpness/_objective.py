@@ -472,12 +472,18 @@ class ChunkedObjective:
                 else torch.zeros((count, *p.shape), dtype=self.dtype, device=self.device)
                 for i, p in enumerate(self.params)]
 
-    def span_slots(self, rows: int, entries: int) -> dict[int, tuple[int, int]]:
+    def span_slots(self, x: Any, y: Any, *, rows: int, entries: int) -> dict[int, tuple[int, int]]:
         """The perturbed Linear weights worth factoring (:func:`sharpscope.sharpness.span.worth_it`) for
         ``entries`` gradients of chunks of ``rows`` samples, as ``{parameter index: (fan_in, fan_out)}``; empty
-        unless the structured path runs this model (call after it has run once)."""
+        unless the structured path runs this model. A structured path not tried yet runs once on (up to) two of
+        the chunks ``x``, ``y``, so that its one-time check has passed before any coefficient stack exists."""
+        if self.vectorize in (False, "vmap") or self._loss_call is not None:
+            return {}
+        if self._structured_plan is None:
+            probe = take((x, y), slice(0, min(2, leading_size((x, y), 0))))
+            self._try_structured(self.zeros(leading_size(probe, 0)), *probe, grad=False)
         plan = self._structured_plan
-        if not isinstance(plan, list) or self._loss_call is not None:
+        if not isinstance(plan, list):
             return {}
         slots = {}
         for module, base, locals_ in plan:

@@ -514,15 +514,11 @@ def _worst_case_on_chunks(
 def _span_basis(objective: ChunkedObjective, xc: Any, yc: Any, *, m: int, p: float, adaptive: bool,
                 random_init: bool, steps: int, factored: bool) -> SpanBasis | None:
     """The :class:`~sharpscope.sharpness.span.SpanBasis` of the Linear weights the ascent keeps factored, or None
-    (every perturbation dense): only for p = 2 without ASAM from the zero start, on the structured path (run
-    here once on two chunks, so that its one-time check has passed before any coefficient stack exists)."""
-    if not factored or p != 2.0 or adaptive or random_init or steps < 1 or objective.vectorize in (False, "vmap"):
+    (every perturbation dense): only for p = 2 without ASAM from the zero start, on the structured path
+    (:meth:`~sharpscope.sharpness._objective.ChunkedObjective.span_slots`)."""
+    if not factored or p != 2.0 or adaptive or random_init or steps < 1:
         return None
-    if objective._structured_plan is None:
-        probe = take((xc, yc), slice(0, min(2, leading_size((xc, yc), 0))))
-        if objective._try_structured(objective.zeros(leading_size(probe, 0)), *probe, grad=False) is None:
-            return None
-    slots = objective.span_slots(m, steps)
+    slots = objective.span_slots(xc, yc, rows=m, entries=steps)
     if not slots:
         return None
     return SpanBasis(slots, capacity=steps, rows=m, dtype=objective.dtype, device=objective.device)
